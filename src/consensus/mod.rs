@@ -1,0 +1,294 @@
+//! Consensus: openraft behind concord's own types.
+//!
+//! What this layer guarantees to the server above it:
+//! - [`Command`]s handed to [`Group::propose`] are applied in log order on every
+//!   member, exactly once per log entry, and the caller gets the applied result only
+//!   after the entry is committed (durable on a majority: every log append is
+//!   fsynced before it is acknowledged, see [`log_store`]).
+//! - [`Group::read_barrier`] returns only when this member's state machine has applied
+//!   everything committed before the call (ReadIndex through the leader), so a read
+//!   that follows it is linearizable.
+//! - A fatal Raft error (storage failure, panicked core task) is surfaced through
+//!   [`Group::fatal`], never hidden: the server stops instead of serving stale data.
+//!
+//! Nothing outside this module names an openraft type except through the aliases here.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::fmt;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::ReadPolicy;
+use serde::{Deserialize, Serialize};
+
+use crate::storage::Backend;
+
+/// A member's identity in the cluster (etcd's member ID).
+pub type MemberId = u64;
+
+/// What Raft knows about a member: etcd's peer URLs. The first URL is dialled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeerInfo {
+    pub peer_urls: Vec<String>,
+}
+
+impl fmt::Display for PeerInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.peer_urls.join(","))
+    }
+}
+
+/// A replicated state-machine command. KV requests are carried in their protobuf
+/// encoding so the log holds exactly what the client sent (after validation).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    Put(Vec<u8>),
+    DeleteRange(Vec<u8>),
+    Txn(Vec<u8>),
+    Compact(Vec<u8>),
+    /// A member announces its name and client URLs (etcd's "publish").
+    Publish { id: MemberId, name: String, client_urls: Vec<String> },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Put(b) => write!(f, "put({}B)", b.len()),
+            Command::DeleteRange(b) => write!(f, "delete_range({}B)", b.len()),
+            Command::Txn(b) => write!(f, "txn({}B)", b.len()),
+            Command::Compact(b) => write!(f, "compact({}B)", b.len()),
+            Command::Publish { id, name, .. } => write!(f, "publish({id:x},{name})"),
+        }
+    }
+}
+
+/// A request-level failure decided deterministically at apply time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ApplyError {
+    Compacted,
+    FutureRev,
+    KeyNotFound,
+    LeaseNotFound,
+    /// The command did not decode: only a bug or a corrupted log can cause it.
+    Malformed(String),
+}
+
+/// The result of applying one command: the protobuf-encoded etcd response
+/// (header revision filled), or the request's error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum CommandResult {
+    Ok(Vec<u8>),
+    Err(ApplyError),
+}
+
+openraft::declare_raft_types!(
+    /// concord's Raft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = MemberId,
+        Node = PeerInfo,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
+pub type SnapshotData = Cursor<Vec<u8>>;
+pub type Membership = openraft::Membership<MemberId, PeerInfo>;
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+/// Why a proposal or read barrier did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    #[error("raft group stopped: {0}")]
+    Fatal(String),
+}
+
+/// Timing and sizing of one Raft group, from etcd's flags.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    /// Applied entries between snapshots (etcd `--snapshot-count`).
+    pub snapshot_count: u64,
+    /// Largest peer message (a whole snapshot travels in one): bounds peer memory.
+    pub max_peer_message_bytes: usize,
+}
+
+impl GroupConfig {
+    fn raft_config(&self) -> Result<openraft::Config, String> {
+        let config = openraft::Config {
+            cluster_name: "concord".to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_ms,
+            election_timeout_max: self.election_timeout_ms * 2,
+            // PreVote: a partitioned member rejoining must not inflate the term and
+            // depose a healthy leader.
+            enable_pre_vote: Some(true),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_count),
+            // Keep some log after a snapshot so a briefly lagging follower catches up
+            // from the log rather than by a full snapshot transfer.
+            max_in_snapshot_log_to_keep: 5000,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| e.to_string())
+    }
+}
+
+/// One Raft group on this member: the consensus instance plus its state machine.
+#[derive(Clone)]
+pub struct Group {
+    pub raft: Raft,
+    pub id: MemberId,
+    pub backend: Arc<Backend>,
+    peers: network::PeerPool,
+}
+
+impl Group {
+    /// Opens the group's durable state in `dir` and starts its Raft core.
+    pub async fn start(
+        id: MemberId,
+        dir: &std::path::Path,
+        config: &GroupConfig,
+    ) -> Result<(Group, log_store::LogStore), Box<dyn std::error::Error + Send + Sync>> {
+        std::fs::create_dir_all(dir)?;
+        let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
+        let log = log_store::LogStore::open(&dir.join("log"), 1)?;
+        let sm = state_machine::StateMachine::new(backend.clone(), dir.join("snap"))?;
+        let peers = network::PeerPool::new(config.max_peer_message_bytes);
+        let raft_config = Arc::new(config.raft_config()?);
+        let raft = openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm).await?;
+        Ok((Group { raft, id, backend, peers }, log))
+    }
+
+    /// Proposes a command and waits for its applied result. Followers forward it to
+    /// the leader over the peer service.
+    pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let leader = self.wait_leader(deadline).await?;
+            let attempt = if leader == self.id {
+                match self.raft.client_write(cmd.clone()).await {
+                    Ok(resp) => return Ok(resp.data),
+                    Err(openraft::errors::RaftError::APIError(
+                        openraft::errors::ClientWriteError::ForwardToLeader(_),
+                    )) => Err(ConsensusError::LeaderChanged),
+                    Err(e) => return Err(ConsensusError::Fatal(e.to_string())),
+                }
+            } else {
+                let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.peers.propose(&node, &cmd, remaining).await
+            };
+            match attempt {
+                Ok(r) => return Ok(r),
+                Err(ConsensusError::LeaderChanged | ConsensusError::NoLeader) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ConsensusError::Timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until the local state machine has applied everything committed before
+    /// this call (ReadIndex: the leader confirms its leadership with a quorum).
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ConsensusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let index = loop {
+            let leader = self.wait_leader(deadline).await?;
+            let attempt = if leader == self.id {
+                self.local_read_index().await
+            } else {
+                let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.peers.read_index(&node, remaining).await
+            };
+            match attempt {
+                Ok(i) => break i,
+                Err(ConsensusError::LeaderChanged | ConsensusError::NoLeader) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ConsensusError::Timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|_| ConsensusError::Timeout)?;
+        Ok(())
+    }
+
+    /// The leader's side of ReadIndex: confirm leadership, return the read index.
+    pub async fn local_read_index(&self) -> Result<u64, ConsensusError> {
+        match self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+            Ok(lin) => Ok(lin.read_log_id().index()),
+            Err(openraft::errors::RaftError::APIError(
+                openraft::errors::LinearizableReadError::ForwardToLeader(_),
+            )) => Err(ConsensusError::LeaderChanged),
+            Err(openraft::errors::RaftError::APIError(e)) => {
+                tracing::debug!("read index not confirmed: {e}");
+                Err(ConsensusError::NoLeader)
+            }
+            Err(e) => Err(ConsensusError::Fatal(e.to_string())),
+        }
+    }
+
+    async fn wait_leader(&self, deadline: tokio::time::Instant) -> Result<MemberId, ConsensusError> {
+        let mut rx = self.raft.metrics();
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                if let Err(e) = &m.running_state {
+                    return Err(ConsensusError::Fatal(e.to_string()));
+                }
+                if let Some(l) = m.current_leader {
+                    return Ok(l);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ConsensusError::Fatal("raft metrics closed".into())),
+                Err(_) => return Err(ConsensusError::NoLeader),
+            }
+        }
+    }
+
+    fn node_of(&self, id: MemberId) -> Option<PeerInfo> {
+        self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).cloned()
+    }
+
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Resolves when the Raft core has stopped for good, with the reason.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "raft metrics channel closed".into();
+            }
+        }
+    }
+}

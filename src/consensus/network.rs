@@ -1,0 +1,294 @@
+//! The peer network: openraft RPCs, write forwarding and ReadIndex over gRPC.
+//!
+//! Every payload is `bincode` of an openraft (or concord) type inside the opaque
+//! `Payload` message of `proto/concord/peer.proto`. Decoding a payload from a peer
+//! never panics: a malformed payload is an `InvalidArgument` status.
+//! Message size is bounded in both directions by `max_peer_message_bytes`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use openraft::{OptionalSend, RaftNetworkV2, Snapshot};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::{Command, CommandResult, ConsensusError, Group, MemberId, PeerInfo, SnapshotData, TypeConfig};
+use crate::proto::peer::peer_client::PeerClient;
+use crate::proto::peer::peer_server::{Peer, PeerServer};
+use crate::proto::peer::Payload;
+
+type C = TypeConfig;
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(b, bincode::config::standard()).map(|(v, _)| v).map_err(|e| e.to_string())
+}
+
+/// The leader's answer to a forwarded proposal or read-index request.
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardReply<T> {
+    Ok(T),
+    /// The receiver is not (or no longer) the leader: retry after re-resolving.
+    NotLeader,
+    Failed(String),
+}
+
+/// Connections to peers, shared by every Raft client and forwarding call.
+#[derive(Clone)]
+pub struct PeerPool {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    max_message_bytes: usize,
+}
+
+impl PeerPool {
+    pub fn new(max_message_bytes: usize) -> Self {
+        PeerPool { channels: Arc::default(), max_message_bytes }
+    }
+
+    fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
+        let url = node.peer_urls.first().ok_or_else(|| "member has no peer URL".to_string())?;
+        let mut map = self.channels.lock().expect("peer channel map poisoned");
+        let channel = match map.get(url) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(url.clone())
+                    .map_err(|e| format!("bad peer URL {url}: {e}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                map.insert(url.clone(), c.clone());
+                c
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    async fn call<Req: Serialize, Resp: DeserializeOwned, F, Fut>(
+        &self,
+        node: &PeerInfo,
+        req: &Req,
+        timeout: Duration,
+        f: F,
+    ) -> Result<Resp, CallError>
+    where
+        F: FnOnce(PeerClient<Channel>, Request<Payload>) -> Fut,
+        Fut: Future<Output = Result<Response<Payload>, Status>>,
+    {
+        let client = self.client(node).map_err(CallError::Unreachable)?;
+        let data = encode(req).map_err(CallError::Network)?;
+        let mut request = Request::new(Payload { data });
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, f(client, request)).await {
+            Err(_) => Err(CallError::Network(format!("peer call timed out after {timeout:?}"))),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(CallError::Unreachable(s.to_string())),
+            Ok(Err(s)) => Err(CallError::Network(s.to_string())),
+            Ok(Ok(resp)) => decode(&resp.into_inner().data).map_err(CallError::Network),
+        }
+    }
+
+    /// Forwards a proposal to the leader `node`.
+    pub async fn propose(&self, node: &PeerInfo, cmd: &Command, timeout: Duration) -> Result<CommandResult, ConsensusError> {
+        let r: Result<ForwardReply<CommandResult>, _> =
+            self.call(node, cmd, timeout, |mut c, r| async move { c.propose(r).await }).await;
+        forward_result(r)
+    }
+
+    /// Asks the leader `node` for a read index.
+    pub async fn read_index(&self, node: &PeerInfo, timeout: Duration) -> Result<u64, ConsensusError> {
+        let r: Result<ForwardReply<u64>, _> =
+            self.call(node, &(), timeout, |mut c, r| async move { c.read_index(r).await }).await;
+        forward_result(r)
+    }
+}
+
+fn forward_result<T>(r: Result<ForwardReply<T>, CallError>) -> Result<T, ConsensusError> {
+    match r {
+        Ok(ForwardReply::Ok(v)) => Ok(v),
+        Ok(ForwardReply::NotLeader) => Err(ConsensusError::LeaderChanged),
+        Ok(ForwardReply::Failed(e)) => Err(ConsensusError::Fatal(e)),
+        // The leader may have died: let the caller re-resolve until its deadline.
+        Err(e) => {
+            tracing::debug!("forwarding to leader failed: {e:?}");
+            Err(ConsensusError::NoLeader)
+        }
+    }
+}
+
+#[derive(Debug)]
+enum CallError {
+    Unreachable(String),
+    Network(String),
+}
+
+impl CallError {
+    fn into_rpc(self) -> RPCError<C> {
+        match self {
+            CallError::Unreachable(s) => RPCError::Unreachable(Unreachable::from_string(s)),
+            CallError::Network(s) => RPCError::Network(NetworkError::from_string(s)),
+        }
+    }
+}
+
+impl RaftNetworkFactory<C> for PeerPool {
+    type Network = PeerConn;
+
+    async fn new_client(&mut self, _target: MemberId, node: &PeerInfo) -> Self::Network {
+        PeerConn { pool: self.clone(), node: node.clone() }
+    }
+}
+
+/// openraft's connection to one peer.
+pub struct PeerConn {
+    pool: PeerPool,
+    node: PeerInfo,
+}
+
+impl PeerConn {
+    async fn raft_call<Req: Serialize, Resp: DeserializeOwned, E: DeserializeOwned, F, Fut>(
+        &self,
+        req: &Req,
+        option: &RPCOption,
+        f: F,
+    ) -> Result<Resp, RPCError<C>>
+    where
+        F: FnOnce(PeerClient<Channel>, Request<Payload>) -> Fut,
+        Fut: Future<Output = Result<Response<Payload>, Status>>,
+        E: std::error::Error,
+    {
+        let r: Result<Result<Resp, E>, CallError> = self.pool.call(&self.node, req, option.hard_ttl(), f).await;
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(RPCError::Network(NetworkError::from_string(format!("remote raft error: {e}")))),
+            Err(e) => Err(e.into_rpc()),
+        }
+    }
+}
+
+impl RaftNetworkV2<C> for PeerConn {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await }).await
+    }
+
+    async fn vote(&mut self, req: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.vote(r).await }).await
+    }
+
+    async fn pre_vote(&mut self, req: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.pre_vote(r).await }).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<C>,
+        snapshot: SnapshotOf<C, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        let req = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        let call = self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.snapshot(r).await });
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            res = call => Ok(res?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.transfer_leader(r).await })
+            .await
+    }
+}
+
+/// The server side of the peer service.
+pub struct PeerService {
+    group: Group,
+}
+
+impl PeerService {
+    pub fn server(group: Group, max_message_bytes: usize) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService { group })
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+fn arg<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
+    decode(&req.into_inner().data).map_err(|e| Status::invalid_argument(format!("malformed peer payload: {e}")))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<Payload>, Status> {
+    encode(v).map(|data| Response::new(Payload { data })).map_err(Status::internal)
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        reply(&self.group.raft.append_entries(arg(req)?).await)
+    }
+
+    async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        reply(&self.group.raft.vote(arg(req)?).await)
+    }
+
+    async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        reply(&self.group.raft.pre_vote(arg(req)?).await)
+    }
+
+    async fn snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let (vote, meta, data): (VoteOf<C>, _, Vec<u8>) = arg(req)?;
+        let snapshot = Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+        let res: Result<SnapshotResponse<C>, RaftError<C>> =
+            self.group.raft.install_full_snapshot(vote, snapshot).await.map_err(RaftError::Fatal);
+        reply(&res)
+    }
+
+    async fn transfer_leader(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let res: Result<TransferLeaderResponse<C>, RaftError<C>> =
+            self.group.raft.handle_transfer_leader(arg(req)?).await.map_err(RaftError::Fatal);
+        reply(&res)
+    }
+
+    async fn propose(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let cmd: Command = arg(req)?;
+        let out = match self.group.raft.client_write(cmd).await {
+            Ok(resp) => ForwardReply::Ok(resp.data),
+            Err(RaftError::APIError(openraft::errors::ClientWriteError::ForwardToLeader(_))) => ForwardReply::NotLeader,
+            Err(e) => ForwardReply::Failed(e.to_string()),
+        };
+        reply(&out)
+    }
+
+    async fn read_index(&self, _req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let out = match self.group.local_read_index().await {
+            Ok(i) => ForwardReply::Ok(i),
+            Err(ConsensusError::Fatal(e)) => ForwardReply::Failed(e),
+            Err(_) => ForwardReply::NotLeader,
+        };
+        reply(&out)
+    }
+}

@@ -1,0 +1,283 @@
+//! openraft's state-machine interface over the MVCC store.
+//!
+//! Each `apply` call runs every entry of the batch in ONE storage transaction that
+//! also records the applied log id and membership, so data and applied index can
+//! never disagree after a crash. Responses are sent only after that commit, so a
+//! client that sees its write acknowledged can read it back.
+//!
+//! Snapshots: building one first makes the state durable (`Backend::persist`),
+//! because openraft purges the log up to the snapshot; the bytes are written to
+//! `snap/current` (meta + data, fsynced, renamed into place) and served from there.
+
+use std::io::{self, Cursor};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use prost::Message;
+use redb::WriteTransaction;
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::{ApplyError, Command, CommandResult, MemberId, SnapshotData, TypeConfig};
+use crate::mvcc::{MvccError, Writer};
+use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, TxnRequest};
+use crate::storage::{Backend, META};
+
+type C = TypeConfig;
+
+const META_APPLIED: &str = "raft/applied";
+const META_MEMBERSHIP: &str = "raft/membership";
+const MEMBER_ATTR_PREFIX: &str = "member/";
+
+/// Applied entries between durable state-machine commits. Bounds how much of the
+/// log a restart re-applies; correctness does not depend on it (the log is durable).
+const PERSIST_EVERY_ENTRIES: u64 = 10_000;
+
+/// A member's self-published attributes (etcd's `publish`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default, PartialEq, Eq)]
+pub struct MemberAttr {
+    pub name: String,
+    pub client_urls: Vec<String>,
+}
+
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(io::Error::other)
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        .0)
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Reads every published member attribute from a read transaction.
+pub fn member_attrs(txn: &redb::ReadTransaction) -> io::Result<Vec<(MemberId, MemberAttr)>> {
+    let meta = txn.open_table(META).map_err(io_err)?;
+    let mut out = Vec::new();
+    for row in meta.range(MEMBER_ATTR_PREFIX..).map_err(io_err)? {
+        let (k, v) = row.map_err(io_err)?;
+        let Some(hex) = k.value().strip_prefix(MEMBER_ATTR_PREFIX) else { break };
+        let id = u64::from_str_radix(hex, 16).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        out.push((id, decode(v.value())?));
+    }
+    Ok(out)
+}
+
+pub struct StateMachine {
+    backend: Arc<Backend>,
+    snap_dir: PathBuf,
+    applied_since_persist: u64,
+}
+
+impl StateMachine {
+    pub fn new(backend: Arc<Backend>, snap_dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&snap_dir)?;
+        Ok(StateMachine { backend, snap_dir, applied_since_persist: 0 })
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.snap_dir.join("current")
+    }
+
+    fn read_meta<T: DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
+        let txn = self.backend.begin_read()?;
+        let meta = txn.open_table(META).map_err(io_err)?;
+        match meta.get(key).map_err(io_err)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode(v.value())?)),
+        }
+    }
+}
+
+/// Applies one client command; request-level errors become [`ApplyError`]s, while
+/// storage errors abort the batch (and stop the group).
+fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandResult> {
+    fn run<Req: Message + Default, Resp: Message>(
+        txn: &WriteTransaction,
+        bytes: &[u8],
+        f: impl FnOnce(&mut Writer, &Req) -> Result<Resp, MvccError>,
+    ) -> io::Result<CommandResult> {
+        let req = match Req::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => return Ok(CommandResult::Err(ApplyError::Malformed(e.to_string()))),
+        };
+        let mut w = Writer::new(txn).map_err(io_err)?;
+        let out = f(&mut w, &req);
+        w.finish().map_err(io_err)?;
+        Ok(match out {
+            Ok(resp) => CommandResult::Ok(resp.encode_to_vec()),
+            Err(MvccError::Compacted) => CommandResult::Err(ApplyError::Compacted),
+            Err(MvccError::FutureRev) => CommandResult::Err(ApplyError::FutureRev),
+            Err(MvccError::KeyNotFound) => CommandResult::Err(ApplyError::KeyNotFound),
+            Err(MvccError::LeaseNotFound) => CommandResult::Err(ApplyError::LeaseNotFound),
+            Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_))) => return Err(io_err(e)),
+        })
+    }
+    match cmd {
+        Command::Put(b) => run(txn, b, |w, r: &PutRequest| w.put(r)),
+        Command::DeleteRange(b) => run(txn, b, |w, r: &DeleteRangeRequest| w.delete_range(r)),
+        Command::Txn(b) => run(txn, b, |w, r: &TxnRequest| w.txn(r)),
+        Command::Compact(b) => run(txn, b, |w, r: &CompactionRequest| w.compact(r.revision)),
+        Command::Publish { id, name, client_urls } => {
+            let mut meta = txn.open_table(META).map_err(io_err)?;
+            let attr = MemberAttr { name: name.clone(), client_urls: client_urls.clone() };
+            meta.insert(format!("{MEMBER_ATTR_PREFIX}{id:016x}").as_str(), encode(&attr)?.as_slice())
+                .map_err(io_err)?;
+            Ok(CommandResult::Ok(Vec::new()))
+        }
+    }
+}
+
+impl RaftStateMachine<C> for StateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>), io::Error> {
+        let applied = self.read_meta::<LogIdOf<C>>(META_APPLIED)?;
+        let membership = self.read_meta::<StoredMembershipOf<C>>(META_MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend {
+        let txn = self.backend.begin_apply()?;
+        let mut replies = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        let mut n = 0u64;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let result = match &entry.payload {
+                EntryPayload::Blank => CommandResult::Ok(Vec::new()),
+                EntryPayload::Normal(cmd) => apply_command(&txn, cmd)?,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone()));
+                    CommandResult::Ok(Vec::new())
+                }
+            };
+            last = Some(entry.log_id);
+            n += 1;
+            if let Some(r) = responder {
+                replies.push((r, result));
+            }
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(io_err)?;
+            if let Some(last) = &last {
+                meta.insert(META_APPLIED, encode(last)?.as_slice()).map_err(io_err)?;
+            }
+            if let Some(m) = &membership {
+                meta.insert(META_MEMBERSHIP, encode(m)?.as_slice()).map_err(io_err)?;
+            }
+        }
+        txn.commit().map_err(io_err)?;
+        self.applied_since_persist += n;
+        if self.applied_since_persist >= PERSIST_EVERY_ENTRIES {
+            self.backend.persist()?;
+            self.applied_since_persist = 0;
+        }
+        // Only after the commit: an acknowledged write is visible to every later read.
+        for (r, result) in replies {
+            r.send(result);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { backend: self.backend.clone(), path: self.snapshot_path() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        self.backend.install_snapshot(&data)?;
+        let installed = self.applied_state().await?;
+        if installed.0 != meta.last_log_id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot data is at {:?} but its meta says {:?}", installed.0, meta.last_log_id),
+            ));
+        }
+        write_snapshot_file(&self.snapshot_path(), meta, &data)?;
+        self.applied_since_persist = 0;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, SnapshotData>>, io::Error> {
+        read_snapshot_file(&self.snapshot_path())
+    }
+}
+
+pub struct SnapshotBuilder {
+    backend: Arc<Backend>,
+    path: PathBuf,
+}
+
+impl RaftSnapshotBuilder<C> for SnapshotBuilder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
+        // Must be durable before openraft purges the log up to this snapshot.
+        self.backend.persist()?;
+        let txn = self.backend.begin_read()?;
+        let data = Backend::snapshot_bytes(&txn)?;
+        let meta_table = txn.open_table(META).map_err(io_err)?;
+        let get = |k: &str| -> io::Result<Option<Vec<u8>>> {
+            Ok(meta_table.get(k).map_err(io_err)?.map(|v| v.value().to_vec()))
+        };
+        let last_log_id = get(META_APPLIED)?.map(|b| decode::<LogIdOf<C>>(&b)).transpose()?;
+        let last_membership =
+            get(META_MEMBERSHIP)?.map(|b| decode::<StoredMembershipOf<C>>(&b)).transpose()?.unwrap_or_default();
+        let meta = SnapshotMetaOf::<C> { last_log_id, last_membership };
+        write_snapshot_file(&self.path, &meta, &data)?;
+        Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot: Cursor::new(data) })
+    }
+}
+
+/// `snap/current`: crc32 ‖ len(meta) ‖ meta ‖ data, replaced atomically.
+fn write_snapshot_file(path: &std::path::Path, meta: &SnapshotMetaOf<C>, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let meta_bytes = encode(meta)?;
+    let mut body = Vec::with_capacity(8 + meta_bytes.len() + data.len());
+    body.extend_from_slice(&(meta_bytes.len() as u64).to_be_bytes());
+    body.extend_from_slice(&meta_bytes);
+    body.extend_from_slice(data);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&crc32fast::hash(&body).to_be_bytes())?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_snapshot_file(path: &std::path::Path) -> io::Result<Option<SnapshotOf<C, SnapshotData>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let corrupt = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
+    if bytes.len() < 12 {
+        return Err(corrupt("truncated snapshot file"));
+    }
+    let (crc, body) = bytes.split_at(4);
+    if crc32fast::hash(body).to_be_bytes() != crc {
+        return Err(corrupt("snapshot checksum mismatch"));
+    }
+    let meta_len = u64::from_be_bytes(body[..8].try_into().map_err(io_err)?) as usize;
+    if body.len() < 8 + meta_len {
+        return Err(corrupt("snapshot meta truncated"));
+    }
+    let meta: SnapshotMetaOf<C> = decode(&body[8..8 + meta_len])?;
+    let data = body[8 + meta_len..].to_vec();
+    Ok(Some(SnapshotOf::<C, SnapshotData> { meta, snapshot: Cursor::new(data) }))
+}

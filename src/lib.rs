@@ -1,0 +1,13 @@
+//! concord: one consensus core (Raft), services as state machines on it.
+//!
+//! Layers, dependencies pointing downward only:
+//! `server` (etcd gRPC services, config, process) → `consensus` (openraft, log,
+//! peer network, state-machine adapter) → `mvcc` (etcd KV semantics) →
+//! `storage` (redb file per group) ; `proto` holds generated code only.
+//! See `docs/ARCHITECTURE.md`.
+
+pub mod consensus;
+pub mod mvcc;
+pub mod proto;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,43 @@
+//! `concord`: an etcd-v3-compatible, Raft-replicated coordination store.
+//!
+//! `concord` with no arguments starts a single member exactly as `etcd` does with
+//! its defaults (client 127.0.0.1:2379, peer 2380, data in `./default.concord`).
+
+use clap::Parser;
+
+use concord::server::config::{normalize_args, Config, Flags};
+
+fn main() {
+    let flags = match Flags::try_parse_from(normalize_args(std::env::args())) {
+        Ok(f) => f,
+        Err(e) => e.exit(),
+    };
+    let config = match Config::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("concord: {e}");
+            std::process::exit(2);
+        }
+    };
+    let level = match config.log_level.as_str() {
+        "debug" => "debug",
+        "warn" => "warn",
+        "error" | "dpanic" | "panic" | "fatal" => "error",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("concord: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(concord::server::run(config)) {
+        tracing::error!("concord stopped: {e}");
+        eprintln!("concord: {e}");
+        std::process::exit(1);
+    }
+}

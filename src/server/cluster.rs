@@ -1,0 +1,95 @@
+//! The etcd `Cluster` and `Maintenance` services (the parts etcdctl needs for
+//! `member list`, `endpoint status` and `endpoint health`).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{Node, ETCD_COMPAT_VERSION};
+use crate::consensus::state_machine::member_attrs;
+use crate::proto::etcdserverpb::cluster_server::Cluster;
+use crate::proto::etcdserverpb::maintenance_server::Maintenance;
+use crate::proto::etcdserverpb::{
+    alarm_request, AlarmRequest, AlarmResponse, Member, MemberListRequest, MemberListResponse, StatusRequest,
+    StatusResponse,
+};
+
+pub struct ClusterService {
+    pub node: Arc<Node>,
+}
+
+impl ClusterService {
+    /// Members from the Raft membership, named by their published attributes.
+    pub fn members(node: &Node) -> Result<Vec<Member>, Status> {
+        let metrics = node.group.metrics();
+        let membership = metrics.membership_config.membership().clone();
+        let txn = node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+        let attrs = member_attrs(&txn).map_err(|e| Status::internal(e.to_string()))?;
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let mut out: Vec<Member> = membership
+            .nodes()
+            .map(|(id, info)| {
+                let attr = attrs.iter().find(|(a, _)| a == id).map(|(_, a)| a.clone()).unwrap_or_default();
+                Member {
+                    id: *id,
+                    name: attr.name,
+                    peer_ur_ls: info.peer_urls.clone(),
+                    client_ur_ls: attr.client_urls,
+                    is_learner: !voters.contains(id),
+                }
+            })
+            .collect();
+        out.sort_by_key(|m| m.id);
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+        let members = ClusterService::members(&self.node)?;
+        let mut resp = MemberListResponse { header: None, members };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}
+
+pub struct MaintenanceService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        match alarm_request::AlarmAction::try_from(req.into_inner().action) {
+            // No alarm can be raised yet (quota and corruption alarms are not
+            // implemented), so the list of active alarms is truthfully empty.
+            Ok(alarm_request::AlarmAction::Get) => {
+                let mut resp = AlarmResponse { header: None, alarms: vec![] };
+                self.node.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(Status::unimplemented("concord: alarm activate/deactivate is not implemented yet")),
+        }
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let m = self.node.group.metrics();
+        let (db_size, db_in_use) = self.node.group.backend.sizes().map_err(|e| Status::internal(e.to_string()))?;
+        let is_learner = !m.membership_config.membership().voter_ids().any(|id| id == self.node.member_id);
+        let mut resp = StatusResponse {
+            header: None,
+            version: ETCD_COMPAT_VERSION.to_string(),
+            db_size: db_size as i64,
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: m.last_applied.map(|l| l.index()).unwrap_or(0),
+            errors: vec![],
+            db_size_in_use: db_in_use as i64,
+            is_learner,
+        };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,416 @@
+//! Member configuration: etcd's flags, `ETCD_*` environment variables and
+//! `--config-file` YAML, resolved into one validated [`Config`].
+//!
+//! Precedence is etcd's: with `--config-file`, the file alone decides (flags and
+//! environment are ignored); otherwise a flag beats its environment variable, which
+//! beats the default. Go-style single-dash long flags (`-name x`) are accepted too.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// etcd's `embed.DefaultMaxRequestBytes`: 1.5 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1572864;
+/// etcd's default `--max-txn-ops`.
+pub const DEFAULT_MAX_TXN_OPS: u64 = 128;
+/// etcd's default `--quota-backend-bytes` (0 means this default): 2 GiB.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// etcd 3.4's default `--snapshot-count`.
+pub const DEFAULT_SNAPSHOT_COUNT: u64 = 100_000;
+
+#[derive(Parser, Debug, Default)]
+#[command(name = "concord", version, about = "An etcd-v3-compatible replicated coordination store")]
+pub struct Flags {
+    /// Path to a YAML configuration file; when given, other flags and env vars are ignored.
+    #[arg(long, env = "ETCD_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME")]
+    pub name: Option<String>,
+    /// Path to the data directory (default: ${name}.concord).
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS")]
+    pub listen_client_urls: Option<String>,
+    /// Client URLs of this member advertised to the cluster.
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS")]
+    pub advertise_client_urls: Option<String>,
+    /// URLs to listen on for peer traffic.
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS")]
+    pub listen_peer_urls: Option<String>,
+    /// Peer URLs of this member advertised to the cluster.
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS")]
+    pub initial_advertise_peer_urls: Option<String>,
+    /// Initial cluster configuration for bootstrapping: name=peerURL,...
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE")]
+    pub initial_cluster_state: Option<String>,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN")]
+    pub initial_cluster_token: Option<String>,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<u64>,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT")]
+    pub election_timeout: Option<u64>,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<u64>,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS")]
+    pub max_txn_ops: Option<u64>,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES")]
+    pub quota_backend_bytes: Option<u64>,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT")]
+    pub snapshot_count: Option<u64>,
+    /// Log level: debug, info, warn, error, panic, or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+/// A fully resolved and validated member configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client_urls: Vec<String>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    /// name -> peer URLs, in flag order of first appearance.
+    pub initial_cluster: Vec<(String, Vec<String>)>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    pub max_request_bytes: u64,
+    pub max_txn_ops: u64,
+    pub quota_backend_bytes: u64,
+    pub snapshot_count: u64,
+    pub log_level: String,
+}
+
+/// The settings as strings before defaults and validation, from flags or a file.
+#[derive(Default)]
+struct Raw {
+    values: BTreeMap<&'static str, String>,
+}
+
+impl Raw {
+    fn set(&mut self, key: &'static str, v: Option<impl ToString>) {
+        if let Some(v) = v {
+            self.values.insert(key, v.to_string());
+        }
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+}
+
+const KNOWN_KEYS: [&str; 16] = [
+    "name",
+    "data-dir",
+    "listen-client-urls",
+    "advertise-client-urls",
+    "listen-peer-urls",
+    "initial-advertise-peer-urls",
+    "initial-cluster",
+    "initial-cluster-state",
+    "initial-cluster-token",
+    "heartbeat-interval",
+    "election-timeout",
+    "max-request-bytes",
+    "max-txn-ops",
+    "quota-backend-bytes",
+    "snapshot-count",
+    "log-level",
+];
+
+/// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let single_dash_long = a.starts_with('-') && !a.starts_with("--") && a.len() > 2;
+            if i > 0 && single_dash_long && a[1..].chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+fn split_urls(s: &str) -> Vec<String> {
+    s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
+}
+
+fn parse_u64(raw: &Raw, key: &str, default: u64) -> Result<u64, String> {
+    match raw.get(key) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| format!("invalid value {v:?} for --{key}: expected an unsigned integer")),
+    }
+}
+
+fn check_url(flag: &str, u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--{flag}: URL {u:?} must start with http:// (TLS is not supported yet)"))?;
+    let hostport = rest.trim_end_matches('/');
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("--{flag}: URL {u:?} has no port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() || hostport.contains('/') {
+        return Err(format!("--{flag}: invalid URL {u:?}"));
+    }
+    Ok(())
+}
+
+fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>, String> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, url) =
+            part.split_once('=').ok_or_else(|| format!("--initial-cluster: {part:?} is not of the form name=URL"))?;
+        check_url("initial-cluster", url)?;
+        match out.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url.to_string()),
+            None => out.push((name.to_string(), vec![url.to_string()])),
+        }
+    }
+    if out.is_empty() {
+        return Err("--initial-cluster is empty".into());
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Resolves flags (or the config file they name) into a validated config.
+    pub fn from_flags(flags: Flags) -> Result<Config, String> {
+        let raw = match &flags.config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --config-file {}: {e}", path.display()))?;
+                raw_from_yaml(&text)?
+            }
+            None => raw_from_flags(flags),
+        };
+        Config::from_raw(&raw)
+    }
+
+    fn from_raw(raw: &Raw) -> Result<Config, String> {
+        let name = raw.get("name").unwrap_or("default").to_string();
+        let data_dir = PathBuf::from(raw.get("data-dir").map(str::to_string).unwrap_or(format!("{name}.concord")));
+        let urls = |key: &'static str, default: &str| -> Result<Vec<String>, String> {
+            let v = split_urls(raw.get(key).unwrap_or(default));
+            if v.is_empty() {
+                return Err(format!("--{key} must not be empty"));
+            }
+            for u in &v {
+                check_url(key, u)?;
+            }
+            Ok(v)
+        };
+        let listen_client_urls = urls("listen-client-urls", "http://localhost:2379")?;
+        let advertise_client_urls = urls("advertise-client-urls", "http://localhost:2379")?;
+        let listen_peer_urls = urls("listen-peer-urls", "http://localhost:2380")?;
+        let initial_advertise_peer_urls = urls("initial-advertise-peer-urls", "http://localhost:2380")?;
+        let initial_cluster = match raw.get("initial-cluster") {
+            Some(s) => parse_initial_cluster(s)?,
+            // etcd: without --initial-cluster, the cluster is this member alone.
+            None => vec![(name.clone(), initial_advertise_peer_urls.clone())],
+        };
+        let initial_cluster_state = match raw.get("initial-cluster-state").unwrap_or("new") {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            other => {
+                return Err(format!("invalid value {other:?} for --initial-cluster-state: expected 'new' or 'existing'"))
+            }
+        };
+        let initial_cluster_token = raw.get("initial-cluster-token").unwrap_or("etcd-cluster").to_string();
+        let heartbeat_ms = parse_u64(raw, "heartbeat-interval", 100)?;
+        let election_timeout_ms = parse_u64(raw, "election-timeout", 1000)?;
+        if heartbeat_ms == 0 {
+            return Err("--heartbeat-interval must be positive".into());
+        }
+        if 5 * heartbeat_ms > election_timeout_ms {
+            return Err(format!(
+                "--election-timeout[{election_timeout_ms}ms] should be at least as 5 times as --heartbeat-interval[{heartbeat_ms}ms]"
+            ));
+        }
+        if election_timeout_ms > 50_000 {
+            return Err(format!("--election-timeout[{election_timeout_ms}ms] is too long, and should be set less than 50 seconds"));
+        }
+        let max_request_bytes = parse_u64(raw, "max-request-bytes", DEFAULT_MAX_REQUEST_BYTES)?;
+        if max_request_bytes == 0 {
+            return Err("--max-request-bytes must be positive".into());
+        }
+        let max_txn_ops = parse_u64(raw, "max-txn-ops", DEFAULT_MAX_TXN_OPS)?;
+        let quota = parse_u64(raw, "quota-backend-bytes", 0)?;
+        let quota_backend_bytes = if quota == 0 { DEFAULT_QUOTA_BACKEND_BYTES } else { quota };
+        let snapshot_count = parse_u64(raw, "snapshot-count", DEFAULT_SNAPSHOT_COUNT)?;
+        if snapshot_count == 0 {
+            return Err("--snapshot-count must be positive".into());
+        }
+        let log_level = raw.get("log-level").unwrap_or("info").to_string();
+        if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
+            return Err(format!("invalid value {log_level:?} for --log-level"));
+        }
+        let config = Config {
+            name,
+            data_dir,
+            listen_client_urls,
+            advertise_client_urls,
+            listen_peer_urls,
+            initial_advertise_peer_urls,
+            initial_cluster,
+            initial_cluster_state,
+            initial_cluster_token,
+            heartbeat_ms,
+            election_timeout_ms,
+            max_request_bytes,
+            max_txn_ops,
+            quota_backend_bytes,
+            snapshot_count,
+            log_level,
+        };
+        config.check_self_in_cluster()?;
+        Ok(config)
+    }
+
+    /// etcd refuses to bootstrap when this member's name or peer URLs disagree with
+    /// `--initial-cluster`.
+    fn check_self_in_cluster(&self) -> Result<(), String> {
+        let Some((_, urls)) = self.initial_cluster.iter().find(|(n, _)| *n == self.name) else {
+            return Err(format!("couldn't find local name {:?} in the initial cluster configuration", self.name));
+        };
+        let mut a = urls.clone();
+        let mut b = self.initial_advertise_peer_urls.clone();
+        a.sort();
+        b.sort();
+        if a != b {
+            return Err(format!(
+                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} (URLs must match exactly)",
+                self.name,
+                urls.join(","),
+                self.initial_advertise_peer_urls.join(",")
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a client request may wait for consensus (etcd: 5 s + 2 elections).
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(5000 + 2 * self.election_timeout_ms)
+    }
+}
+
+fn raw_from_flags(f: Flags) -> Raw {
+    let mut raw = Raw::default();
+    raw.set("name", f.name);
+    raw.set("data-dir", f.data_dir.map(|p| p.display().to_string()));
+    raw.set("listen-client-urls", f.listen_client_urls);
+    raw.set("advertise-client-urls", f.advertise_client_urls);
+    raw.set("listen-peer-urls", f.listen_peer_urls);
+    raw.set("initial-advertise-peer-urls", f.initial_advertise_peer_urls);
+    raw.set("initial-cluster", f.initial_cluster);
+    raw.set("initial-cluster-state", f.initial_cluster_state);
+    raw.set("initial-cluster-token", f.initial_cluster_token);
+    raw.set("heartbeat-interval", f.heartbeat_interval);
+    raw.set("election-timeout", f.election_timeout);
+    raw.set("max-request-bytes", f.max_request_bytes);
+    raw.set("max-txn-ops", f.max_txn_ops);
+    raw.set("quota-backend-bytes", f.quota_backend_bytes);
+    raw.set("snapshot-count", f.snapshot_count);
+    raw.set("log-level", f.log_level);
+    raw
+}
+
+/// Reads etcd's YAML config keys. Keys concord does not implement are refused by
+/// name, so a setting is never silently ignored.
+fn raw_from_yaml(text: &str) -> Result<Raw, String> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| format!("--config-file: invalid YAML: {e}"))?;
+    let mut raw = Raw::default();
+    let map = match doc {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => return Ok(raw),
+        _ => return Err("--config-file: expected a mapping of settings".into()),
+    };
+    for (k, v) in map {
+        let key = k.as_str().ok_or("--config-file: setting names must be strings")?;
+        let known = KNOWN_KEYS.iter().find(|kk| **kk == key).ok_or_else(|| format!("--config-file: unknown setting {key:?}"))?;
+        let value = match v {
+            serde_yaml::Value::Null => continue,
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            _ => return Err(format!("--config-file: setting {key:?} must be a scalar")),
+        };
+        raw.values.insert(known, value);
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let argv = normalize_args(std::iter::once("concord").chain(args.iter().copied()).map(String::from));
+        let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::from_flags(flags)
+    }
+
+    #[test]
+    fn defaults_match_etcd() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir, PathBuf::from("default.concord"));
+        assert_eq!(c.listen_client_urls, vec!["http://localhost:2379"]);
+        assert_eq!(c.initial_cluster, vec![("default".to_string(), vec!["http://localhost:2380".to_string()])]);
+        assert_eq!((c.heartbeat_ms, c.election_timeout_ms, c.max_request_bytes, c.max_txn_ops), (100, 1000, 1572864, 128));
+    }
+
+    #[test]
+    fn flag_cases() {
+        let three = "a=http://127.0.0.1:2380,b=http://127.0.0.1:2480,c=http://127.0.0.1:2580";
+        let ok = parse(&["--name", "b", "--initial-advertise-peer-urls", "http://127.0.0.1:2480", "--initial-cluster", three])
+            .unwrap();
+        assert_eq!(ok.initial_cluster.len(), 3);
+        let go_style = parse(&["-name", "x", "-initial-advertise-peer-urls", "http://127.0.0.1:9", "-data-dir", "/tmp/x"]).unwrap();
+        assert_eq!(go_style.initial_cluster[0].0, "x");
+        let errors: [(&[&str], &str); 6] = [
+            (&["--bogus-flag", "1"], "unexpected argument"),
+            (&["--name", "zz", "--initial-cluster", three], "couldn't find local name"),
+            (&["--heartbeat-interval", "300"], "at least as 5 times"),
+            (&["--initial-cluster-state", "maybe"], "initial-cluster-state"),
+            (&["--snapshot-count", "x"], "invalid value"),
+            (&["--listen-client-urls", "localhost:2379"], "http://"),
+        ];
+        for (args, want) in errors {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn yaml_config_file() {
+        let raw = raw_from_yaml("name: n1\ndata-dir: /tmp/n1\nheartbeat-interval: 50\nelection-timeout: 500\n").unwrap();
+        let c = Config::from_raw(&raw);
+        // n1's peer URL must be in the implicit initial cluster, which it is.
+        let c = c.unwrap();
+        assert_eq!((c.name.as_str(), c.heartbeat_ms, c.election_timeout_ms), ("n1", 50, 500));
+        assert!(raw_from_yaml("enable-v2: true\n").unwrap_err().contains("unknown setting"));
+    }
+}

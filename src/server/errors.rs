@@ -1,0 +1,69 @@
+//! etcd's client-visible errors: gRPC code plus the exact message string
+//! (clients match on these strings, so they must be byte-identical to etcd 3.4's
+//! `etcdserver/api/v3rpc/rpctypes`).
+
+use tonic::Status;
+
+use crate::consensus::{ApplyError, ConsensusError};
+
+pub fn empty_key() -> Status {
+    Status::invalid_argument("etcdserver: key is not provided")
+}
+pub fn key_not_found() -> Status {
+    Status::invalid_argument("etcdserver: key not found")
+}
+pub fn value_provided() -> Status {
+    Status::invalid_argument("etcdserver: value is provided")
+}
+pub fn lease_provided() -> Status {
+    Status::invalid_argument("etcdserver: lease is provided")
+}
+pub fn too_many_ops() -> Status {
+    Status::invalid_argument("etcdserver: too many operations in txn request")
+}
+pub fn duplicate_key() -> Status {
+    Status::invalid_argument("etcdserver: duplicate key given in txn request")
+}
+pub fn request_too_large() -> Status {
+    Status::invalid_argument("etcdserver: request is too large")
+}
+pub fn compacted() -> Status {
+    Status::out_of_range("etcdserver: mvcc: required revision has been compacted")
+}
+pub fn future_rev() -> Status {
+    Status::out_of_range("etcdserver: mvcc: required revision is a future revision")
+}
+pub fn lease_not_found() -> Status {
+    Status::not_found("etcdserver: requested lease not found")
+}
+
+pub fn from_apply(e: ApplyError) -> Status {
+    match e {
+        ApplyError::Compacted => compacted(),
+        ApplyError::FutureRev => future_rev(),
+        ApplyError::KeyNotFound => key_not_found(),
+        ApplyError::LeaseNotFound => lease_not_found(),
+        ApplyError::Malformed(m) => Status::internal(format!("etcdserver: malformed command in log: {m}")),
+    }
+}
+
+pub fn from_consensus(e: ConsensusError) -> Status {
+    match e {
+        ConsensusError::NoLeader => Status::unavailable("etcdserver: no leader"),
+        ConsensusError::Timeout => Status::unavailable("etcdserver: request timed out"),
+        ConsensusError::LeaderChanged => Status::unavailable("etcdserver: leader changed"),
+        ConsensusError::Fatal(m) => Status::unavailable(format!("etcdserver: raft group stopped: {m}")),
+    }
+}
+
+pub fn from_mvcc(e: crate::mvcc::MvccError) -> Status {
+    use crate::mvcc::MvccError as E;
+    match e {
+        E::Compacted => compacted(),
+        E::FutureRev => future_rev(),
+        E::KeyNotFound => key_not_found(),
+        E::LeaseNotFound => lease_not_found(),
+        E::Storage(s) => Status::internal(format!("etcdserver: storage: {s}")),
+        E::Corrupt(s) => Status::data_loss(format!("etcdserver: corrupt state: {s}")),
+    }
+}

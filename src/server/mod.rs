@@ -1,0 +1,256 @@
+//! The member process: configuration, bootstrap, the client and peer gRPC
+//! listeners, and supervision of the Raft group.
+//!
+//! Startup order (each step relies on the previous one):
+//! 1. open the group's log and state machine (refusing a corrupted log);
+//! 2. fresh data dir: record the member identity durably, then bootstrap Raft with
+//!    `--initial-cluster` (state `new`) or wait to be added (state `existing`);
+//!    existing data dir: the stored identity wins and initial-cluster flags are
+//!    ignored, as etcd does;
+//! 3. serve peers, then clients; publish this member's name and client URLs
+//!    through Raft (etcd's `publish`);
+//! 4. if the Raft group stops (storage failure, panicked core), exit non-zero —
+//!    a member must never keep answering from a dead group.
+
+pub mod cluster;
+pub mod config;
+pub mod errors;
+pub mod kv;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::consensus::network::PeerService;
+use crate::consensus::{Command, Group, GroupConfig, MemberId, PeerInfo};
+use crate::proto::etcdserverpb::cluster_server::ClusterServer;
+use crate::proto::etcdserverpb::kv_server::KvServer;
+use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::proto::etcdserverpb::ResponseHeader;
+use config::{ClusterState, Config};
+
+/// The etcd release whose v3 API and behaviour concord reproduces; reported as the
+/// server version so clients enable the matching features.
+pub const ETCD_COMPAT_VERSION: &str = "3.4.23";
+
+/// gRPC framing allowance on top of `--max-request-bytes` (etcd: 512 KiB).
+const GRPC_OVERHEAD_BYTES: u64 = 512 * 1024;
+
+/// Peer messages carry whole snapshots, which the quota bounds; this margin covers
+/// framing and log batches. A peer cannot make a member buffer more than this.
+const PEER_MESSAGE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What a data dir remembers about its member, written once at bootstrap.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
+    member_id: MemberId,
+    cluster_id: u64,
+    /// Whether this member bootstrapped the cluster (state `new`): such a member
+    /// re-issues the idempotent Raft initialisation after a crash mid-bootstrap.
+    bootstrapped: bool,
+}
+
+/// etcd's member ID: SHA-1 over the sorted peer URLs and the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> MemberId {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut h = Sha1::new();
+    h.update(urls.concat().as_bytes());
+    h.update(token.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha1 digest has 20 bytes"))
+}
+
+/// etcd's cluster ID: SHA-1 over the sorted member IDs.
+pub fn cluster_id(member_ids: &[MemberId]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort();
+    let mut h = Sha1::new();
+    for id in ids {
+        h.update(id.to_be_bytes());
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha1 digest has 20 bytes"))
+}
+
+/// Everything a request handler needs about this member.
+pub struct Node {
+    pub config: Config,
+    pub group: Group,
+    pub member_id: MemberId,
+    pub cluster_id: u64,
+}
+
+impl Node {
+    /// Fills the response header's identity fields, as etcd's `header.fill` does.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(ResponseHeader::default);
+        h.cluster_id = self.cluster_id;
+        h.member_id = self.member_id;
+        h.raft_term = self.group.metrics().current_term;
+        if h.revision == 0 {
+            if let Ok(txn) = self.group.backend.begin_read() {
+                if let Ok((rev, _)) = crate::mvcc::read_revisions(&txn) {
+                    h.revision = rev;
+                }
+            }
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Resolves an `http://host:port` URL to one socket address to bind.
+async fn bind_addr(url: &str) -> Result<SocketAddr, BoxError> {
+    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(hostport).await?.collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs.first().copied().ok_or_else(|| format!("{url} resolves to no address").into())
+}
+
+/// Runs a member until it is stopped by a signal (Ok) or its Raft group dies (Err).
+pub async fn run(config: Config) -> Result<(), BoxError> {
+    let member_dir = config.data_dir.join("member");
+    let max_peer_message_bytes = (config.quota_backend_bytes + PEER_MESSAGE_MARGIN_BYTES) as usize;
+    let group_config = GroupConfig {
+        heartbeat_ms: config.heartbeat_ms,
+        election_timeout_ms: config.election_timeout_ms,
+        snapshot_count: config.snapshot_count,
+        max_peer_message_bytes,
+    };
+    // Bind before starting Raft so a port conflict fails fast and cleanly.
+    let mut peer_listeners = Vec::new();
+    for u in &config.listen_peer_urls {
+        let addr = bind_addr(u).await?;
+        peer_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+    }
+    let mut client_listeners = Vec::new();
+    for u in &config.listen_client_urls {
+        let addr = bind_addr(u).await?;
+        client_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+    }
+
+    let (group, log) = Group::start(member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token), &member_dir.join("group-1"), &group_config).await?;
+    let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
+    tracing::info!(entries, "raft log verified");
+
+    let identity = match log.load_local::<Identity>("identity")? {
+        Some(id) => {
+            tracing::info!(member = %format!("{:x}", id.member_id), "restarting member; --initial-cluster flags are ignored");
+            id
+        }
+        None => {
+            let members: Vec<(MemberId, PeerInfo)> = config
+                .initial_cluster
+                .iter()
+                .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token), PeerInfo { peer_urls: urls.clone() }))
+                .collect();
+            let ids: Vec<MemberId> = members.iter().map(|(id, _)| *id).collect();
+            let identity = Identity {
+                member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
+                cluster_id: cluster_id(&ids),
+                bootstrapped: config.initial_cluster_state == ClusterState::New,
+            };
+            // Must be durable before Raft is initialised: a restart has to recognise
+            // its own identity rather than bootstrap a second time.
+            log.save_local("identity", &identity)?;
+            identity
+        }
+    };
+    if identity.member_id != group.id {
+        return Err(format!(
+            "data dir belongs to member {:x}, but the flags describe member {:x} (peer URLs or token changed)",
+            identity.member_id, group.id
+        )
+        .into());
+    }
+    if identity.bootstrapped && !group.raft.is_initialized().await? {
+        let members: std::collections::BTreeMap<MemberId, PeerInfo> = config
+            .initial_cluster
+            .iter()
+            .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token), PeerInfo { peer_urls: urls.clone() }))
+            .collect();
+        match group.raft.initialize(members).await {
+            Ok(()) => tracing::info!("bootstrapped a new cluster"),
+            Err(e) => tracing::info!("raft already initialised elsewhere: {e}"),
+        }
+    }
+
+    let node = Arc::new(Node { config: config.clone(), group: group.clone(), member_id: identity.member_id, cluster_id: identity.cluster_id });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in peer_listeners {
+        let svc = PeerService::server(group.clone(), max_peer_message_bytes);
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(l))
+                .await
+                .map_err(|e| format!("peer server: {e}"))
+        });
+    }
+    let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
+    for l in client_listeners {
+        let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let cl = ClusterServer::new(cluster::ClusterService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let mt = MaintenanceServer::new(cluster::MaintenanceService { node: node.clone() })
+            .max_decoding_message_size(max_recv);
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(kv)
+                .add_service(cl)
+                .add_service(mt)
+                .serve_with_incoming(TcpListenerStream::new(l))
+                .await
+                .map_err(|e| format!("client server: {e}"))
+        });
+    }
+    tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));
+    tokio::spawn(publish(node.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome: Result<(), BoxError> = tokio::select! {
+        reason = group.fatal() => Err(format!("raft group stopped: {reason}").into()),
+        Some(res) = tasks.join_next() => match res {
+            Ok(Ok(())) => Err("a server task ended unexpectedly".into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(format!("server task panicked: {e}").into()),
+        },
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+    };
+    tasks.abort_all();
+    if let Err(e) = group.raft.shutdown().await {
+        tracing::warn!("raft shutdown: {e}");
+    }
+    if outcome.is_ok() {
+        group.backend.persist()?;
+    }
+    outcome
+}
+
+/// Publishes this member's name and client URLs through Raft until it succeeds.
+async fn publish(node: Arc<Node>) {
+    let cmd = Command::Publish {
+        id: node.member_id,
+        name: node.config.name.clone(),
+        client_urls: node.config.advertise_client_urls.clone(),
+    };
+    loop {
+        match node.group.propose(cmd.clone(), node.config.request_timeout()).await {
+            Ok(_) => {
+                tracing::info!("published member attributes");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("publish not done yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
