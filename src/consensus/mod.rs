@@ -120,6 +120,8 @@ pub struct GroupConfig {
     pub election_timeout_ms: u64,
     /// Applied entries between snapshots (etcd `--snapshot-count`).
     pub snapshot_count: u64,
+    /// Entries kept after a snapshot for followers to catch up from.
+    pub snapshot_catchup_entries: u64,
     /// Largest peer message (a whole snapshot travels in one): bounds peer memory.
     pub max_peer_message_bytes: usize,
 }
@@ -135,9 +137,7 @@ impl GroupConfig {
             // depose a healthy leader.
             enable_pre_vote: Some(true),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_count),
-            // Keep some log after a snapshot so a briefly lagging follower catches up
-            // from the log rather than by a full snapshot transfer.
-            max_in_snapshot_log_to_keep: 5000,
+            max_in_snapshot_log_to_keep: self.snapshot_catchup_entries,
             install_snapshot_timeout: 10_000,
             ..Default::default()
         };

@@ -205,6 +205,7 @@ impl RaftStateMachine<C> for StateMachine {
         }
         write_snapshot_file(&self.snapshot_path(), meta, &data)?;
         self.applied_since_persist = 0;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed snapshot from leader");
         Ok(())
     }
 

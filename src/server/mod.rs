@@ -121,6 +121,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         heartbeat_ms: config.heartbeat_ms,
         election_timeout_ms: config.election_timeout_ms,
         snapshot_count: config.snapshot_count,
+        snapshot_catchup_entries: config.snapshot_catchup_entries,
         max_peer_message_bytes,
     };
     // Bind before starting Raft so a port conflict fails fast and cleanly.

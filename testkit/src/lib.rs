@@ -1,0 +1,283 @@
+//! Test harness: concord members as real processes on loopback ports.
+//!
+//! Every process and directory a [`ProcessCluster`] creates is owned by it and torn
+//! down on drop, including when a test panics. Ports are picked by binding port 0,
+//! so parallel tests do not collide. Member logs go to `<dir>/<name>.log` and are
+//! printed by [`ProcessCluster::dump_logs`] when a test wants to show them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use etcd_client;
+use etcd_client::Client;
+
+/// A free loopback TCP port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// One member's fixed identity and its current process, if running.
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Timing and extra flags for a cluster under test.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { heartbeat_ms: 50, election_timeout_ms: 500, extra_args: Vec::new() }
+    }
+}
+
+pub struct ProcessCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    options: ClusterOptions,
+    pub members: Vec<Member>,
+}
+
+impl ProcessCluster {
+    /// Starts `n` members of a new cluster from the `concord` binary at `bin`.
+    pub fn start(bin: &Path, n: usize, options: ClusterOptions) -> ProcessCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members: Vec<Member> = (0..n)
+            .map(|i| {
+                let name = format!("m{i}");
+                Member {
+                    data_dir: dir.path().join(format!("{name}.data")),
+                    log_path: dir.path().join(format!("{name}.log")),
+                    name,
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = ProcessCluster { bin: bin.to_path_buf(), dir, options, members };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The command line of member `i`: etcd's flags, unchanged.
+    pub fn args(&self, i: usize) -> Vec<String> {
+        let m = &self.members[i];
+        let mut args: Vec<String> = [
+            "--name",
+            &m.name,
+            "--data-dir",
+            &m.data_dir.display().to_string(),
+            "--listen-client-urls",
+            &m.endpoint(),
+            "--advertise-client-urls",
+            &m.endpoint(),
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", m.peer_port),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{}", m.peer_port),
+            "--initial-cluster",
+            &self.initial_cluster(),
+            "--initial-cluster-state",
+            "new",
+            "--heartbeat-interval",
+            &self.options.heartbeat_ms.to_string(),
+            "--election-timeout",
+            &self.options.election_timeout_ms.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.options.extra_args.iter().cloned());
+        args
+    }
+
+    fn spawn(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} already running");
+        let args = self.args(i);
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log_path).expect("member log file");
+        let child = Command::new(&self.bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        m.child = Some(child);
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut c = self.members[i].child.take()?;
+        // SAFETY: plain kill(2) on a child pid we own and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts member `i` again on its existing data dir (same flags).
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Member::endpoint).collect()
+    }
+
+    /// A client bound to member `i` only (no client-side failover).
+    pub async fn client(&self, i: usize) -> Client {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(10));
+        Client::connect([self.members[i].endpoint()], Some(opts)).await.expect("connect client")
+    }
+
+    /// Status of member `i`: (leader id, raft term, applied index), if it answers.
+    pub async fn status(&self, i: usize) -> Option<(u64, u64, u64)> {
+        let mut c = tokio::time::timeout(Duration::from_secs(2), self.client(i)).await.ok()?;
+        let s = tokio::time::timeout(Duration::from_secs(2), c.status()).await.ok()?.ok()?;
+        Some((s.leader(), s.raft_term(), s.raft_applied_index()))
+    }
+
+    /// Waits until every running member reports the same leader; returns its index.
+    pub async fn wait_leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                if m.is_running() {
+                    leaders.push(self.status(i).await.map(|s| s.0).unwrap_or(0));
+                }
+            }
+            if let Some(&l) = leaders.first() {
+                if l != 0 && leaders.iter().all(|x| *x == l) {
+                    if let Some(i) = self.member_index(l).await {
+                        return i;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("no agreed leader within {timeout:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Maps a member ID to its index via any running member's member list.
+    async fn member_index(&self, id: u64) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.is_running() {
+                continue;
+            }
+            let Ok(mut c) = tokio::time::timeout(Duration::from_secs(2), self.client(i)).await else { continue };
+            let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), c.member_list()).await else { continue };
+            let mm = list.members().iter().find(|mm| mm.id() == id)?;
+            let url = mm.peer_urls().first()?;
+            return self.members.iter().position(|x| *url == format!("http://127.0.0.1:{}", x.peer_port));
+        }
+        None
+    }
+
+    /// Prints every member's log (for failing tests).
+    pub fn dump_logs(&self) {
+        for m in &self.members {
+            let text = std::fs::read_to_string(&m.log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- {} ({}) last lines -----", m.name, m.log_path.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Retries `f` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

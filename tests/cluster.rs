@@ -1,0 +1,174 @@
+//! Process-level 3-member cluster tests: replication, follower forwarding, leader
+//! failover, restart from disk, snapshot install on a lagging member.
+//! Each test owns its processes and directories (torn down on drop, even on panic).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use concord_testkit::etcd_client::{Client, GetOptions};
+use concord_testkit::{eventually, ClusterOptions, ProcessCluster};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_concord"))
+}
+
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+async fn keys_with_prefix(c: &mut Client, prefix: &str, serializable: bool) -> Option<Vec<(String, String, i64)>> {
+    let mut opts = GetOptions::new().with_prefix();
+    if serializable {
+        opts = opts.with_serializable();
+    }
+    let resp = c.get(prefix, Some(opts)).await.ok()?;
+    Some(
+        resp.kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string(), kv.mod_revision()))
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_and_follower_forwarding() {
+    let cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    let leader = cluster.wait_leader(LEADER_WAIT).await;
+    // Every member accepts writes: followers forward them to the leader.
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let r = c.put(format!("k{i}"), format!("v{i}"), None).await.expect("put via member");
+        assert_eq!(r.header().unwrap().revision(), 2 + i as i64, "one revision per put, in order");
+    }
+    // Linearizable reads on every member (followers use ReadIndex) see all writes.
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let kvs = keys_with_prefix(&mut c, "k", false).await.expect("linearizable get");
+        assert_eq!(
+            kvs,
+            vec![("k0".into(), "v0".into(), 2), ("k1".into(), "v1".into(), 3), ("k2".into(), "v2".into(), 4)],
+            "member {i} (leader is {leader})"
+        );
+    }
+    // The member list names every member with its client URL.
+    let mut c = cluster.client(0).await;
+    let list = c.member_list().await.unwrap();
+    let mut names: Vec<String> = list.members().iter().map(|m| m.name().to_string()).collect();
+    names.sort();
+    assert_eq!(names, vec!["m0", "m1", "m2"]);
+    for m in list.members() {
+        assert_eq!(m.client_urls().len(), 1, "{m:?}");
+        assert!(!m.is_learner());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_and_rejoin() {
+    let mut cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    let leader = cluster.wait_leader(LEADER_WAIT).await;
+    let survivor = (leader + 1) % 3;
+    let mut c = cluster.client(survivor).await;
+    c.put("before", "1", None).await.unwrap();
+
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let c = cluster.client(survivor).await;
+    let resp = eventually(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.put("after", "2", None).await.ok() }
+    })
+    .await;
+    if resp.is_none() {
+        cluster.dump_logs();
+        panic!("no write succeeded after the leader was killed");
+    }
+    let took = killed_at.elapsed();
+    println!("failover: first write acknowledged {took:?} after killing the leader (election timeout 500ms)");
+    let new_leader = cluster.wait_leader(LEADER_WAIT).await;
+    assert_ne!(new_leader, leader);
+
+    cluster.restart(leader);
+    let mut old = cluster.client(leader).await;
+    let caught_up = eventually(Duration::from_secs(30), || {
+        let mut old = old.clone();
+        async move {
+            let kvs = keys_with_prefix(&mut old, "after", true).await?;
+            (kvs.len() == 1).then_some(kvs)
+        }
+    })
+    .await;
+    assert!(caught_up.is_some(), "restarted old leader never caught up");
+    assert_eq!(keys_with_prefix(&mut old, "before", false).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_all_from_disk_keeps_data_and_revisions() {
+    let mut cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    cluster.wait_leader(LEADER_WAIT).await;
+    let mut c = cluster.client(0).await;
+    for i in 0..50 {
+        c.put(format!("key/{i:03}"), format!("value-{i}"), None).await.unwrap();
+    }
+    c.delete("key/007", None).await.unwrap();
+    let before = keys_with_prefix(&mut c, "key/", false).await.unwrap();
+    let rev_before = c.get("key/", None).await.unwrap().header().unwrap().revision();
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_leader(LEADER_WAIT).await;
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let after = keys_with_prefix(&mut c, "key/", false).await.expect("read after restart");
+        assert_eq!(after, before, "member {i}");
+        assert_eq!(after.len(), 49);
+        assert_eq!(c.get("key/", None).await.unwrap().header().unwrap().revision(), rev_before);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_member_catches_up_by_snapshot() {
+    let options = ClusterOptions {
+        extra_args: ["--snapshot-count", "40", "--experimental-snapshot-catchup-entries", "5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let mut cluster = ProcessCluster::start(&bin(), 3, options);
+    let leader = cluster.wait_leader(LEADER_WAIT).await;
+    let lagger = (leader + 1) % 3;
+    cluster.kill(lagger);
+    let mut c = cluster.client(leader).await;
+    for i in 0..300 {
+        c.put(format!("s/{i:04}"), "x", None).await.unwrap();
+    }
+    let want = keys_with_prefix(&mut c, "s/", false).await.unwrap();
+    cluster.restart(lagger);
+    let mut lc = cluster.client(lagger).await;
+    let got = eventually(Duration::from_secs(30), || {
+        let mut lc = lc.clone();
+        async move {
+            let kvs = keys_with_prefix(&mut lc, "s/", true).await?;
+            (kvs.len() == 300).then_some(kvs)
+        }
+    })
+    .await;
+    if got.is_none() {
+        cluster.dump_logs();
+    }
+    assert_eq!(got.expect("lagging member never caught up"), want);
+    assert!(
+        cluster.log_text(lagger).contains("installed snapshot from leader"),
+        "the lagging member must have caught up through a snapshot (log purged on the leader)"
+    );
+    // It keeps applying normally after the snapshot.
+    c.put("s/after", "y", None).await.unwrap();
+    let after = eventually(Duration::from_secs(10), || {
+        let mut lc = lc.clone();
+        async move { keys_with_prefix(&mut lc, "s/after", true).await.filter(|k| k.len() == 1) }
+    })
+    .await;
+    assert!(after.is_some());
+    let _ = lc.status().await.unwrap();
+}
