@@ -33,7 +33,8 @@ async fn kill_all_members_mid_write_loses_no_acknowledged_write() {
         .unwrap_or_else(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
     println!("durability seed: {seed} (set CONCORD_TEST_SEED to replay)");
     let mut rng = Rng(seed);
-    let mut cluster = ProcessCluster::start(&PathBuf::from(env!("CARGO_BIN_EXE_concord")), 3, ClusterOptions::default());
+    let mut cluster =
+        ProcessCluster::start(&PathBuf::from(env!("CARGO_BIN_EXE_concord")), 3, ClusterOptions::default());
     // key -> value of every acknowledged put, across all rounds.
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
     let mut attempted_total = 0u64;

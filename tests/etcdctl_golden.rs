@@ -73,7 +73,11 @@ fn run_session(client: u16) -> String {
             .stdin(Stdio::null())
             .output()
             .expect("run sh");
-        out.push_str(&format!("$ {line}\n{}[exit {}]\n", String::from_utf8_lossy(&o.stdout), o.status.code().unwrap_or(-1)));
+        out.push_str(&format!(
+            "$ {line}\n{}[exit {}]\n",
+            String::from_utf8_lossy(&o.stdout),
+            o.status.code().unwrap_or(-1)
+        ));
     }
     out
 }
@@ -103,7 +107,10 @@ fn normalise(s: &str) -> String {
 
 #[test]
 fn etcdctl_session_matches_etcd_3_4() {
-    let version = Command::new("etcd").arg("--version").output().expect("etcd 3.4 must be installed (apt-get install etcd-server)");
+    let version = Command::new("etcd")
+        .arg("--version")
+        .output()
+        .expect("etcd 3.4 must be installed (apt-get install etcd-server)");
     let version = String::from_utf8_lossy(&version.stdout).to_string();
     assert!(version.contains("etcd Version: 3.4."), "need etcd 3.4, found: {version}");
     let dir = tempfile::tempdir().unwrap();

@@ -24,8 +24,8 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -151,7 +151,10 @@ impl LogStore {
             let entry: EntryOf<C> = decode(unseal("log entry", &v)?)?;
             let index = u64::from_be_bytes(k[8..16].try_into().map_err(io_err)?);
             if entry.log_id.index() != index || expect.is_some_and(|e| e != index) {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("log gap or misplaced entry at {index}")));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("log gap or misplaced entry at {index}"),
+                ));
             }
             expect = Some(index + 1);
             n += 1;
@@ -229,7 +232,7 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
         let last_purged_log_id: Option<LogIdOf<C>> = self.get_meta("purged")?;
-        let last_log_id = self.last_entry_log_id()?.or_else(|| last_purged_log_id.clone());
+        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 

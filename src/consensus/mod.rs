@@ -52,7 +52,11 @@ pub enum Command {
     Txn(Vec<u8>),
     Compact(Vec<u8>),
     /// A member announces its name and client URLs (etcd's "publish").
-    Publish { id: MemberId, name: String, client_urls: Vec<String> },
+    Publish {
+        id: MemberId,
+        name: String,
+        client_urls: Vec<String>,
+    },
 }
 
 impl fmt::Display for Command {
@@ -240,9 +244,9 @@ impl Group {
     pub async fn local_read_index(&self) -> Result<u64, ConsensusError> {
         match self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
             Ok(lin) => Ok(lin.read_log_id().index()),
-            Err(openraft::errors::RaftError::APIError(
-                openraft::errors::LinearizableReadError::ForwardToLeader(_),
-            )) => Err(ConsensusError::LeaderChanged),
+            Err(openraft::errors::RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(_))) => {
+                Err(ConsensusError::LeaderChanged)
+            }
             Err(openraft::errors::RaftError::APIError(e)) => {
                 tracing::debug!("read index not confirmed: {e}");
                 Err(ConsensusError::NoLeader)

@@ -103,7 +103,12 @@ impl PeerPool {
     }
 
     /// Forwards a proposal to the leader `node`.
-    pub async fn propose(&self, node: &PeerInfo, cmd: &Command, timeout: Duration) -> Result<CommandResult, ConsensusError> {
+    pub async fn propose(
+        &self,
+        node: &PeerInfo,
+        cmd: &Command,
+        timeout: Duration,
+    ) -> Result<CommandResult, ConsensusError> {
         let r: Result<ForwardReply<CommandResult>, _> =
             self.call(node, cmd, timeout, |mut c, r| async move { c.propose(r).await }).await;
         forward_result(r)
@@ -160,7 +165,7 @@ pub struct PeerConn {
 }
 
 impl PeerConn {
-    async fn raft_call<Req: Serialize, Resp: DeserializeOwned, E: DeserializeOwned, F, Fut>(
+    async fn raft_call<Req: Serialize, Resp: DeserializeOwned, E, F, Fut>(
         &self,
         req: &Req,
         option: &RPCOption,
@@ -169,7 +174,7 @@ impl PeerConn {
     where
         F: FnOnce(PeerClient<Channel>, Request<Payload>) -> Fut,
         Fut: Future<Output = Result<Response<Payload>, Status>>,
-        E: std::error::Error,
+        E: DeserializeOwned + std::error::Error,
     {
         let r: Result<Result<Resp, E>, CallError> = self.pool.call(&self.node, req, option.hard_ttl(), f).await;
         match r {
@@ -207,7 +212,8 @@ impl RaftNetworkV2<C> for PeerConn {
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         let req = (vote, snapshot.meta, snapshot.snapshot.into_inner());
-        let call = self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.snapshot(r).await });
+        let call =
+            self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.snapshot(r).await });
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             res = call => Ok(res?),

@@ -131,7 +131,8 @@ mod tests {
 
     #[test]
     fn key_range_cases() {
-        let cases: [(&[u8], &[u8], &[u8], bool); 8] = [
+        type Case = (&'static [u8], &'static [u8], &'static [u8], bool);
+        let cases: [Case; 8] = [
             (b"a", b"", b"a", true),
             (b"a", b"", b"ab", false),
             (b"a", b"c", b"b", true),

@@ -28,8 +28,8 @@ use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTr
 
 use crate::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionResponse, Compare, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
-    ResponseOp, TxnRequest, TxnResponse,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest,
+    TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
 use crate::storage::{StorageError, HISTORY, LATEST, META, REVS};

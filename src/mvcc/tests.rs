@@ -116,8 +116,20 @@ fn range_options_table() {
             5,
             false,
         ),
-        ("sort version (asc implied)", RangeRequest { sort_target: 1, ..rr("a", "\0") }, vec!["a", "b", "d", "e\0x", "c"], 5, false),
-        ("sort mod desc limit", RangeRequest { sort_order: 2, sort_target: 3, limit: 2, ..rr("a", "\0") }, vec!["e\0x", "d"], 5, true),
+        (
+            "sort version (asc implied)",
+            RangeRequest { sort_target: 1, ..rr("a", "\0") },
+            vec!["a", "b", "d", "e\0x", "c"],
+            5,
+            false,
+        ),
+        (
+            "sort mod desc limit",
+            RangeRequest { sort_order: 2, sort_target: 3, limit: 2, ..rr("a", "\0") },
+            vec!["e\0x", "d"],
+            5,
+            true,
+        ),
         ("sort key desc", RangeRequest { sort_order: 2, ..rr("a", "\0") }, vec!["e\0x", "d", "c", "b", "a"], 5, false),
         ("min mod", RangeRequest { min_mod_revision: 5, ..rr("a", "\0") }, vec!["c", "d", "e\0x"], 5, false),
         ("max mod", RangeRequest { max_mod_revision: 3, ..rr("a", "\0") }, vec!["a", "b"], 5, false),
@@ -148,18 +160,14 @@ fn compaction_table() {
     s.put("b", "1"); // 4
     s.del("b", ""); // 5
     s.put("c", "1"); // 6
-    // (compact to, expected error, reads: (revision, keys or error))
+                     // (compact to, expected error, reads: (revision, keys or error))
     let compact = |rev: Rev| s.write(|w| w.compact(rev)).map(|_| ());
     assert!(matches!(compact(7), Err(MvccError::FutureRev)));
     compact(5).unwrap();
     assert!(matches!(compact(5), Err(MvccError::Compacted)));
     assert!(matches!(compact(4), Err(MvccError::Compacted)));
-    let reads: [(Rev, std::result::Result<Vec<&str>, &str>); 4] = [
-        (4, Err("compacted")),
-        (5, Ok(vec!["a"])),
-        (6, Ok(vec!["a", "c"])),
-        (0, Ok(vec!["a", "c"])),
-    ];
+    let reads: [(Rev, std::result::Result<Vec<&str>, &str>); 4] =
+        [(4, Err("compacted")), (5, Ok(vec!["a"])), (6, Ok(vec!["a", "c"])), (0, Ok(vec!["a", "c"]))];
     for (rev, want) in reads {
         let got = s.range(RangeRequest { revision: rev, ..rr("\0", "\0") });
         match (got, want) {
@@ -184,7 +192,13 @@ fn cmp(key: &str, target: CompareTarget, result: CompareResult, v: TargetUnion) 
 }
 
 fn put_op(k: &str, v: &str) -> RequestOp {
-    RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: k.into(), value: v.into(), ..Default::default() })) }
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    }
 }
 
 #[test]
@@ -296,8 +310,14 @@ fn txn_writes_share_one_revision_and_see_each_other() {
 fn put_flags_table() {
     let s = Store::new();
     let put = |p: PutRequest| s.write(|w| w.put(&p));
-    assert!(matches!(put(PutRequest { key: b"k".to_vec(), ignore_value: true, ..Default::default() }), Err(MvccError::KeyNotFound)));
-    assert!(matches!(put(PutRequest { key: b"k".to_vec(), lease: 5, ..Default::default() }), Err(MvccError::LeaseNotFound)));
+    assert!(matches!(
+        put(PutRequest { key: b"k".to_vec(), ignore_value: true, ..Default::default() }),
+        Err(MvccError::KeyNotFound)
+    ));
+    assert!(matches!(
+        put(PutRequest { key: b"k".to_vec(), lease: 5, ..Default::default() }),
+        Err(MvccError::LeaseNotFound)
+    ));
     assert_eq!(s.rev(), 1, "refused puts change nothing");
     s.put("k", "v1");
     let r = put(PutRequest { key: b"k".to_vec(), ignore_value: true, prev_kv: true, ..Default::default() }).unwrap();

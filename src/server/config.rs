@@ -170,7 +170,9 @@ fn split_urls(s: &str) -> Vec<String> {
 fn parse_u64(raw: &Raw, key: &str, default: u64) -> Result<u64, String> {
     match raw.get(key) {
         None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| format!("invalid value {v:?} for --{key}: expected an unsigned integer")),
+        Some(v) => {
+            v.trim().parse().map_err(|_| format!("invalid value {v:?} for --{key}: expected an unsigned integer"))
+        }
     }
 }
 
@@ -243,7 +245,9 @@ impl Config {
             "new" => ClusterState::New,
             "existing" => ClusterState::Existing,
             other => {
-                return Err(format!("invalid value {other:?} for --initial-cluster-state: expected 'new' or 'existing'"))
+                return Err(format!(
+                    "invalid value {other:?} for --initial-cluster-state: expected 'new' or 'existing'"
+                ))
             }
         };
         let initial_cluster_token = raw.get("initial-cluster-token").unwrap_or("etcd-cluster").to_string();
@@ -258,7 +262,9 @@ impl Config {
             ));
         }
         if election_timeout_ms > 50_000 {
-            return Err(format!("--election-timeout[{election_timeout_ms}ms] is too long, and should be set less than 50 seconds"));
+            return Err(format!(
+                "--election-timeout[{election_timeout_ms}ms] is too long, and should be set less than 50 seconds"
+            ));
         }
         let max_request_bytes = parse_u64(raw, "max-request-bytes", DEFAULT_MAX_REQUEST_BYTES)?;
         if max_request_bytes == 0 {
@@ -361,7 +367,10 @@ fn raw_from_yaml(text: &str) -> Result<Raw, String> {
     };
     for (k, v) in map {
         let key = k.as_str().ok_or("--config-file: setting names must be strings")?;
-        let known = KNOWN_KEYS.iter().find(|kk| **kk == key).ok_or_else(|| format!("--config-file: unknown setting {key:?}"))?;
+        let known = KNOWN_KEYS
+            .iter()
+            .find(|kk| **kk == key)
+            .ok_or_else(|| format!("--config-file: unknown setting {key:?}"))?;
         let value = match v {
             serde_yaml::Value::Null => continue,
             serde_yaml::Value::String(s) => s,
@@ -391,16 +400,28 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("default.concord"));
         assert_eq!(c.listen_client_urls, vec!["http://localhost:2379"]);
         assert_eq!(c.initial_cluster, vec![("default".to_string(), vec!["http://localhost:2380".to_string()])]);
-        assert_eq!((c.heartbeat_ms, c.election_timeout_ms, c.max_request_bytes, c.max_txn_ops), (100, 1000, 1572864, 128));
+        assert_eq!(
+            (c.heartbeat_ms, c.election_timeout_ms, c.max_request_bytes, c.max_txn_ops),
+            (100, 1000, 1572864, 128)
+        );
     }
 
     #[test]
     fn flag_cases() {
         let three = "a=http://127.0.0.1:2380,b=http://127.0.0.1:2480,c=http://127.0.0.1:2580";
-        let ok = parse(&["--name", "b", "--initial-advertise-peer-urls", "http://127.0.0.1:2480", "--initial-cluster", three])
-            .unwrap();
+        let ok = parse(&[
+            "--name",
+            "b",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2480",
+            "--initial-cluster",
+            three,
+        ])
+        .unwrap();
         assert_eq!(ok.initial_cluster.len(), 3);
-        let go_style = parse(&["-name", "x", "-initial-advertise-peer-urls", "http://127.0.0.1:9", "-data-dir", "/tmp/x"]).unwrap();
+        let go_style =
+            parse(&["-name", "x", "-initial-advertise-peer-urls", "http://127.0.0.1:9", "-data-dir", "/tmp/x"])
+                .unwrap();
         assert_eq!(go_style.initial_cluster[0].0, "x");
         let errors: [(&[&str], &str); 6] = [
             (&["--bogus-flag", "1"], "unexpected argument"),
@@ -418,7 +439,8 @@ mod tests {
 
     #[test]
     fn yaml_config_file() {
-        let raw = raw_from_yaml("name: n1\ndata-dir: /tmp/n1\nheartbeat-interval: 50\nelection-timeout: 500\n").unwrap();
+        let raw =
+            raw_from_yaml("name: n1\ndata-dir: /tmp/n1\nheartbeat-interval: 50\nelection-timeout: 500\n").unwrap();
         let c = Config::from_raw(&raw);
         // n1's peer URL must be in the implicit initial cluster, which it is.
         let c = c.unwrap();

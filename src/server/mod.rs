@@ -136,7 +136,12 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         client_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
     }
 
-    let (group, log) = Group::start(member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token), &member_dir.join("group-1"), &group_config).await?;
+    let (group, log) = Group::start(
+        member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
+        &member_dir.join("group-1"),
+        &group_config,
+    )
+    .await?;
     let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
     tracing::info!(entries, "raft log verified");
 
@@ -182,7 +187,12 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         }
     }
 
-    let node = Arc::new(Node { config: config.clone(), group: group.clone(), member_id: identity.member_id, cluster_id: identity.cluster_id });
+    let node = Arc::new(Node {
+        config: config.clone(),
+        group: group.clone(),
+        member_id: identity.member_id,
+        cluster_id: identity.cluster_id,
+    });
 
     let mut tasks = tokio::task::JoinSet::new();
     for l in peer_listeners {
