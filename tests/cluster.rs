@@ -172,3 +172,31 @@ async fn lagging_member_catches_up_by_snapshot() {
     assert!(after.is_some());
     let _ = lc.status().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_tolerate_two_failures() {
+    let mut cluster = ProcessCluster::start(&bin(), 5, ClusterOptions::default());
+    let leader = cluster.wait_leader(LEADER_WAIT).await;
+    let mut c = cluster.client(leader).await;
+    c.put("five", "1", None).await.unwrap();
+    // Lose two members, one of them the leader: a majority of three remains.
+    let other = (leader + 1) % 5;
+    cluster.kill(leader);
+    cluster.kill(other);
+    let survivor = (leader + 2) % 5;
+    let c = cluster.client(survivor).await;
+    let ok = eventually(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.put("five", "2", None).await.ok() }
+    })
+    .await;
+    assert!(ok.is_some(), "three of five members must keep accepting writes");
+    for i in 0..5 {
+        if i == leader || i == other {
+            continue;
+        }
+        let mut c = cluster.client(i).await;
+        let kvs = keys_with_prefix(&mut c, "five", false).await.unwrap();
+        assert_eq!(kvs[0].1, "2", "member {i}");
+    }
+}

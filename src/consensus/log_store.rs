@@ -161,16 +161,6 @@ impl LogStore {
         }
         Ok(n)
     }
-
-    /// Stores a small durable value outside the Raft log (cluster id, bootstrap state).
-    pub fn save_local<T: Serialize>(&self, name: &str, v: &T) -> io::Result<()> {
-        self.put_meta(&format!("local/{name}"), v)?;
-        self.sync()
-    }
-
-    pub fn load_local<T: DeserializeOwned>(&self, name: &str) -> io::Result<Option<T>> {
-        self.get_meta(&format!("local/{name}"))
-    }
 }
 
 /// Acknowledges appends: one fsync per batch of waiting callbacks. A failed fsync

@@ -55,6 +55,34 @@ struct Identity {
     bootstrapped: bool,
 }
 
+/// `member/identity`: crc32 ‖ bincode(identity), written once, atomically.
+fn save_identity(path: &std::path::Path, id: &Identity) -> Result<(), BoxError> {
+    use std::io::Write;
+    let body = bincode::serde::encode_to_vec(id, bincode::config::standard())?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&crc32fast::hash(&body).to_be_bytes())?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn load_identity(path: &std::path::Path) -> Result<Option<Identity>, BoxError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if bytes.len() < 4 || crc32fast::hash(&bytes[4..]).to_be_bytes() != bytes[..4] {
+        return Err(format!("{} is corrupt (checksum mismatch)", path.display()).into());
+    }
+    Ok(Some(bincode::serde::decode_from_slice(&bytes[4..], bincode::config::standard())?.0))
+}
+
 /// etcd's member ID: SHA-1 over the sorted peer URLs and the cluster token.
 pub fn member_id(peer_urls: &[String], token: &str) -> MemberId {
     let mut urls = peer_urls.to_vec();
@@ -136,27 +164,20 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         client_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
     }
 
-    let (group, log) = Group::start(
-        member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
-        &member_dir.join("group-1"),
-        &group_config,
-    )
-    .await?;
-    let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
-    tracing::info!(entries, "raft log verified");
-
-    let identity = match log.load_local::<Identity>("identity")? {
+    std::fs::create_dir_all(&member_dir)?;
+    let identity_path = member_dir.join("identity");
+    let initial_members: std::collections::BTreeMap<MemberId, PeerInfo> = config
+        .initial_cluster
+        .iter()
+        .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token), PeerInfo { peer_urls: urls.clone() }))
+        .collect();
+    let identity = match load_identity(&identity_path)? {
         Some(id) => {
             tracing::info!(member = %format!("{:x}", id.member_id), "restarting member; --initial-cluster flags are ignored");
             id
         }
         None => {
-            let members: Vec<(MemberId, PeerInfo)> = config
-                .initial_cluster
-                .iter()
-                .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token), PeerInfo { peer_urls: urls.clone() }))
-                .collect();
-            let ids: Vec<MemberId> = members.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<MemberId> = initial_members.keys().copied().collect();
             let identity = Identity {
                 member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
                 cluster_id: cluster_id(&ids),
@@ -164,24 +185,18 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             };
             // Must be durable before Raft is initialised: a restart has to recognise
             // its own identity rather than bootstrap a second time.
-            log.save_local("identity", &identity)?;
+            save_identity(&identity_path, &identity)?;
             identity
         }
     };
-    if identity.member_id != group.id {
-        return Err(format!(
-            "data dir belongs to member {:x}, but the flags describe member {:x} (peer URLs or token changed)",
-            identity.member_id, group.id
-        )
-        .into());
-    }
+
+    let (group, log) = Group::start(identity.member_id, &member_dir.join("group-1"), &group_config).await?;
+    let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
+    tracing::info!(entries, "raft log verified");
+    // A member that crashed between saving its identity and initialising Raft
+    // initialises on restart; initialisation is a no-op once any member has done it.
     if identity.bootstrapped && !group.raft.is_initialized().await? {
-        let members: std::collections::BTreeMap<MemberId, PeerInfo> = config
-            .initial_cluster
-            .iter()
-            .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token), PeerInfo { peer_urls: urls.clone() }))
-            .collect();
-        match group.raft.initialize(members).await {
+        match group.raft.initialize(initial_members).await {
             Ok(()) => tracing::info!("bootstrapped a new cluster"),
             Err(e) => tracing::info!("raft already initialised elsewhere: {e}"),
         }
