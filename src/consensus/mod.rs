@@ -105,14 +105,22 @@ pub type Membership = openraft::Membership<MemberId, PeerInfo>;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 
 /// Why a proposal or read barrier did not complete.
+///
+/// `NoLeader` and `NotLeader` mean the command was certainly not submitted (safe to
+/// retry); `Timeout` and `LeaderLost` mean its outcome is unknown: it may still
+/// commit, so it is never retried behind the client's back.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsensusError {
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// The member asked was not the leader; nothing was appended.
+    #[error("etcdserver: not leader")]
+    NotLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
-    #[error("etcdserver: leader changed")]
-    LeaderChanged,
+    /// Leadership changed after the entry was appended; it may or may not commit.
+    #[error("etcdserver: request timed out, possibly due to previous leader failure")]
+    LeaderLost,
     #[error("raft group stopped: {0}")]
     Fatal(String),
 }
@@ -149,6 +157,21 @@ impl GroupConfig {
     }
 }
 
+/// Classifies a failed `client_write` by whether the entry may still commit.
+pub fn client_write_error(
+    e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>,
+) -> ConsensusError {
+    use openraft::errors::{ClientWriteError as W, RaftError as R};
+    match e {
+        R::APIError(W::ForwardToLeader(_)) => ConsensusError::NotLeader,
+        R::APIError(W::LogEntryDiscarded(_)) => ConsensusError::LeaderLost,
+        R::APIError(e @ (W::ChangeMembershipError(_) | W::PreconditionFailed(_))) => {
+            ConsensusError::Fatal(e.to_string())
+        }
+        R::Fatal(f) => ConsensusError::Fatal(f.to_string()),
+    }
+}
+
 /// One Raft group on this member: the consensus instance plus its state machine.
 #[derive(Clone)]
 pub struct Group {
@@ -182,12 +205,11 @@ impl Group {
         loop {
             let leader = self.wait_leader(deadline).await?;
             let attempt = if leader == self.id {
-                match self.raft.client_write(cmd.clone()).await {
-                    Ok(resp) => return Ok(resp.data),
-                    Err(openraft::errors::RaftError::APIError(
-                        openraft::errors::ClientWriteError::ForwardToLeader(_),
-                    )) => Err(ConsensusError::LeaderChanged),
-                    Err(e) => return Err(ConsensusError::Fatal(e.to_string())),
+                let write = tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()));
+                match write.await {
+                    Err(_) => Err(ConsensusError::Timeout),
+                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Err(e)) => Err(client_write_error(e)),
                 }
             } else {
                 let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
@@ -196,9 +218,10 @@ impl Group {
             };
             match attempt {
                 Ok(r) => return Ok(r),
-                Err(ConsensusError::LeaderChanged | ConsensusError::NoLeader) => {
+                // Not submitted anywhere: safe to retry once a leader is known.
+                Err(ConsensusError::NotLeader | ConsensusError::NoLeader) => {
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(ConsensusError::Timeout);
+                        return Err(ConsensusError::NoLeader);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -222,7 +245,8 @@ impl Group {
             };
             match attempt {
                 Ok(i) => break i,
-                Err(ConsensusError::LeaderChanged | ConsensusError::NoLeader) => {
+                // A read has no side effect: any failure to get an index is retried.
+                Err(ConsensusError::NotLeader | ConsensusError::NoLeader | ConsensusError::LeaderLost) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ConsensusError::Timeout);
                     }
@@ -245,7 +269,7 @@ impl Group {
         match self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
             Ok(lin) => Ok(lin.read_log_id().index()),
             Err(openraft::errors::RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(_))) => {
-                Err(ConsensusError::LeaderChanged)
+                Err(ConsensusError::NotLeader)
             }
             Err(openraft::errors::RaftError::APIError(e)) => {
                 tracing::debug!("read index not confirmed: {e}");

@@ -42,8 +42,10 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
 #[derive(Debug, Serialize, Deserialize)]
 enum ForwardReply<T> {
     Ok(T),
-    /// The receiver is not (or no longer) the leader: retry after re-resolving.
+    /// The receiver is not the leader; nothing was appended: retry elsewhere.
     NotLeader,
+    /// Appended, then leadership was lost: outcome unknown, must not be retried.
+    Discarded,
     Failed(String),
 }
 
@@ -125,12 +127,18 @@ impl PeerPool {
 fn forward_result<T>(r: Result<ForwardReply<T>, CallError>) -> Result<T, ConsensusError> {
     match r {
         Ok(ForwardReply::Ok(v)) => Ok(v),
-        Ok(ForwardReply::NotLeader) => Err(ConsensusError::LeaderChanged),
+        Ok(ForwardReply::NotLeader) => Err(ConsensusError::NotLeader),
+        Ok(ForwardReply::Discarded) => Err(ConsensusError::LeaderLost),
         Ok(ForwardReply::Failed(e)) => Err(ConsensusError::Fatal(e)),
-        // The leader may have died: let the caller re-resolve until its deadline.
-        Err(e) => {
-            tracing::debug!("forwarding to leader failed: {e:?}");
+        // Never connected: the request cannot have reached the leader.
+        Err(CallError::Unreachable(e)) if e.contains("connect") => {
+            tracing::debug!("leader unreachable: {e}");
             Err(ConsensusError::NoLeader)
+        }
+        // Sent, then lost or timed out: the leader may have appended it.
+        Err(e) => {
+            tracing::debug!("forwarding to leader failed after sending: {e:?}");
+            Err(ConsensusError::Timeout)
         }
     }
 }
@@ -283,8 +291,11 @@ impl Peer for PeerService {
         let cmd: Command = arg(req)?;
         let out = match self.group.raft.client_write(cmd).await {
             Ok(resp) => ForwardReply::Ok(resp.data),
-            Err(RaftError::APIError(openraft::errors::ClientWriteError::ForwardToLeader(_))) => ForwardReply::NotLeader,
-            Err(e) => ForwardReply::Failed(e.to_string()),
+            Err(e) => match super::client_write_error(e) {
+                ConsensusError::NotLeader => ForwardReply::NotLeader,
+                ConsensusError::LeaderLost => ForwardReply::Discarded,
+                other => ForwardReply::Failed(other.to_string()),
+            },
         };
         reply(&out)
     }

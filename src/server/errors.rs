@@ -51,7 +51,10 @@ pub fn from_consensus(e: ConsensusError) -> Status {
     match e {
         ConsensusError::NoLeader => Status::unavailable("etcdserver: no leader"),
         ConsensusError::Timeout => Status::unavailable("etcdserver: request timed out"),
-        ConsensusError::LeaderChanged => Status::unavailable("etcdserver: leader changed"),
+        ConsensusError::NotLeader => Status::unavailable("etcdserver: not leader"),
+        ConsensusError::LeaderLost => {
+            Status::unavailable("etcdserver: request timed out, possibly due to previous leader failure")
+        }
         ConsensusError::Fatal(m) => Status::unavailable(format!("etcdserver: raft group stopped: {m}")),
     }
 }
