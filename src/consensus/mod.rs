@@ -57,6 +57,20 @@ pub enum Command {
         name: String,
         client_urls: Vec<String>,
     },
+    /// The lease id is chosen by the proposing member, so every replica agrees.
+    LeaseGrant {
+        id: i64,
+        ttl_s: i64,
+    },
+    LeaseRevoke {
+        id: i64,
+    },
+    /// A keep-alive: re-bases the lease to its full TTL on every member.
+    LeaseRenew {
+        id: i64,
+    },
+    /// The leader's remaining-TTL view of leases: (id, remaining ms) pairs.
+    LeaseCheckpoint(Vec<(i64, i64)>),
 }
 
 impl fmt::Display for Command {
@@ -67,6 +81,10 @@ impl fmt::Display for Command {
             Command::Txn(b) => write!(f, "txn({}B)", b.len()),
             Command::Compact(b) => write!(f, "compact({}B)", b.len()),
             Command::Publish { id, name, .. } => write!(f, "publish({id:x},{name})"),
+            Command::LeaseGrant { id, ttl_s } => write!(f, "lease_grant({id:x},{ttl_s}s)"),
+            Command::LeaseRevoke { id } => write!(f, "lease_revoke({id:x})"),
+            Command::LeaseRenew { id } => write!(f, "lease_renew({id:x})"),
+            Command::LeaseCheckpoint(l) => write!(f, "lease_checkpoint({} leases)", l.len()),
         }
     }
 }
@@ -78,6 +96,7 @@ pub enum ApplyError {
     FutureRev,
     KeyNotFound,
     LeaseNotFound,
+    LeaseExists,
     /// The command did not decode: only a bug or a corrupted log can cause it.
     Malformed(String),
 }
@@ -178,6 +197,9 @@ pub struct Group {
     pub raft: Raft,
     pub id: MemberId,
     pub backend: Arc<Backend>,
+    /// The store's current revision, updated after every applied batch; watchers
+    /// and lock waiters wait on it instead of polling storage.
+    pub revision: tokio::sync::watch::Receiver<crate::mvcc::Rev>,
     peers: network::PeerPool,
 }
 
@@ -191,11 +213,11 @@ impl Group {
         std::fs::create_dir_all(dir)?;
         let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
         let log = log_store::LogStore::open(&dir.join("log"), 1)?;
-        let sm = state_machine::StateMachine::new(backend.clone(), dir.join("snap"))?;
+        let (sm, revision) = state_machine::StateMachine::new(backend.clone(), dir.join("snap"))?;
         let peers = network::PeerPool::new(config.max_peer_message_bytes);
         let raft_config = Arc::new(config.raft_config()?);
         let raft = openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm).await?;
-        Ok((Group { raft, id, backend, peers }, log))
+        Ok((Group { raft, id, backend, revision, peers }, log))
     }
 
     /// Proposes a command and waits for its applied result. Followers forward it to

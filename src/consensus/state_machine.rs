@@ -22,9 +22,11 @@ use redb::WriteTransaction;
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{ApplyError, Command, CommandResult, MemberId, SnapshotData, TypeConfig};
-use crate::mvcc::{MvccError, Writer};
+use crate::mvcc::{MvccError, Rev, Writer};
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, TxnRequest};
+use crate::proto::etcdserverpb::{LeaseGrantResponse, LeaseKeepAliveResponse, LeaseRevokeResponse, ResponseHeader};
 use crate::storage::{Backend, META};
+use tokio::sync::watch;
 
 type C = TypeConfig;
 
@@ -74,12 +76,20 @@ pub struct StateMachine {
     backend: Arc<Backend>,
     snap_dir: PathBuf,
     applied_since_persist: u64,
+    /// Publishes the current revision after each commit (see `Group::revision`).
+    revision: watch::Sender<Rev>,
 }
 
 impl StateMachine {
-    pub fn new(backend: Arc<Backend>, snap_dir: PathBuf) -> io::Result<Self> {
+    pub fn new(backend: Arc<Backend>, snap_dir: PathBuf) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
-        Ok(StateMachine { backend, snap_dir, applied_since_persist: 0 })
+        let (revision, rx) = watch::channel(current_rev(&backend)?);
+        Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision }, rx))
+    }
+
+    fn publish_revision(&self) -> io::Result<()> {
+        self.revision.send_replace(current_rev(&self.backend)?);
+        Ok(())
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -94,6 +104,11 @@ impl StateMachine {
             Some(v) => Ok(Some(decode(v.value())?)),
         }
     }
+}
+
+fn current_rev(backend: &Backend) -> io::Result<Rev> {
+    let txn = backend.begin_read()?;
+    Ok(crate::mvcc::read_revisions(&txn).map_err(io_err)?.0)
 }
 
 /// Applies one client command; request-level errors become [`ApplyError`]s, while
@@ -117,10 +132,44 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandRes
             Err(MvccError::FutureRev) => CommandResult::Err(ApplyError::FutureRev),
             Err(MvccError::KeyNotFound) => CommandResult::Err(ApplyError::KeyNotFound),
             Err(MvccError::LeaseNotFound) => CommandResult::Err(ApplyError::LeaseNotFound),
+            Err(MvccError::LeaseExists) => CommandResult::Err(ApplyError::LeaseExists),
             Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_))) => return Err(io_err(e)),
         })
     }
+    fn lease<Resp: Message>(
+        txn: &WriteTransaction,
+        f: impl FnOnce(&mut Writer) -> Result<Resp, MvccError>,
+    ) -> io::Result<CommandResult> {
+        let mut w = Writer::new(txn).map_err(io_err)?;
+        let out = f(&mut w);
+        w.finish().map_err(io_err)?;
+        Ok(match out {
+            Ok(resp) => CommandResult::Ok(resp.encode_to_vec()),
+            Err(MvccError::LeaseNotFound) => CommandResult::Err(ApplyError::LeaseNotFound),
+            Err(MvccError::LeaseExists) => CommandResult::Err(ApplyError::LeaseExists),
+            Err(e) => return Err(io_err(e)),
+        })
+    }
+    let header = |rev| Some(ResponseHeader { revision: rev, ..Default::default() });
     match cmd {
+        Command::LeaseGrant { id, ttl_s } => lease(txn, |w| {
+            let rec = w.lease_grant(*id, *ttl_s)?;
+            Ok(LeaseGrantResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s, error: String::new() })
+        }),
+        Command::LeaseRevoke { id } => lease(txn, |w| {
+            w.lease_revoke(*id)?;
+            Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
+        }),
+        Command::LeaseRenew { id } => lease(txn, |w| {
+            let rec = w.lease_renew(*id)?;
+            Ok(LeaseKeepAliveResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s })
+        }),
+        Command::LeaseCheckpoint(items) => lease(txn, |w| {
+            for (id, remaining_ms) in items {
+                w.lease_checkpoint(*id, *remaining_ms)?;
+            }
+            Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
+        }),
         Command::Put(b) => run(txn, b, |w, r: &PutRequest| w.put(r)),
         Command::DeleteRange(b) => run(txn, b, |w, r: &DeleteRangeRequest| w.delete_range(r)),
         Command::Txn(b) => run(txn, b, |w, r: &TxnRequest| w.txn(r)),
@@ -185,6 +234,7 @@ impl RaftStateMachine<C> for StateMachine {
             self.applied_since_persist = 0;
         }
         // Only after the commit: an acknowledged write is visible to every later read.
+        self.publish_revision()?;
         for (r, result) in replies {
             r.send(result);
         }
@@ -207,6 +257,7 @@ impl RaftStateMachine<C> for StateMachine {
         }
         write_snapshot_file(&self.snapshot_path(), meta, &data)?;
         self.applied_since_persist = 0;
+        self.publish_revision()?;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed snapshot from leader");
         Ok(())
     }

@@ -19,7 +19,9 @@
 //! historical range is one ordered scan; `REVS` maps (main, sub) to the key for
 //! compaction and watch replay.
 
+pub mod events;
 pub mod keys;
+pub mod lease;
 
 use std::collections::BTreeSet;
 
@@ -32,7 +34,7 @@ use crate::proto::etcdserverpb::{
     TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
-use crate::storage::{StorageError, HISTORY, LATEST, META, REVS};
+use crate::storage::{StorageError, HISTORY, LATEST, LEASES, LEASE_KEYS, META, REVS};
 use keys::{decode_history_key, history_bound, history_key, rev_key, KeyRange};
 
 /// A main revision.
@@ -41,8 +43,8 @@ pub type Rev = i64;
 const META_REV: &str = "mvcc/rev";
 const META_COMPACT: &str = "mvcc/compact";
 
-const TAG_PUT: u8 = 0;
-const TAG_TOMBSTONE: u8 = 1;
+pub(crate) const TAG_PUT: u8 = 0;
+pub(crate) const TAG_TOMBSTONE: u8 = 1;
 
 /// Failures a client request can cause. The server maps each to etcd's gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,8 @@ pub enum MvccError {
     KeyNotFound,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("stored record is corrupt: {0}")]
@@ -78,7 +82,7 @@ fn header(rev: Rev) -> Option<ResponseHeader> {
     Some(ResponseHeader { revision: rev, ..Default::default() })
 }
 
-fn decode_kv(b: &[u8]) -> Result<KeyValue> {
+pub(crate) fn decode_kv(b: &[u8]) -> Result<KeyValue> {
     KeyValue::decode(b).map_err(|e| MvccError::Corrupt(e.to_string()))
 }
 
@@ -267,6 +271,9 @@ where
 pub struct ReadView {
     latest: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     history: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    revs: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    leases: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    lease_keys: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     current: Rev,
     compacted: Rev,
 }
@@ -275,7 +282,15 @@ impl ReadView {
     pub fn new(txn: &ReadTransaction) -> Result<Self> {
         let meta = txn.open_table(META)?;
         let (current, compacted) = revisions(&meta)?;
-        Ok(ReadView { latest: txn.open_table(LATEST)?, history: txn.open_table(HISTORY)?, current, compacted })
+        Ok(ReadView {
+            latest: txn.open_table(LATEST)?,
+            history: txn.open_table(HISTORY)?,
+            revs: txn.open_table(REVS)?,
+            leases: txn.open_table(LEASES)?,
+            lease_keys: txn.open_table(LEASE_KEYS)?,
+            current,
+            compacted,
+        })
     }
 
     pub fn current_rev(&self) -> Rev {
@@ -319,6 +334,7 @@ trait TxnExec {
     fn rev(&self) -> Rev;
     fn compacted(&self) -> Rev;
     fn key_exists(&self, key: &[u8]) -> Result<bool>;
+    fn lease_exists(&self, id: i64) -> Result<bool>;
     fn put(&mut self, req: &PutRequest) -> Result<PutResponse>;
     fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse>;
 }
@@ -338,6 +354,9 @@ impl TxnExec for ReadOnlyExec<'_> {
     fn key_exists(&self, key: &[u8]) -> Result<bool> {
         Ok(self.0.latest.get(key)?.is_some())
     }
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        Ok(self.0.leases.get(id.to_be_bytes().as_slice())?.is_some())
+    }
     fn put(&mut self, _: &PutRequest) -> Result<PutResponse> {
         unreachable!("read-only txn contains no put (checked by txn_is_readonly)")
     }
@@ -353,6 +372,8 @@ pub struct Writer<'txn> {
     latest: Table<'txn, &'static [u8], &'static [u8]>,
     history: Table<'txn, &'static [u8], &'static [u8]>,
     revs: Table<'txn, &'static [u8], &'static [u8]>,
+    leases: Table<'txn, &'static [u8], &'static [u8]>,
+    lease_keys: Table<'txn, &'static [u8], &'static [u8]>,
     begin_rev: Rev,
     compacted: Rev,
     /// Changes made so far; also the next sub-revision.
@@ -368,6 +389,8 @@ impl<'txn> Writer<'txn> {
             latest: txn.open_table(LATEST)?,
             history: txn.open_table(HISTORY)?,
             revs: txn.open_table(REVS)?,
+            leases: txn.open_table(LEASES)?,
+            lease_keys: txn.open_table(LEASE_KEYS)?,
             begin_rev,
             compacted,
             sub: 0,
@@ -417,14 +440,30 @@ impl<'txn> Writer<'txn> {
             _ => req.lease,
         };
         let kv = KeyValue { key: req.key.clone(), create_revision, mod_revision: rev, version, value, lease };
+        let old_lease = prev.as_ref().map(|p| p.lease).unwrap_or(0);
+        if old_lease != lease {
+            self.detach(old_lease, &req.key)?;
+            if lease != 0 {
+                self.lease_keys.insert(lease::lease_key(lease, &req.key).as_slice(), [].as_slice())?;
+            }
+        }
         self.latest.insert(req.key.as_slice(), kv.encode_to_vec().as_slice())?;
         self.record_change(&req.key, TAG_PUT, &kv)?;
         Ok(PutResponse { header: header(rev), prev_kv: if req.prev_kv { prev } else { None } })
     }
 
-    /// A top-level Put.
+    fn detach(&mut self, lease: i64, key: &[u8]) -> Result<()> {
+        if lease != 0 {
+            self.lease_keys.remove(lease::lease_key(lease, key).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// A top-level Put: an attached lease must exist (checked before the key).
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse> {
-        check_lease(req.lease)?;
+        if req.lease != 0 && !self.lease_exists(req.lease)? {
+            return Err(MvccError::LeaseNotFound);
+        }
         TxnExec::put(self, req)
     }
 
@@ -480,6 +519,12 @@ impl<'txn> Writer<'txn> {
         Ok(CompactionResponse { header: header(self.begin_rev) })
     }
 
+    /// The revision reads in this request observe: the begin revision, or the new
+    /// one once the request changed something.
+    pub fn current_rev(&self) -> Rev {
+        TxnExec::rev(self)
+    }
+
     /// Ends the request: persists the advanced revision if anything changed and
     /// returns the store's current revision.
     pub fn finish(mut self) -> Result<Rev> {
@@ -490,15 +535,6 @@ impl<'txn> Writer<'txn> {
         }
         Ok(self.begin_rev)
     }
-}
-
-/// Leases are granted only by the lease service; until a lease exists in the store
-/// no non-zero lease id can be attached, exactly as etcd refuses unknown leases.
-fn check_lease(lease: i64) -> Result<()> {
-    if lease != 0 {
-        return Err(MvccError::LeaseNotFound);
-    }
-    Ok(())
 }
 
 impl TxnExec for Writer<'_> {
@@ -518,6 +554,9 @@ impl TxnExec for Writer<'_> {
     fn key_exists(&self, key: &[u8]) -> Result<bool> {
         Ok(self.latest.get(key)?.is_some())
     }
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        Ok(self.leases.get(id.to_be_bytes().as_slice())?.is_some())
+    }
     fn put(&mut self, req: &PutRequest) -> Result<PutResponse> {
         self.put_unchecked(req)
     }
@@ -529,6 +568,7 @@ impl TxnExec for Writer<'_> {
         let rev = self.next_rev();
         for kv in &victims {
             self.latest.remove(kv.key.as_slice())?;
+            self.detach(kv.lease, &kv.key)?;
             let tomb = KeyValue { key: kv.key.clone(), mod_revision: rev, ..Default::default() };
             self.record_change(&kv.key, TAG_TOMBSTONE, &tomb)?;
         }
@@ -621,7 +661,9 @@ fn check_ops<E: TxnExec>(exec: &E, req: &TxnRequest, path: &[bool], writes: bool
                 if (p.ignore_value || p.ignore_lease) && !exec.key_exists(&p.key)? {
                     return Err(MvccError::KeyNotFound);
                 }
-                check_lease(p.lease)?;
+                if p.lease != 0 && !exec.lease_exists(p.lease)? {
+                    return Err(MvccError::LeaseNotFound);
+                }
             }
             Some(request_op::Request::RequestRange(r)) if !writes && r.revision != 0 => {
                 if r.revision > exec.rev() {

@@ -37,12 +37,20 @@ pub fn lease_not_found() -> Status {
     Status::not_found("etcdserver: requested lease not found")
 }
 
+pub fn lease_exists() -> Status {
+    Status::failed_precondition("etcdserver: lease already exists")
+}
+pub fn lease_ttl_too_large() -> Status {
+    Status::out_of_range("etcdserver: too large lease TTL")
+}
+
 pub fn from_apply(e: ApplyError) -> Status {
     match e {
         ApplyError::Compacted => compacted(),
         ApplyError::FutureRev => future_rev(),
         ApplyError::KeyNotFound => key_not_found(),
         ApplyError::LeaseNotFound => lease_not_found(),
+        ApplyError::LeaseExists => lease_exists(),
         ApplyError::Malformed(m) => Status::internal(format!("etcdserver: malformed command in log: {m}")),
     }
 }
@@ -66,6 +74,7 @@ pub fn from_mvcc(e: crate::mvcc::MvccError) -> Status {
         E::FutureRev => future_rev(),
         E::KeyNotFound => key_not_found(),
         E::LeaseNotFound => lease_not_found(),
+        E::LeaseExists => lease_exists(),
         E::Storage(s) => Status::internal(format!("etcdserver: storage: {s}")),
         E::Corrupt(s) => Status::data_loss(format!("etcdserver: corrupt state: {s}")),
     }

@@ -123,7 +123,7 @@ impl KvService {
     async fn propose<Resp: Message + Default>(&self, cmd: Command) -> Result<Resp, Status> {
         let size = match &cmd {
             Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
-            Command::Publish { .. } => 0,
+            _ => 0,
         };
         if size as u64 > self.node.config.max_request_bytes {
             return Err(errors::request_too_large());

@@ -27,8 +27,13 @@ pub const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history
 /// Revision index: main ‖ sub -> user key (compaction and, later, watch replay).
 pub const REVS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revs");
 
+/// Leases: id (big-endian i64) -> encoded lease record.
+pub const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
+/// Keys attached to leases: lease id (big-endian) ‖ user key -> empty.
+pub const LEASE_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lease_keys");
+
 /// Tables in snapshot order. The position is the table's id in the snapshot format.
-const BYTE_TABLES: [TableDefinition<&[u8], &[u8]>; 3] = [LATEST, HISTORY, REVS];
+const BYTE_TABLES: [TableDefinition<&[u8], &[u8]>; 5] = [LATEST, HISTORY, REVS, LEASES, LEASE_KEYS];
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSNAP01";
 
