@@ -7,6 +7,7 @@
 //! See `docs/ARCHITECTURE.md`.
 
 pub mod consensus;
+pub mod lease;
 pub mod mvcc;
 pub mod proto;
 pub mod server;

@@ -69,8 +69,8 @@ pub enum Command {
     LeaseRenew {
         id: i64,
     },
-    /// The leader's remaining-TTL view of leases: (id, remaining ms) pairs.
-    LeaseCheckpoint(Vec<(i64, i64)>),
+    /// The leader's remaining-TTL view of leases: (id, record version, remaining ms).
+    LeaseCheckpoint(Vec<(i64, u64, i64)>),
 }
 
 impl fmt::Display for Command {

@@ -165,8 +165,8 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandRes
             Ok(LeaseKeepAliveResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s })
         }),
         Command::LeaseCheckpoint(items) => lease(txn, |w| {
-            for (id, remaining_ms) in items {
-                w.lease_checkpoint(*id, *remaining_ms)?;
+            for (id, version, remaining_ms) in items {
+                w.lease_checkpoint(*id, *version, *remaining_ms)?;
             }
             Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
         }),

@@ -9,10 +9,13 @@ use super::keys::{decode_history_key, history_bound, history_key};
 use super::{decode_kv, MvccError, ReadView, Result, Rev, TAG_PUT};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 
+/// An event with the (main, sub) revision that produced it.
+pub type RevEvent = (Rev, i64, Event);
+
 /// Events of revisions `from..=to`, stopping after the revision during which
 /// `max_events` was reached. Returns the events (with their revision and
 /// sub-revision) and the last revision fully covered.
-pub fn read_events(view: &ReadView, from: Rev, to: Rev, max_events: usize) -> Result<(Vec<(Rev, i64, Event)>, Rev)> {
+pub fn read_events(view: &ReadView, from: Rev, to: Rev, max_events: usize) -> Result<(Vec<RevEvent>, Rev)> {
     assert!(from >= 1 && max_events > 0, "event window must start at a revision and allow an event");
     let mut out = Vec::new();
     if from > to {

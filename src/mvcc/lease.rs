@@ -114,10 +114,11 @@ impl Writer<'_> {
         Ok(rec)
     }
 
-    /// Records the leader's view of a lease's remaining TTL. Unknown leases are
-    /// skipped: a checkpoint may race with a revoke.
-    pub fn lease_checkpoint(&mut self, id: i64, remaining_ms: i64) -> Result<()> {
-        if let Some(mut rec) = get_record(&self.leases, id)? {
+    /// Records the leader's view of a lease's remaining TTL, computed from record
+    /// `version`. Skipped if the lease is gone or was re-based since (a keep-alive
+    /// that raced with the checkpoint must not be undone).
+    pub fn lease_checkpoint(&mut self, id: i64, version: u64, remaining_ms: i64) -> Result<()> {
+        if let Some(mut rec) = get_record(&self.leases, id)?.filter(|r| r.version == version) {
             rec.remaining_ms = remaining_ms.clamp(0, rec.ttl_s.saturating_mul(1000));
             rec.version += 1;
             self.leases.insert(id.to_be_bytes().as_slice(), rec.encode().as_slice())?;
@@ -154,31 +155,6 @@ impl ReadView {
             None => Ok(None),
         }
     }
-}
-
-/// Encodes a lease id list for the checkpoint command.
-pub fn encode_checkpoints(items: &[(i64, i64)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(items.len() * 16);
-    for (id, rem) in items {
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&rem.to_be_bytes());
-    }
-    out
-}
-
-pub fn decode_checkpoints(b: &[u8]) -> Result<Vec<(i64, i64)>> {
-    if b.len() % 16 != 0 {
-        return Err(MvccError::Corrupt("checkpoint list length".into()));
-    }
-    Ok(b.chunks(16)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            let mut r = [0u8; 8];
-            a.copy_from_slice(&c[..8]);
-            r.copy_from_slice(&c[8..]);
-            (i64::from_be_bytes(a), i64::from_be_bytes(r))
-        })
-        .collect())
 }
 
 #[cfg(test)]
@@ -228,13 +204,13 @@ mod tests {
             assert!(matches!(w.lease_renew(7), Err(MvccError::LeaseNotFound)));
             w.lease_grant(8, 5).unwrap();
             assert!(matches!(w.lease_grant(8, 5), Err(MvccError::LeaseExists)));
-            w.lease_checkpoint(8, 1234).unwrap();
+            w.lease_checkpoint(8, 1, 1234).unwrap();
+            w.lease_checkpoint(8, 1, 99).unwrap();
             assert_eq!(w.finish().unwrap(), 7);
         }
         txn.commit().unwrap();
         let view = ReadView::new(&b.begin_read().unwrap()).unwrap();
         let rec = view.lease(8).unwrap().unwrap();
         assert_eq!((rec.ttl_s, rec.remaining_ms, rec.version), (5, 1234, 2));
-        assert_eq!(decode_checkpoints(&encode_checkpoints(&[(1, 2), (3, 4)])).unwrap(), vec![(1, 2), (3, 4)]);
     }
 }

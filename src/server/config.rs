@@ -76,6 +76,9 @@ pub struct Flags {
     /// instead of a full snapshot transfer (etcd 3.5's experimental flag).
     #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES")]
     pub experimental_snapshot_catchup_entries: Option<u64>,
+    /// Interval of watch progress notifications (Go duration, e.g. 10m, 1s, 500ms).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL")]
+    pub experimental_watch_progress_notify_interval: Option<String>,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -108,6 +111,7 @@ pub struct Config {
     pub quota_backend_bytes: u64,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub watch_progress_notify_interval: std::time::Duration,
     pub log_level: String,
 }
 
@@ -128,7 +132,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 17] = [
+const KNOWN_KEYS: [&str; 18] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -145,6 +149,7 @@ const KNOWN_KEYS: [&str; 17] = [
     "quota-backend-bytes",
     "snapshot-count",
     "experimental-snapshot-catchup-entries",
+    "experimental-watch-progress-notify-interval",
     "log-level",
 ];
 
@@ -161,6 +166,37 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// Parses a Go duration (`1h2m3s`, `500ms`, `10m`); zero is refused.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(digits);
+        let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let secs = match unit {
+            "ns" => n / 1e9,
+            "us" | "µs" => n / 1e6,
+            "ms" => n / 1e3,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(format!("{s:?} has unknown unit {unit:?}")),
+        };
+        total += std::time::Duration::from_secs_f64(secs);
+        rest = tail;
+    }
+    if total.is_zero() {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(total)
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -279,6 +315,9 @@ impl Config {
         }
         let snapshot_catchup_entries =
             parse_u64(raw, "experimental-snapshot-catchup-entries", DEFAULT_SNAPSHOT_CATCHUP_ENTRIES)?;
+        let watch_progress_notify_interval =
+            parse_duration(raw.get("experimental-watch-progress-notify-interval").unwrap_or("10m"))
+                .map_err(|e| format!("invalid value for --experimental-watch-progress-notify-interval: {e}"))?;
         let log_level = raw.get("log-level").unwrap_or("info").to_string();
         if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
             return Err(format!("invalid value {log_level:?} for --log-level"));
@@ -300,6 +339,7 @@ impl Config {
             quota_backend_bytes,
             snapshot_count,
             snapshot_catchup_entries,
+            watch_progress_notify_interval,
             log_level,
         };
         config.check_self_in_cluster()?;
@@ -351,6 +391,7 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("quota-backend-bytes", f.quota_backend_bytes);
     raw.set("snapshot-count", f.snapshot_count);
     raw.set("experimental-snapshot-catchup-entries", f.experimental_snapshot_catchup_entries);
+    raw.set("experimental-watch-progress-notify-interval", f.experimental_watch_progress_notify_interval);
     raw.set("log-level", f.log_level);
     raw
 }
@@ -435,6 +476,16 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn go_durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("0s").is_err());
     }
 
     #[test]

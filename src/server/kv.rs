@@ -11,8 +11,8 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{errors, Node};
-use crate::consensus::{Command, CommandResult};
-use crate::mvcc::{self, keys::KeyRange, ReadView};
+use crate::consensus::Command;
+use crate::mvcc::{self, keys::KeyRange};
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{
     request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -119,39 +119,12 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>
     Ok((puts, dels))
 }
 
-impl KvService {
-    async fn propose<Resp: Message + Default>(&self, cmd: Command) -> Result<Resp, Status> {
-        let size = match &cmd {
-            Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
-            _ => 0,
-        };
-        if size as u64 > self.node.config.max_request_bytes {
-            return Err(errors::request_too_large());
-        }
-        match self.node.group.propose(cmd, self.node.config.request_timeout()).await {
-            Ok(CommandResult::Ok(bytes)) => Resp::decode(bytes.as_slice())
-                .map_err(|e| Status::internal(format!("etcdserver: undecodable applied result: {e}"))),
-            Ok(CommandResult::Err(e)) => Err(errors::from_apply(e)),
-            Err(e) => Err(errors::from_consensus(e)),
-        }
-    }
-
-    /// A consistent local view, after a ReadIndex barrier unless `serializable`.
-    async fn read_view(&self, serializable: bool) -> Result<ReadView, Status> {
-        if !serializable {
-            self.node.group.read_barrier(self.node.config.request_timeout()).await.map_err(errors::from_consensus)?;
-        }
-        let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
-        ReadView::new(&txn).map_err(errors::from_mvcc)
-    }
-}
-
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = req.into_inner();
         check_range(&req)?;
-        let view = self.read_view(req.serializable).await?;
+        let view = self.node.read_view(req.serializable).await?;
         let mut resp = view.range(&req).map_err(errors::from_mvcc)?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
@@ -160,7 +133,7 @@ impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = req.into_inner();
         check_put(&req)?;
-        let mut resp: PutResponse = self.propose(Command::Put(req.encode_to_vec())).await?;
+        let mut resp: PutResponse = self.node.propose(Command::Put(req.encode_to_vec())).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
@@ -168,7 +141,7 @@ impl Kv for KvService {
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let req = req.into_inner();
         check_delete(&req)?;
-        let mut resp: DeleteRangeResponse = self.propose(Command::DeleteRange(req.encode_to_vec())).await?;
+        let mut resp: DeleteRangeResponse = self.node.propose(Command::DeleteRange(req.encode_to_vec())).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
@@ -181,10 +154,10 @@ impl Kv for KvService {
         let mut resp = if mvcc::txn_is_readonly(&req) {
             // etcd serves read-only txns without a log entry; serializable only if
             // every range in it asks for it.
-            let view = self.read_view(txn_is_serializable(&req)).await?;
+            let view = self.node.read_view(txn_is_serializable(&req)).await?;
             view.txn_readonly(&req).map_err(errors::from_mvcc)?
         } else {
-            self.propose::<TxnResponse>(Command::Txn(req.encode_to_vec())).await?
+            self.node.propose::<TxnResponse>(Command::Txn(req.encode_to_vec())).await?
         };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
@@ -192,7 +165,7 @@ impl Kv for KvService {
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let req = req.into_inner();
-        let mut resp: CompactionResponse = self.propose(Command::Compact(req.encode_to_vec())).await?;
+        let mut resp: CompactionResponse = self.node.propose(Command::Compact(req.encode_to_vec())).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

@@ -16,6 +16,9 @@ pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod kv;
+pub mod lease;
+pub mod recipes;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,11 +30,16 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::consensus::network::PeerService;
-use crate::consensus::{Command, Group, GroupConfig, MemberId, PeerInfo};
+use crate::consensus::{Command, CommandResult, Group, GroupConfig, MemberId, PeerInfo};
+use crate::mvcc::ReadView;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
+use crate::proto::etcdserverpb::lease_server::LeaseServer;
 use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::etcdserverpb::ResponseHeader;
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
 use config::{ClusterState, Config};
 
 /// The etcd release whose v3 API and behaviour concord reproduces; reported as the
@@ -115,6 +123,33 @@ pub struct Node {
 }
 
 impl Node {
+    /// Proposes a command and decodes its applied etcd response. Enforces
+    /// `--max-request-bytes` on the encoded request first.
+    pub async fn propose<Resp: prost::Message + Default>(&self, cmd: Command) -> Result<Resp, tonic::Status> {
+        let size = match &cmd {
+            Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
+            _ => 0,
+        };
+        if size as u64 > self.config.max_request_bytes {
+            return Err(errors::request_too_large());
+        }
+        match self.group.propose(cmd, self.config.request_timeout()).await {
+            Ok(CommandResult::Ok(bytes)) => Resp::decode(bytes.as_slice())
+                .map_err(|e| tonic::Status::internal(format!("etcdserver: undecodable applied result: {e}"))),
+            Ok(CommandResult::Err(e)) => Err(errors::from_apply(e)),
+            Err(e) => Err(errors::from_consensus(e)),
+        }
+    }
+
+    /// A consistent local view, after a ReadIndex barrier unless `serializable`.
+    pub async fn read_view(&self, serializable: bool) -> Result<ReadView, tonic::Status> {
+        if !serializable {
+            self.group.read_barrier(self.config.request_timeout()).await.map_err(errors::from_consensus)?;
+        }
+        let txn = self.group.backend.begin_read().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        ReadView::new(&txn).map_err(errors::from_mvcc)
+    }
+
     /// Fills the response header's identity fields, as etcd's `header.fill` does.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
         let h = header.get_or_insert_with(ResponseHeader::default);
@@ -220,17 +255,33 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
                 .map_err(|e| format!("peer server: {e}"))
         });
     }
+    let lessor = crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms);
+    tokio::spawn(lessor.clone().run());
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
     for l in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let watch = WatchServer::new(watch::WatchService {
+            node: node.clone(),
+            progress_interval: config.watch_progress_notify_interval,
+        })
+        .max_decoding_message_size(max_recv);
+        let lease = LeaseServer::new(lease::LeaseService { node: node.clone(), lessor: lessor.clone() })
+            .max_decoding_message_size(max_recv);
         let cl = ClusterServer::new(cluster::ClusterService { node: node.clone() }).max_decoding_message_size(max_recv);
         let mt = MaintenanceServer::new(cluster::MaintenanceService { node: node.clone() })
             .max_decoding_message_size(max_recv);
+        let lock = LockServer::new(recipes::LockService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let election =
+            ElectionServer::new(recipes::ElectionService { node: node.clone() }).max_decoding_message_size(max_recv);
         tasks.spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(kv)
+                .add_service(watch)
+                .add_service(lease)
                 .add_service(cl)
                 .add_service(mt)
+                .add_service(lock)
+                .add_service(election)
                 .serve_with_incoming(TcpListenerStream::new(l))
                 .await
                 .map_err(|e| format!("client server: {e}"))

@@ -1,0 +1,127 @@
+//! The etcd `Lease` service. Grants, revokes and keep-alives go through Raft;
+//! time-to-live answers come from this member's countdown (see `crate::lease`).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{errors, Node};
+use crate::consensus::Command;
+use crate::lease::{Lessor, MAX_LEASE_TTL_S};
+use crate::proto::etcdserverpb::lease_server::Lease;
+use crate::proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
+};
+
+/// Keep-alive responses buffered per stream before the reader is waited for.
+pub const KEEPALIVE_STREAM_BUFFER: usize = 16;
+
+pub struct LeaseService {
+    pub node: Arc<Node>,
+    pub lessor: Arc<Lessor>,
+}
+
+/// One keep-alive: renews through Raft unless the lease is unknown or already
+/// expired here, in which case the answer is TTL 0 (etcd's "lease not found").
+async fn keep_alive(node: &Node, lessor: &Lessor, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+    let view = node.read_view(true).await?;
+    let alive = view.lease(id).map_err(errors::from_mvcc)?.is_some_and(|rec| !lessor.is_expired(&rec));
+    drop(view);
+    let mut resp = if alive {
+        match node.propose::<LeaseKeepAliveResponse>(Command::LeaseRenew { id }).await {
+            Ok(r) => r,
+            Err(s) if s.code() == tonic::Code::NotFound => LeaseKeepAliveResponse { header: None, id, ttl: 0 },
+            Err(s) => return Err(s),
+        }
+    } else {
+        LeaseKeepAliveResponse { header: None, id, ttl: 0 }
+    };
+    node.fill_header(&mut resp.header);
+    Ok(resp)
+}
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let req = req.into_inner();
+        if req.ttl > MAX_LEASE_TTL_S {
+            return Err(errors::lease_ttl_too_large());
+        }
+        let id = if req.id == 0 { self.lessor.next_id() } else { req.id };
+        let ttl_s = req.ttl.max(self.lessor.min_ttl_s());
+        let mut resp: LeaseGrantResponse = self.node.propose(Command::LeaseGrant { id, ttl_s }).await?;
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let id = req.into_inner().id;
+        let mut resp: LeaseRevokeResponse = self.node.propose(Command::LeaseRevoke { id }).await?;
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    type LeaseKeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(KEEPALIVE_STREAM_BUFFER);
+        let node = self.node.clone();
+        let lessor = self.lessor.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = tx.closed() => return,
+                };
+                let id = match msg {
+                    Ok(Some(r)) => r.id,
+                    Ok(None) | Err(_) => return,
+                };
+                let out = keep_alive(&node, &lessor, id).await;
+                let stop = out.is_err();
+                if tx.send(out).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let req = req.into_inner();
+        let view = self.node.read_view(false).await?;
+        let mut resp = match view.lease(req.id).map_err(errors::from_mvcc)? {
+            None => LeaseTimeToLiveResponse { header: None, id: req.id, ttl: -1, granted_ttl: 0, keys: vec![] },
+            Some(rec) => LeaseTimeToLiveResponse {
+                header: None,
+                id: req.id,
+                ttl: self.lessor.remaining_ms(&rec).max(0) / 1000,
+                granted_ttl: rec.ttl_s,
+                keys: if req.keys { view.lease_keys(req.id).map_err(errors::from_mvcc)? } else { vec![] },
+            },
+        };
+        drop(view);
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let view = self.node.read_view(false).await?;
+        let leases = view.leases().map_err(errors::from_mvcc)?.into_iter().map(|r| LeaseStatus { id: r.id }).collect();
+        drop(view);
+        let mut resp = LeaseLeasesResponse { header: None, leases };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,334 @@
+//! The etcd `Watch` service.
+//!
+//! Design (why it is fair and bounded):
+//! - Every watcher is its own task that *pulls* events from the stored history
+//!   (`mvcc::events`) after the revision it last delivered, whenever the store's
+//!   revision advances. There is no per-watcher event queue to grow: a watcher whose
+//!   client does not read simply stops pulling, and resumes from history later
+//!   (etcd's "unsynced" path). Writes never wait for watchers, and one stalled
+//!   watcher never delays another.
+//! - Memory per stream is bounded by [`WATCH_STREAM_BUFFER`] responses of at most
+//!   [`MAX_EVENTS_PER_RESPONSE`] events (never splitting a revision), plus one batch
+//!   per watcher in flight. The number of watchers per stream is bounded by
+//!   [`MAX_WATCHERS_PER_STREAM`].
+//! - A watcher that falls behind the compaction point is canceled with
+//!   `compact_revision`, as etcd does.
+//!
+//! Guarantees: events are delivered in revision order, without gaps or duplicates,
+//! all events of one revision in one response (unless the client asked for
+//! fragments), and a watch can resume from any revision not yet compacted — on any
+//! member, since every member holds the same history.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Node;
+use crate::mvcc::events::{prev_kv, read_events};
+use crate::mvcc::keys::KeyRange;
+use crate::mvcc::{ReadView, Rev};
+use crate::proto::etcdserverpb::watch_create_request::FilterType;
+use crate::proto::etcdserverpb::watch_request::RequestUnion;
+use crate::proto::etcdserverpb::watch_server::Watch;
+use crate::proto::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::mvccpb::{event::EventType, Event};
+
+/// Responses buffered per stream before watchers wait for the client to read.
+pub const WATCH_STREAM_BUFFER: usize = 128;
+/// Events read from history per pull (a revision is never split).
+pub const MAX_EVENTS_PER_RESPONSE: usize = 1000;
+/// Watchers one stream may hold.
+pub const MAX_WATCHERS_PER_STREAM: usize = 100_000;
+
+const COMPACTED_REASON: &str = "etcdserver: mvcc: required revision has been compacted";
+
+type Tx = mpsc::Sender<Result<WatchResponse, Status>>;
+
+pub struct WatchService {
+    pub node: Arc<Node>,
+    /// etcd `--experimental-watch-progress-notify-interval`.
+    pub progress_interval: Duration,
+}
+
+struct WatcherHandle {
+    task: JoinHandle<()>,
+    /// Highest revision this watcher has fully delivered.
+    delivered: Arc<AtomicI64>,
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
+        tokio::spawn(serve_stream(self.node.clone(), self.progress_interval, req.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn header(node: &Node, rev: Rev) -> Option<ResponseHeader> {
+    let mut h = Some(ResponseHeader { revision: rev, ..Default::default() });
+    node.fill_header(&mut h);
+    h
+}
+
+fn current_rev(node: &Node) -> Rev {
+    *node.group.revision.borrow()
+}
+
+async fn serve_stream(node: Arc<Node>, progress: Duration, mut inbound: Streaming<WatchRequest>, tx: Tx) {
+    let mut watchers: HashMap<i64, WatcherHandle> = HashMap::new();
+    let mut next_id: i64 = 0;
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = tx.closed() => break,
+        };
+        let req = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => break,
+        };
+        watchers.retain(|_, w| !w.task.is_finished());
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => {
+                let rev = current_rev(&node);
+                let id = if c.watch_id != 0 {
+                    c.watch_id
+                } else {
+                    while watchers.contains_key(&next_id) {
+                        next_id += 1;
+                    }
+                    next_id
+                };
+                let refusal = if watchers.contains_key(&id) {
+                    Some("mvcc: duplicate watch ID provided on the WatchStream".to_string())
+                } else if watchers.len() >= MAX_WATCHERS_PER_STREAM {
+                    Some(format!("concord: more than {MAX_WATCHERS_PER_STREAM} watchers on one stream"))
+                } else {
+                    None
+                };
+                let created = WatchResponse {
+                    header: header(&node, rev),
+                    watch_id: id,
+                    created: true,
+                    canceled: refusal.is_some(),
+                    cancel_reason: refusal.clone().unwrap_or_default(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(created)).await.is_err() {
+                    break;
+                }
+                if refusal.is_none() {
+                    let start = if c.start_revision > 0 { c.start_revision } else { rev + 1 };
+                    let delivered = Arc::new(AtomicI64::new(start - 1));
+                    let task =
+                        tokio::spawn(run_watcher(node.clone(), id, c, start, progress, delivered.clone(), tx.clone()));
+                    watchers.insert(id, WatcherHandle { task, delivered });
+                }
+            }
+            Some(RequestUnion::CancelRequest(c)) => {
+                if let Some(w) = watchers.remove(&c.watch_id) {
+                    w.task.abort();
+                    let resp = WatchResponse {
+                        header: header(&node, current_rev(&node)),
+                        watch_id: c.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                // Only a revision every watcher on the stream has fully delivered is
+                // reported, so a client may treat it as "all events up to here seen".
+                let rev = watchers
+                    .values()
+                    .map(|w| w.delivered.load(Ordering::Acquire))
+                    .min()
+                    .unwrap_or_else(|| current_rev(&node));
+                let resp = WatchResponse { header: header(&node, rev), watch_id: -1, ..Default::default() };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            None => {}
+        }
+    }
+    for (_, w) in watchers {
+        w.task.abort();
+    }
+}
+
+/// What to read for one watcher, and how to shape its events.
+struct Filter {
+    range: KeyRange,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+}
+
+impl Filter {
+    fn new(c: &WatchCreateRequest) -> Self {
+        let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
+        Filter {
+            range: KeyRange::new(&key, &c.range_end),
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            prev_kv: c.prev_kv,
+        }
+    }
+}
+
+enum Pull {
+    Events(Vec<Event>, Rev),
+    Compacted(Rev),
+}
+
+fn pull(node: &Node, filter: &Filter, next: Rev) -> Result<Pull, String> {
+    let txn = node.group.backend.begin_read().map_err(|e| e.to_string())?;
+    let view = ReadView::new(&txn).map_err(|e| e.to_string())?;
+    if next < view.compacted_rev() {
+        return Ok(Pull::Compacted(view.compacted_rev()));
+    }
+    let (raw, last) =
+        read_events(&view, next, view.current_rev(), MAX_EVENTS_PER_RESPONSE).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (rev, sub, mut ev) in raw {
+        let key = ev.kv.as_ref().map(|kv| kv.key.as_slice()).unwrap_or_default();
+        if !filter.range.contains(key) {
+            continue;
+        }
+        let is_put = ev.r#type == EventType::Put as i32;
+        if (is_put && filter.no_put) || (!is_put && filter.no_delete) {
+            continue;
+        }
+        if filter.prev_kv {
+            ev.prev_kv = prev_kv(&view, key, rev, sub).map_err(|e| e.to_string())?;
+        }
+        out.push(ev);
+    }
+    Ok(Pull::Events(out, last))
+}
+
+/// Splits `events` into responses of at most `max_bytes` each (etcd's fragment
+/// option); every response but the last is marked as a fragment.
+fn fragments(base: WatchResponse, events: Vec<Event>, max_bytes: usize) -> Vec<WatchResponse> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = base.encoded_len();
+    for ev in events {
+        let n = ev.encoded_len() + 4;
+        if !cur.is_empty() && size + n > max_bytes {
+            out.push(WatchResponse { events: std::mem::take(&mut cur), fragment: true, ..base.clone() });
+            size = base.encoded_len();
+        }
+        size += n;
+        cur.push(ev);
+    }
+    out.push(WatchResponse { events: cur, fragment: false, ..base });
+    out
+}
+
+async fn run_watcher(
+    node: Arc<Node>,
+    id: i64,
+    create: WatchCreateRequest,
+    start: Rev,
+    progress: Duration,
+    delivered: Arc<AtomicI64>,
+    tx: Tx,
+) {
+    let filter = Filter::new(&create);
+    let mut rev_rx = node.group.revision.clone();
+    let mut next = start;
+    let mut ticker = tokio::time::interval(progress);
+    ticker.tick().await;
+    loop {
+        let current = *rev_rx.borrow_and_update();
+        if next <= current {
+            let pulled = pull(&node, &filter, next);
+            match pulled {
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(format!("watch read failed: {e}")))).await;
+                    return;
+                }
+                Ok(Pull::Compacted(compacted)) => {
+                    let resp = WatchResponse {
+                        header: header(&node, current),
+                        watch_id: id,
+                        canceled: true,
+                        compact_revision: compacted,
+                        cancel_reason: COMPACTED_REASON.to_string(),
+                        ..Default::default()
+                    };
+                    let _ = tx.send(Ok(resp)).await;
+                    return;
+                }
+                Ok(Pull::Events(events, last)) => {
+                    if !events.is_empty() {
+                        let base = WatchResponse { header: header(&node, last), watch_id: id, ..Default::default() };
+                        let responses = if create.fragment {
+                            fragments(base, events, node.config.max_request_bytes as usize)
+                        } else {
+                            vec![WatchResponse { events, ..base }]
+                        };
+                        for r in responses {
+                            if tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    next = last + 1;
+                    delivered.store(last, Ordering::Release);
+                    continue;
+                }
+            }
+        }
+        delivered.store(current, Ordering::Release);
+        tokio::select! {
+            changed = rev_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = ticker.tick(), if create.progress_notify => {
+                let resp = WatchResponse { header: header(&node, current), watch_id: id, ..Default::default() };
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::mvccpb::KeyValue;
+
+    #[test]
+    fn fragments_respect_the_size_limit_and_mark_all_but_last() {
+        let ev = |n: usize| Event {
+            kv: Some(KeyValue { value: vec![b'x'; n], ..Default::default() }),
+            ..Default::default()
+        };
+        let base = WatchResponse { watch_id: 3, ..Default::default() };
+        let parts = fragments(base.clone(), vec![ev(400), ev(400), ev(400)], 1000);
+        assert_eq!(parts.len(), 2);
+        assert!(parts[0].fragment && !parts[1].fragment);
+        assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 3);
+        assert!(parts.iter().all(|p| p.encoded_len() <= 1000 && p.watch_id == 3));
+        let one = fragments(base, vec![ev(5000)], 1000);
+        assert_eq!(one.len(), 1, "an event larger than the limit still travels, alone");
+    }
+}
