@@ -76,6 +76,9 @@ pub struct Flags {
     /// instead of a full snapshot transfer (etcd 3.5's experimental flag).
     #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES")]
     pub experimental_snapshot_catchup_entries: Option<u64>,
+    /// Maximum concurrent gRPC streams per client connection (etcd's default: 2^32-1).
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
     /// Interval of watch progress notifications (Go duration, e.g. 10m, 1s, 500ms).
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL")]
     pub experimental_watch_progress_notify_interval: Option<String>,
@@ -112,6 +115,7 @@ pub struct Config {
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
     pub watch_progress_notify_interval: std::time::Duration,
+    pub max_concurrent_streams: u32,
     pub log_level: String,
 }
 
@@ -132,7 +136,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 18] = [
+const KNOWN_KEYS: [&str; 19] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -150,6 +154,7 @@ const KNOWN_KEYS: [&str; 18] = [
     "snapshot-count",
     "experimental-snapshot-catchup-entries",
     "experimental-watch-progress-notify-interval",
+    "max-concurrent-streams",
     "log-level",
 ];
 
@@ -318,6 +323,8 @@ impl Config {
         let watch_progress_notify_interval =
             parse_duration(raw.get("experimental-watch-progress-notify-interval").unwrap_or("10m"))
                 .map_err(|e| format!("invalid value for --experimental-watch-progress-notify-interval: {e}"))?;
+        let max_concurrent_streams = u32::try_from(parse_u64(raw, "max-concurrent-streams", u32::MAX as u64)?)
+            .map_err(|_| "--max-concurrent-streams must fit in 32 bits".to_string())?;
         let log_level = raw.get("log-level").unwrap_or("info").to_string();
         if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
             return Err(format!("invalid value {log_level:?} for --log-level"));
@@ -340,6 +347,7 @@ impl Config {
             snapshot_count,
             snapshot_catchup_entries,
             watch_progress_notify_interval,
+            max_concurrent_streams,
             log_level,
         };
         config.check_self_in_cluster()?;
@@ -392,6 +400,7 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("snapshot-count", f.snapshot_count);
     raw.set("experimental-snapshot-catchup-entries", f.experimental_snapshot_catchup_entries);
     raw.set("experimental-watch-progress-notify-interval", f.experimental_watch_progress_notify_interval);
+    raw.set("max-concurrent-streams", f.max_concurrent_streams);
     raw.set("log-level", f.log_level);
     raw
 }

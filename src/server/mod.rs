@@ -27,7 +27,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::consensus::network::PeerService;
 use crate::consensus::{Command, CommandResult, Group, GroupConfig, MemberId, PeerInfo};
@@ -176,6 +175,12 @@ async fn bind_addr(url: &str) -> Result<SocketAddr, BoxError> {
     addrs.first().copied().ok_or_else(|| format!("{url} resolves to no address").into())
 }
 
+/// Accepted connections with TCP_NODELAY: small gRPC frames (watch creation, votes,
+/// heartbeats) must not wait for Nagle's algorithm (tens of ms per round trip).
+fn incoming(l: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
+}
+
 /// Runs a member until it is stopped by a signal (Ok) or its Raft group dies (Err).
 pub async fn run(config: Config) -> Result<(), BoxError> {
     let member_dir = config.data_dir.join("member");
@@ -250,18 +255,20 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         tasks.spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming(TcpListenerStream::new(l))
+                .serve_with_incoming(incoming(l))
                 .await
                 .map_err(|e| format!("peer server: {e}"))
         });
     }
     let lessor = crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms);
     tokio::spawn(lessor.clone().run());
+    let event_cache = watch::EventCache::start(node.clone());
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
     for l in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
         let watch = WatchServer::new(watch::WatchService {
             node: node.clone(),
+            cache: event_cache.clone(),
             progress_interval: config.watch_progress_notify_interval,
         })
         .max_decoding_message_size(max_recv);
@@ -273,8 +280,10 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let lock = LockServer::new(recipes::LockService { node: node.clone() }).max_decoding_message_size(max_recv);
         let election =
             ElectionServer::new(recipes::ElectionService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let max_streams = config.max_concurrent_streams;
         tasks.spawn(async move {
             tonic::transport::Server::builder()
+                .max_concurrent_streams(max_streams)
                 .add_service(kv)
                 .add_service(watch)
                 .add_service(lease)
@@ -282,7 +291,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
                 .add_service(mt)
                 .add_service(lock)
                 .add_service(election)
-                .serve_with_incoming(TcpListenerStream::new(l))
+                .serve_with_incoming(incoming(l))
                 .await
                 .map_err(|e| format!("client server: {e}"))
         });

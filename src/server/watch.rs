@@ -1,12 +1,15 @@
 //! The etcd `Watch` service.
 //!
 //! Design (why it is fair and bounded):
-//! - Every watcher is its own task that *pulls* events from the stored history
-//!   (`mvcc::events`) after the revision it last delivered, whenever the store's
-//!   revision advances. There is no per-watcher event queue to grow: a watcher whose
-//!   client does not read simply stops pulling, and resumes from history later
-//!   (etcd's "unsynced" path). Writes never wait for watchers, and one stalled
-//!   watcher never delays another.
+//! - One feed task per member reads each new revision's events from storage once
+//!   (with their previous versions) into [`EventCache`], a ring of the most recent
+//!   [`EVENT_CACHE_EVENTS`] events.
+//! - Every watcher is its own task that *pulls* the events after the revision it last
+//!   delivered: from the ring when they are still there, otherwise from the stored
+//!   history (etcd's "unsynced" path). There is no per-watcher event queue to grow:
+//!   a watcher whose client does not read simply stops pulling and later catches up
+//!   from history. Writes never wait for watchers, and one stalled watcher never
+//!   delays another.
 //! - Memory per stream is bounded by [`WATCH_STREAM_BUFFER`] responses of at most
 //!   [`MAX_EVENTS_PER_RESPONSE`] events (never splitting a revision), plus one batch
 //!   per watcher in flight. The number of watchers per stream is bounded by
@@ -46,6 +49,8 @@ pub const WATCH_STREAM_BUFFER: usize = 128;
 pub const MAX_EVENTS_PER_RESPONSE: usize = 1000;
 /// Watchers one stream may hold.
 pub const MAX_WATCHERS_PER_STREAM: usize = 100_000;
+/// Recent events kept in memory for synced watchers (older ones come from storage).
+pub const EVENT_CACHE_EVENTS: usize = 20_000;
 
 const COMPACTED_REASON: &str = "etcdserver: mvcc: required revision has been compacted";
 
@@ -53,6 +58,7 @@ type Tx = mpsc::Sender<Result<WatchResponse, Status>>;
 
 pub struct WatchService {
     pub node: Arc<Node>,
+    pub cache: Arc<EventCache>,
     /// etcd `--experimental-watch-progress-notify-interval`.
     pub progress_interval: Duration,
 }
@@ -69,7 +75,7 @@ impl Watch for WatchService {
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
-        tokio::spawn(serve_stream(self.node.clone(), self.progress_interval, req.into_inner(), tx));
+        tokio::spawn(serve_stream(self.node.clone(), self.cache.clone(), self.progress_interval, req.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -84,7 +90,121 @@ fn current_rev(node: &Node) -> Rev {
     *node.group.revision.borrow()
 }
 
-async fn serve_stream(node: Arc<Node>, progress: Duration, mut inbound: Streaming<WatchRequest>, tx: Tx) {
+/// The most recent events, read from storage once for all watchers.
+pub struct EventCache {
+    /// A std lock: held only to copy events in or out, never across an await.
+    ring: std::sync::RwLock<Ring>,
+    /// The last revision the ring covers; watchers wait on it.
+    covered: tokio::sync::watch::Sender<Rev>,
+}
+
+struct Ring {
+    /// Every event of revisions `first..=last` is in `events`.
+    first: Rev,
+    last: Rev,
+    events: std::collections::VecDeque<(Rev, Event)>,
+}
+
+impl EventCache {
+    /// An empty cache starting after the store's current revision, and its feed task.
+    pub fn start(node: Arc<Node>) -> Arc<EventCache> {
+        let rev = current_rev(&node);
+        let (covered, _) = tokio::sync::watch::channel(rev);
+        let cache = Arc::new(EventCache {
+            ring: std::sync::RwLock::new(Ring { first: rev + 1, last: rev, events: Default::default() }),
+            covered,
+        });
+        tokio::spawn(cache.clone().feed(node));
+        cache
+    }
+
+    async fn feed(self: Arc<Self>, node: Arc<Node>) {
+        let mut rev_rx = node.group.revision.clone();
+        loop {
+            let current = *rev_rx.borrow_and_update();
+            let last = self.ring.read().expect("event cache poisoned").last;
+            if current > last {
+                match self.read_into(&node, last + 1) {
+                    Ok(covered) => {
+                        self.covered.send_replace(covered);
+                        continue;
+                    }
+                    Err(e) => tracing::warn!("watch event cache: {e}"),
+                }
+            }
+            if rev_rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn read_into(&self, node: &Node, from: Rev) -> Result<Rev, String> {
+        let txn = node.group.backend.begin_read().map_err(|e| e.to_string())?;
+        let view = ReadView::new(&txn).map_err(|e| e.to_string())?;
+        let mut ring = self.ring.write().expect("event cache poisoned");
+        if from < view.compacted_rev() {
+            // History this member never saw (a snapshot install): restart the ring;
+            // watchers behind it take the storage path, which reports compaction.
+            ring.events.clear();
+            ring.first = view.current_rev() + 1;
+            ring.last = view.current_rev();
+            return Ok(ring.last);
+        }
+        let (raw, last) =
+            read_events(&view, from, view.current_rev(), MAX_EVENTS_PER_RESPONSE).map_err(|e| e.to_string())?;
+        for (rev, sub, mut ev) in raw {
+            let key = ev.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
+            ev.prev_kv = prev_kv(&view, &key, rev, sub).map_err(|e| e.to_string())?;
+            ring.events.push_back((rev, ev));
+        }
+        ring.last = last;
+        while ring.events.len() > EVENT_CACHE_EVENTS {
+            let Some((rev, _)) = ring.events.pop_front() else { break };
+            // Drop the rest of that revision too: the ring holds whole revisions only.
+            while ring.events.front().is_some_and(|(r, _)| *r == rev) {
+                ring.events.pop_front();
+            }
+            ring.first = rev + 1;
+        }
+        Ok(last)
+    }
+
+    /// Events of revisions `next..` from the ring (whole revisions, at most about
+    /// `MAX_EVENTS_PER_RESPONSE`), or `None` if `next` has left the ring.
+    fn get(&self, next: Rev, filter: &Filter) -> Option<(Vec<Event>, Rev)> {
+        let ring = self.ring.read().expect("event cache poisoned");
+        if next < ring.first {
+            return None;
+        }
+        let start = ring.events.partition_point(|(r, _)| *r < next);
+        let mut out = Vec::new();
+        let mut last = ring.last;
+        let mut iter = ring.events.range(start..).enumerate().peekable();
+        while let Some((taken, (rev, ev))) = iter.next() {
+            if filter.accepts(ev) {
+                let mut ev = ev.clone();
+                if !filter.prev_kv {
+                    ev.prev_kv = None;
+                }
+                out.push(ev);
+            }
+            // Stop once the budget is spent, but only at a revision boundary.
+            if taken + 1 >= MAX_EVENTS_PER_RESPONSE && iter.peek().is_some_and(|(_, (r, _))| r != rev) {
+                last = *rev;
+                break;
+            }
+        }
+        Some((out, last))
+    }
+}
+
+async fn serve_stream(
+    node: Arc<Node>,
+    cache: Arc<EventCache>,
+    progress: Duration,
+    mut inbound: Streaming<WatchRequest>,
+    tx: Tx,
+) {
     let mut watchers: HashMap<i64, WatcherHandle> = HashMap::new();
     let mut next_id: i64 = 0;
     loop {
@@ -129,8 +249,16 @@ async fn serve_stream(node: Arc<Node>, progress: Duration, mut inbound: Streamin
                 if refusal.is_none() {
                     let start = if c.start_revision > 0 { c.start_revision } else { rev + 1 };
                     let delivered = Arc::new(AtomicI64::new(start - 1));
-                    let task =
-                        tokio::spawn(run_watcher(node.clone(), id, c, start, progress, delivered.clone(), tx.clone()));
+                    let task = tokio::spawn(run_watcher(
+                        node.clone(),
+                        cache.clone(),
+                        id,
+                        c,
+                        start,
+                        progress,
+                        delivered.clone(),
+                        tx.clone(),
+                    ));
                     watchers.insert(id, WatcherHandle { task, delivered });
                 }
             }
@@ -178,6 +306,12 @@ struct Filter {
 }
 
 impl Filter {
+    fn accepts(&self, ev: &Event) -> bool {
+        let key = ev.kv.as_ref().map(|kv| kv.key.as_slice()).unwrap_or_default();
+        let is_put = ev.r#type == EventType::Put as i32;
+        self.range.contains(key) && !((is_put && self.no_put) || (!is_put && self.no_delete))
+    }
+
     fn new(c: &WatchCreateRequest) -> Self {
         let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
         Filter {
@@ -204,16 +338,12 @@ fn pull(node: &Node, filter: &Filter, next: Rev) -> Result<Pull, String> {
         read_events(&view, next, view.current_rev(), MAX_EVENTS_PER_RESPONSE).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for (rev, sub, mut ev) in raw {
-        let key = ev.kv.as_ref().map(|kv| kv.key.as_slice()).unwrap_or_default();
-        if !filter.range.contains(key) {
-            continue;
-        }
-        let is_put = ev.r#type == EventType::Put as i32;
-        if (is_put && filter.no_put) || (!is_put && filter.no_delete) {
+        if !filter.accepts(&ev) {
             continue;
         }
         if filter.prev_kv {
-            ev.prev_kv = prev_kv(&view, key, rev, sub).map_err(|e| e.to_string())?;
+            let key = ev.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
+            ev.prev_kv = prev_kv(&view, &key, rev, sub).map_err(|e| e.to_string())?;
         }
         out.push(ev);
     }
@@ -239,8 +369,10 @@ fn fragments(base: WatchResponse, events: Vec<Event>, max_bytes: usize) -> Vec<W
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_watcher(
     node: Arc<Node>,
+    cache: Arc<EventCache>,
     id: i64,
     create: WatchCreateRequest,
     start: Rev,
@@ -249,14 +381,17 @@ async fn run_watcher(
     tx: Tx,
 ) {
     let filter = Filter::new(&create);
-    let mut rev_rx = node.group.revision.clone();
+    let mut rev_rx = cache.covered.subscribe();
     let mut next = start;
     let mut ticker = tokio::time::interval(progress);
     ticker.tick().await;
     loop {
         let current = *rev_rx.borrow_and_update();
         if next <= current {
-            let pulled = pull(&node, &filter, next);
+            let pulled = match cache.get(next, &filter) {
+                Some((events, last)) => Ok(Pull::Events(events, last)),
+                None => pull(&node, &filter, next),
+            };
             match pulled {
                 Err(e) => {
                     let _ = tx.send(Err(Status::internal(format!("watch read failed: {e}")))).await;
