@@ -373,3 +373,55 @@ async fn ten_thousand_watchers_some_stalled_keep_writes_and_memory_bounded() {
     assert!(rss_after < 2048, "member RSS must stay bounded with stalled watchers: {rss_after} MiB");
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_service_campaign_observe_proclaim_resign() {
+    use concord_testkit::etcd_client::{ProclaimOptions, ResignOptions};
+    let cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let mut a = cluster.client(0).await;
+    let mut b = cluster.client(1).await;
+    let la = a.lease_grant(30, None).await.unwrap().id();
+    let lb = b.lease_grant(30, None).await.unwrap().id();
+    let err = a.leader("job").await.unwrap_err().to_string();
+    assert!(err.contains("election: no leader"), "{err}");
+    let mut observe = b.observe("job").await.unwrap();
+    let won = a.campaign("job", "alice", la).await.unwrap();
+    let leader_a = won.leader().unwrap().clone();
+    let seen = observe.message().await.unwrap().unwrap();
+    assert_eq!(seen.kv().unwrap().value(), b"alice");
+    // Bob queues behind Alice.
+    let bob = tokio::spawn(async move { b.campaign("job", "bob", lb).await.map(|r| r.leader().unwrap().clone()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!bob.is_finished(), "bob must wait while alice leads");
+    a.proclaim("alice-2", Some(ProclaimOptions::new().with_leader(leader_a.clone()))).await.unwrap();
+    assert_eq!(observe.message().await.unwrap().unwrap().kv().unwrap().value(), b"alice-2");
+    assert_eq!(a.leader("job").await.unwrap().kv().unwrap().value(), b"alice-2");
+    a.resign(Some(ResignOptions::new().with_leader(leader_a.clone()))).await.unwrap();
+    let leader_b = tokio::time::timeout(Duration::from_secs(10), bob).await.unwrap().unwrap().unwrap();
+    assert!(leader_b.rev() > leader_a.rev(), "leadership revisions are fencing tokens");
+    assert_eq!(observe.message().await.unwrap().unwrap().kv().unwrap().value(), b"bob");
+    // A resigned leader can no longer proclaim.
+    let err = a.proclaim("stale", Some(ProclaimOptions::new().with_leader(leader_a))).await.unwrap_err().to_string();
+    assert!(err.contains("election: not leader"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_refused_to_a_waiter_whose_lease_expired() {
+    let cluster = ProcessCluster::start(&bin(), 1, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let mut holder = cluster.client(0).await;
+    let mut waiter = cluster.client(0).await;
+    let lh = holder.lease_grant(30, None).await.unwrap().id();
+    let held = holder.lock("res", Some(LockOptions::new().with_lease(lh))).await.unwrap();
+    // The waiter's lease is short and never kept alive: it expires while queued.
+    let lw = waiter.lease_grant(1, None).await.unwrap().id();
+    let pending = tokio::spawn(async move { waiter.lock("res", Some(LockOptions::new().with_lease(lw))).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ttl = holder.lease_time_to_live(lw, None).await.unwrap().ttl();
+    assert_eq!(ttl, -1, "the waiter's lease must have expired");
+    holder.unlock(held.key()).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap();
+    let err = outcome.expect_err("a lock must not be granted on an expired lease").to_string();
+    assert!(err.contains("requested lease not found"), "{err}");
+}

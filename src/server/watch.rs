@@ -383,12 +383,16 @@ async fn run_watcher(
     let filter = Filter::new(&create);
     let mut rev_rx = cache.covered.subscribe();
     let mut next = start;
+    // A watcher starting in the past reads storage (which reports compaction, as
+    // etcd's unsynced watchers do) until it has caught up; then it reads the ring.
+    let mut synced = start > *rev_rx.borrow();
     let mut ticker = tokio::time::interval(progress);
     ticker.tick().await;
     loop {
         let current = *rev_rx.borrow_and_update();
         if next <= current {
-            let pulled = match cache.get(next, &filter) {
+            let cached = if synced { cache.get(next, &filter) } else { None };
+            let pulled = match cached {
                 Some((events, last)) => Ok(Pull::Events(events, last)),
                 None => pull(&node, &filter, next),
             };
@@ -424,6 +428,7 @@ async fn run_watcher(
                         }
                     }
                     next = last + 1;
+                    synced = next > current;
                     delivered.store(last, Ordering::Release);
                     continue;
                 }
