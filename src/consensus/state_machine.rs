@@ -295,40 +295,22 @@ impl RaftSnapshotBuilder<C> for SnapshotBuilder {
 
 /// `snap/current`: crc32 ‖ len(meta) ‖ meta ‖ data, replaced atomically.
 fn write_snapshot_file(path: &std::path::Path, meta: &SnapshotMetaOf<C>, data: &[u8]) -> io::Result<()> {
-    use std::io::Write;
     let meta_bytes = encode(meta)?;
     let mut body = Vec::with_capacity(8 + meta_bytes.len() + data.len());
     body.extend_from_slice(&(meta_bytes.len() as u64).to_be_bytes());
     body.extend_from_slice(&meta_bytes);
     body.extend_from_slice(data);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&crc32fast::hash(&body).to_be_bytes())?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::storage::write_checksummed(path, &body)
 }
 
 fn read_snapshot_file(path: &std::path::Path) -> io::Result<Option<SnapshotOf<C, SnapshotData>>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
+    let Some(body) = crate::storage::read_checksummed(path)? else { return Ok(None) };
     let corrupt = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
-    if bytes.len() < 12 {
+    if body.len() < 8 {
         return Err(corrupt("truncated snapshot file"));
     }
-    let (crc, body) = bytes.split_at(4);
-    if crc32fast::hash(body).to_be_bytes() != crc {
-        return Err(corrupt("snapshot checksum mismatch"));
-    }
     let meta_len = u64::from_be_bytes(body[..8].try_into().map_err(io_err)?) as usize;
-    if body.len() < 8 + meta_len {
+    if body.len() - 8 < meta_len {
         return Err(corrupt("snapshot meta truncated"));
     }
     let meta: SnapshotMetaOf<C> = decode(&body[8..8 + meta_len])?;

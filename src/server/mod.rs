@@ -64,30 +64,15 @@ struct Identity {
 
 /// `member/identity`: crc32 ‖ bincode(identity), written once, atomically.
 fn save_identity(path: &std::path::Path, id: &Identity) -> Result<(), BoxError> {
-    use std::io::Write;
     let body = bincode::serde::encode_to_vec(id, bincode::config::standard())?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&crc32fast::hash(&body).to_be_bytes())?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    Ok(crate::storage::write_checksummed(path, &body)?)
 }
 
 fn load_identity(path: &std::path::Path) -> Result<Option<Identity>, BoxError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    if bytes.len() < 4 || crc32fast::hash(&bytes[4..]).to_be_bytes() != bytes[..4] {
-        return Err(format!("{} is corrupt (checksum mismatch)", path.display()).into());
+    match crate::storage::read_checksummed(path)? {
+        None => Ok(None),
+        Some(body) => Ok(Some(bincode::serde::decode_from_slice(&body, bincode::config::standard())?.0)),
     }
-    Ok(Some(bincode::serde::decode_from_slice(&bytes[4..], bincode::config::standard())?.0))
 }
 
 /// etcd's member ID: SHA-1 over the sorted peer URLs and the cluster token.

@@ -181,6 +181,38 @@ impl Backend {
     }
 }
 
+/// Writes `crc32 ‖ body` to `path` atomically and durably: temp file, fsync,
+/// rename, fsync of the directory. A crash leaves the old file or the new one.
+pub fn write_checksummed(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&crc32fast::hash(body).to_be_bytes())?;
+    f.write_all(body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads a file written by [`write_checksummed`]: `None` if absent, an
+/// `InvalidData` error if truncated or corrupted.
+pub fn read_checksummed(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let mut bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if bytes.len() < 4 || crc32fast::hash(&bytes[4..]).to_be_bytes() != bytes[..4] {
+        let msg = format!("{} is corrupt (checksum mismatch or truncated)", path.display());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
+    }
+    bytes.drain(..4);
+    Ok(Some(bytes))
+}
+
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn put_chunk(out: &mut Vec<u8>, b: &[u8]) {
@@ -245,6 +277,24 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksummed_files_refuse_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        assert!(read_checksummed(&p).unwrap().is_none());
+        write_checksummed(&p, b"hello").unwrap();
+        assert_eq!(read_checksummed(&p).unwrap().unwrap(), b"hello");
+        let good = std::fs::read(&p).unwrap();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 1;
+            std::fs::write(&p, &bad).unwrap();
+            assert!(read_checksummed(&p).is_err(), "flip at {i} accepted");
+        }
+        std::fs::write(&p, &good[..3]).unwrap();
+        assert!(read_checksummed(&p).is_err());
+    }
 
     #[test]
     fn snapshot_round_trip_and_corruption_refused() {
