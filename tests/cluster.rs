@@ -200,3 +200,48 @@ async fn five_members_tolerate_two_failures() {
         assert_eq!(kvs[0].1, "2", "member {i}");
     }
 }
+
+/// Frequent snapshots and log purges under concurrent writes (the openraft
+/// purge-vs-apply race, upstream #2116, shows up as a dead member here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_purge_under_write_load_keep_members_alive_and_equal() {
+    let options = ClusterOptions {
+        extra_args: ["--snapshot-count", "50", "--experimental-snapshot-catchup-entries", "10"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let cluster = ProcessCluster::start(&bin(), 3, options);
+    cluster.wait_leader(LEADER_WAIT).await;
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut c = cluster.client(w % 3).await;
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < Duration::from_secs(5) {
+                c.put(format!("soak/{w}/{}", n % 50), n.to_string(), None).await.expect("write under snapshot churn");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut views = Vec::new();
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        views.push(keys_with_prefix(&mut c, "soak/", false).await.expect("member alive after soak"));
+        assert!(cluster.members[i].is_running());
+    }
+    println!("soak: {total} writes in {secs:.1}s ({:.0}/s) with a snapshot every 50 entries", total as f64 / secs);
+    assert_eq!(views[0], views[1]);
+    assert_eq!(views[1], views[2]);
+    for i in 0..3 {
+        assert!(!cluster.log_text(i).contains("panicked"), "member {i} panicked");
+    }
+}
