@@ -238,6 +238,20 @@ async fn snapshot_and_purge_under_write_load_keep_members_alive_and_equal() {
         views.push(keys_with_prefix(&mut c, "soak/", false).await.expect("member alive after soak"));
         assert!(cluster.members[i].is_running());
     }
+    // HashKV at one revision is equal on every member.
+    let rev = cluster.client(0).await.get("soak/", None).await.unwrap().header().unwrap().revision();
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        let c = cluster.client(i).await;
+        let h = eventually(Duration::from_secs(10), || {
+            let mut c = c.clone();
+            async move { c.hash_kv(rev).await.ok().map(|r| r.hash()) }
+        })
+        .await
+        .expect("hash_kv on every member");
+        hashes.push(h);
+    }
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "HashKV differs across members: {hashes:?}");
     println!("soak: {total} writes in {secs:.1}s ({:.0}/s) with a snapshot every 50 entries", total as f64 / secs);
     assert_eq!(views[0], views[1]);
     assert_eq!(views[1], views[2]);

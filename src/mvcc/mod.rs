@@ -310,6 +310,22 @@ impl ReadView {
         range_impl(&self.latest, &self.history, req, self.current, self.compacted)
     }
 
+    /// A checksum of the key-value history up to `rev` (0: current), equal on every
+    /// member that applied the same log (etcd's HashKV). Returns (hash, compacted).
+    pub fn hash_kv(&self, rev: Rev) -> Result<(u32, Rev)> {
+        let rev = check_rev(rev, self.current, self.compacted)?;
+        let mut h = crc32fast::Hasher::new();
+        for row in self.history.iter()? {
+            let (k, v) = row?;
+            let (_, main, _) = decode_history_key(k.value()).map_err(MvccError::Corrupt)?;
+            if main <= rev {
+                h.update(k.value());
+                h.update(v.value());
+            }
+        }
+        Ok((h.finalize(), self.compacted))
+    }
+
     /// A Txn without writes, served from this view (etcd serves these without Raft).
     pub fn txn_readonly(&self, req: &TxnRequest) -> Result<TxnResponse> {
         assert!(txn_is_readonly(req), "txn_readonly called with a write txn");

@@ -10,8 +10,8 @@ use crate::consensus::state_machine::member_attrs;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    alarm_request, AlarmRequest, AlarmResponse, Member, MemberListRequest, MemberListResponse, StatusRequest,
-    StatusResponse,
+    alarm_request, AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
+    MemberListResponse, StatusRequest, StatusResponse,
 };
 
 pub struct ClusterService {
@@ -71,6 +71,17 @@ impl Maintenance for MaintenanceService {
             }
             _ => Err(Status::unimplemented("concord: alarm activate/deactivate is not implemented yet")),
         }
+    }
+
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let view = self.node.read_view(true).await?;
+        let (hash, compact_revision) = view.hash_kv(req.into_inner().revision).map_err(super::errors::from_mvcc)?;
+        let mut resp = HashKvResponse { header: None, hash, compact_revision };
+        resp.header =
+            Some(crate::proto::etcdserverpb::ResponseHeader { revision: view.current_rev(), ..Default::default() });
+        drop(view);
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
