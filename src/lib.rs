@@ -6,6 +6,7 @@
 //! `storage` (redb file per group) ; `proto` holds generated code only.
 //! See `docs/ARCHITECTURE.md`.
 
+pub mod cli;
 pub mod consensus;
 pub mod lease;
 pub mod mvcc;

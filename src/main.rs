@@ -2,13 +2,18 @@
 //!
 //! `concord` with no arguments starts a single member exactly as `etcd` does with
 //! its defaults (client 127.0.0.1:2379, peer 2380, data in `./default.concord`).
+//! `concord snapshot status|restore ...` inspects and restores snapshot files.
 
 use clap::Parser;
 
 use concord::server::config::{normalize_args, Config, Flags};
 
 fn main() {
-    let flags = match Flags::try_parse_from(normalize_args(std::env::args())) {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        std::process::exit(concord::cli::snapshot::main(&args[2..]));
+    }
+    let flags = match Flags::try_parse_from(normalize_args(args)) {
         Ok(f) => f,
         Err(e) => e.exit(),
     };

@@ -18,7 +18,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use prost::Message;
-use redb::WriteTransaction;
+use redb::{ReadableTable, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{ApplyError, Command, CommandResult, MemberId, SnapshotData, TypeConfig};
@@ -57,6 +57,34 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
+}
+
+/// Forgets which log produced this state and who the members were, keeping the
+/// data: a restored snapshot seeds a *new* cluster whose log starts empty.
+pub fn reset_raft_state(backend: &Backend) -> io::Result<()> {
+    let txn = backend.begin_apply()?;
+    {
+        let mut meta = txn.open_table(META).map_err(io_err)?;
+        meta.remove(META_APPLIED).map_err(io_err)?;
+        meta.remove(META_MEMBERSHIP).map_err(io_err)?;
+        let attrs: Vec<String> = {
+            let mut keys = Vec::new();
+            for row in meta.range(MEMBER_ATTR_PREFIX..).map_err(io_err)? {
+                let (k, _) = row.map_err(io_err)?;
+                if !k.value().starts_with(MEMBER_ATTR_PREFIX) {
+                    break;
+                }
+                keys.push(k.value().to_string());
+            }
+            keys
+        };
+        for k in attrs {
+            meta.remove(k.as_str()).map_err(io_err)?;
+        }
+    }
+    txn.commit().map_err(io_err)?;
+    backend.persist()?;
+    Ok(())
 }
 
 /// Reads every published member attribute from a read transaction.

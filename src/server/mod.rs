@@ -54,12 +54,29 @@ const PEER_MESSAGE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a data dir remembers about its member, written once at bootstrap.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Identity {
+pub struct Identity {
     member_id: MemberId,
     cluster_id: u64,
     /// Whether this member bootstrapped the cluster (state `new`): such a member
     /// re-issues the idempotent Raft initialisation after a crash mid-bootstrap.
     bootstrapped: bool,
+}
+
+/// Computes this member's identity from the bootstrap flags and writes it to
+/// `<data-dir>/member/identity`. Must be durable before Raft is initialised: a
+/// restart has to recognise its own identity rather than bootstrap a second time.
+pub fn write_bootstrap_identity(config: &Config) -> Result<Identity, BoxError> {
+    let ids: Vec<MemberId> =
+        config.initial_cluster.iter().map(|(_, urls)| member_id(urls, &config.initial_cluster_token)).collect();
+    let identity = Identity {
+        member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
+        cluster_id: cluster_id(&ids),
+        bootstrapped: config.initial_cluster_state == ClusterState::New,
+    };
+    let member_dir = config.data_dir.join("member");
+    std::fs::create_dir_all(&member_dir)?;
+    save_identity(&member_dir.join("identity"), &identity)?;
+    Ok(identity)
 }
 
 /// `member/identity`: crc32 ‖ bincode(identity), written once, atomically.
@@ -201,18 +218,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             tracing::info!(member = %format!("{:x}", id.member_id), "restarting member; --initial-cluster flags are ignored");
             id
         }
-        None => {
-            let ids: Vec<MemberId> = initial_members.keys().copied().collect();
-            let identity = Identity {
-                member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
-                cluster_id: cluster_id(&ids),
-                bootstrapped: config.initial_cluster_state == ClusterState::New,
-            };
-            // Must be durable before Raft is initialised: a restart has to recognise
-            // its own identity rather than bootstrap a second time.
-            save_identity(&identity_path, &identity)?;
-            identity
-        }
+        None => write_bootstrap_identity(&config)?,
     };
 
     let (group, log) = Group::start(identity.member_id, &member_dir.join("group-1"), &group_config).await?;

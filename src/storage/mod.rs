@@ -220,6 +220,39 @@ fn put_chunk(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// The snapshot *file* format streamed by `Maintenance.Snapshot`: `len ‖ snapshot ‖
+/// zero padding ‖ sha256(all before)`, padded so the size is a multiple of 512
+/// plus 32, which is what `etcdctl snapshot save` checks for.
+pub fn encode_snapshot_file(snapshot: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut out = Vec::with_capacity(snapshot.len() + 8 + 512 + 32);
+    out.extend_from_slice(&(snapshot.len() as u64).to_be_bytes());
+    out.extend_from_slice(snapshot);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    let digest = sha2::Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    out
+}
+
+/// Verifies a snapshot file's sha256 and returns the snapshot inside it.
+pub fn decode_snapshot_file(file: &[u8]) -> Result<&[u8], StorageError> {
+    use sha2::Digest;
+    if file.len() < 8 + 32 || (file.len() - 32) % 512 != 0 {
+        return Err(StorageError::CorruptSnapshot("file size is not a snapshot's (truncated?)"));
+    }
+    let (body, digest) = file.split_at(file.len() - 32);
+    if sha2::Sha256::digest(body).as_slice() != digest {
+        return Err(StorageError::CorruptSnapshot("sha256 checksum mismatch"));
+    }
+    let len = u64::from_be_bytes(body[..8].try_into().map_err(|_| StorageError::CorruptSnapshot("length"))?) as usize;
+    let snapshot = body.get(8..8 + len).ok_or(StorageError::CorruptSnapshot("length exceeds file"))?;
+    if body[8 + len..].iter().any(|b| *b != 0) {
+        return Err(StorageError::CorruptSnapshot("non-zero padding"));
+    }
+    decode_snapshot(snapshot)?;
+    Ok(snapshot)
+}
+
 /// Parses and verifies a snapshot produced by [`Backend::snapshot_bytes`].
 pub fn decode_snapshot(data: &[u8]) -> Result<Vec<Rows>, StorageError> {
     if data.len() < SNAPSHOT_MAGIC.len() + 4 || &data[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {

@@ -67,6 +67,16 @@ pub struct ProcessCluster {
 impl ProcessCluster {
     /// Starts `n` members of a new cluster from the `concord` binary at `bin`.
     pub fn start(bin: &Path, n: usize, options: ClusterOptions) -> ProcessCluster {
+        let mut cluster = ProcessCluster::prepare(bin, n, options);
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    /// Allocates ports and directories for `n` members without starting them
+    /// (to seed data dirs first, e.g. from a snapshot); start each with `restart`.
+    pub fn prepare(bin: &Path, n: usize, options: ClusterOptions) -> ProcessCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let members: Vec<Member> = (0..n)
             .map(|i| {
@@ -81,11 +91,7 @@ impl ProcessCluster {
                 }
             })
             .collect();
-        let mut cluster = ProcessCluster { bin: bin.to_path_buf(), dir, options, members };
-        for i in 0..n {
-            cluster.spawn(i);
-        }
-        cluster
+        ProcessCluster { bin: bin.to_path_buf(), dir, options, members }
     }
 
     pub fn dir(&self) -> &Path {

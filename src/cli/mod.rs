@@ -1,0 +1,3 @@
+//! `concord` subcommands other than serving (serving takes etcd's flags directly).
+
+pub mod snapshot;
