@@ -237,7 +237,7 @@ pub fn encode_snapshot_file(snapshot: &[u8]) -> Vec<u8> {
 /// Verifies a snapshot file's sha256 and returns the snapshot inside it.
 pub fn decode_snapshot_file(file: &[u8]) -> Result<&[u8], StorageError> {
     use sha2::Digest;
-    if file.len() < 8 + 32 || (file.len() - 32) % 512 != 0 {
+    if file.len() < 8 + 32 || !(file.len() - 32).is_multiple_of(512) {
         return Err(StorageError::CorruptSnapshot("file size is not a snapshot's (truncated?)"));
     }
     let (body, digest) = file.split_at(file.len() - 32);
