@@ -1,12 +1,12 @@
 # Watch, lease, lock and election session replayed against etcd 3.4 and concord.
 # Background watchers write to $GOLDEN_TMP and are read back after the writes.
 etcdctl put w/a 1
-(timeout 3 etcdctl watch w/ --prefix > $GOLDEN_TMP/w1 2>&1 &) ; (timeout 3 etcdctl watch w/a --prev-kv > $GOLDEN_TMP/w2 2>&1 &) ; sleep 0.5
+(timeout 4 etcdctl watch w/ --prefix --rev 5 > $GOLDEN_TMP/w1 2>&1 &) ; (timeout 4 etcdctl watch w/a --prev-kv --rev 5 > $GOLDEN_TMP/w2 2>&1 &) ; sleep 0.5
 etcdctl put w/a 2
 etcdctl put w/b 3
 etcdctl del w/ --prefix
 printf 'value("w/a") = "x"\n\nput w/a no\n\nput w/a yes\nput w/c yes\n\n' | etcdctl txn
-sleep 3; cat $GOLDEN_TMP/w1; echo ---; cat $GOLDEN_TMP/w2
+sleep 4; cat $GOLDEN_TMP/w1; echo ---; cat $GOLDEN_TMP/w2
 timeout 2 etcdctl watch w/ --prefix --rev 1
 timeout 2 etcdctl watch w/a --rev 2 -w json | head -c 0
 timeout 2 etcdctl watch w/c --rev 3 --prev-kv
