@@ -163,7 +163,10 @@ impl GroupConfig {
             cluster_name: "concord".to_string(),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_ms,
-            election_timeout_max: self.election_timeout_ms * 2,
+            // openraft uses the maximum as the leader lease and twice it as the wait of
+            // a member with a shorter log: 1.5x keeps failover near two election
+            // timeouts while still spreading candidates apart.
+            election_timeout_max: self.election_timeout_ms * 3 / 2,
             // PreVote: a partitioned member rejoining must not inflate the term and
             // depose a healthy leader.
             enable_pre_vote: Some(true),
