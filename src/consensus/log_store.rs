@@ -149,7 +149,11 @@ impl LogStore {
         for guard in self.inner.log.range(lo..=hi) {
             let (k, v) = guard.into_inner().map_err(io_err)?;
             let entry: EntryOf<C> = decode(unseal("log entry", &v)?)?;
-            let index = u64::from_be_bytes(k[8..16].try_into().map_err(io_err)?);
+            let index = k
+                .get(8..16)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed log key"))?;
             if entry.log_id.index() != index || expect.is_some_and(|e| e != index) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

@@ -339,6 +339,7 @@ fn read_snapshot_file(path: &std::path::Path) -> io::Result<Option<SnapshotOf<C,
     }
     let meta_len = u64::from_be_bytes(body[..8].try_into().map_err(io_err)?) as usize;
     if body.len() - 8 < meta_len {
+        // (meta_len came from the file; compared by subtraction so it cannot overflow)
         return Err(corrupt("snapshot meta truncated"));
     }
     let meta: SnapshotMetaOf<C> = decode(&body[8..8 + meta_len])?;

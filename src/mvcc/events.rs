@@ -26,8 +26,11 @@ pub fn read_events(view: &ReadView, from: Rev, to: Rev, max_events: usize) -> Re
     for row in view.revs.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
         let (k, key) = row?;
         let k = k.value();
-        let main = i64::from_be_bytes(k[..8].try_into().map_err(|_| MvccError::Corrupt("rev key".into()))?);
-        let sub = i64::from_be_bytes(k[8..16].try_into().map_err(|_| MvccError::Corrupt("rev key".into()))?);
+        let part =
+            |r: std::ops::Range<usize>| k.get(r).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(i64::from_be_bytes);
+        let (Some(main), Some(sub)) = (part(0..8), part(8..16)) else {
+            return Err(MvccError::Corrupt(format!("revision key of {} bytes", k.len())));
+        };
         if out.len() >= max_events && out.last().is_some_and(|(r, _, _)| *r != main) {
             let last = out.last().map(|(r, _, _)| *r).unwrap_or(to);
             return Ok((out, last));

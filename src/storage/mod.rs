@@ -245,8 +245,10 @@ pub fn decode_snapshot_file(file: &[u8]) -> Result<&[u8], StorageError> {
         return Err(StorageError::CorruptSnapshot("sha256 checksum mismatch"));
     }
     let len = u64::from_be_bytes(body[..8].try_into().map_err(|_| StorageError::CorruptSnapshot("length"))?) as usize;
-    let snapshot = body.get(8..8 + len).ok_or(StorageError::CorruptSnapshot("length exceeds file"))?;
-    if body[8 + len..].iter().any(|b| *b != 0) {
+    let end =
+        len.checked_add(8).filter(|e| *e <= body.len()).ok_or(StorageError::CorruptSnapshot("length exceeds file"))?;
+    let snapshot = &body[8..end];
+    if body[end..].iter().any(|b| *b != 0) {
         return Err(StorageError::CorruptSnapshot("non-zero padding"));
     }
     decode_snapshot(snapshot)?;
