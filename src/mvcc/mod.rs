@@ -26,7 +26,7 @@ pub mod lease;
 use std::collections::BTreeSet;
 
 use prost::Message;
-use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionResponse, Compare, DeleteRangeRequest,
@@ -299,11 +299,6 @@ impl ReadView {
 
     pub fn compacted_rev(&self) -> Rev {
         self.compacted
-    }
-
-    /// Number of live keys at the current revision.
-    pub fn key_count(&self) -> Result<u64> {
-        Ok(self.latest.len()?)
     }
 
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {

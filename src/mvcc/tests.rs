@@ -4,6 +4,7 @@
 use super::*;
 use crate::proto::etcdserverpb::{compare::CompareResult, compare::CompareTarget, compare::TargetUnion, RequestOp};
 use crate::storage::Backend;
+use redb::ReadableTableMetadata;
 
 struct Store {
     _dir: tempfile::TempDir,
