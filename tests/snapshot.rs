@@ -12,6 +12,12 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_concord"))
 }
 
+/// (key, value, mod revision) of every `snap/` key.
+async fn snap_keys(c: &mut concord_testkit::etcd_client::Client) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+    let resp = c.get("snap/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    resp.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision())).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_status_restore_into_new_cluster() {
     let source = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
@@ -22,14 +28,7 @@ async fn save_status_restore_into_new_cluster() {
     }
     c.delete("snap/050", None).await.unwrap();
     let rev = c.get("snap/", None).await.unwrap().header().unwrap().revision();
-    let want: Vec<(Vec<u8>, Vec<u8>, i64)> = c
-        .get("snap/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap()
-        .kvs()
-        .iter()
-        .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
-        .collect();
+    let want = snap_keys(&mut c).await;
     let want_hash = c.hash_kv(rev).await.unwrap().hash();
 
     let file = source.dir().join("backup.db");
@@ -73,14 +72,7 @@ async fn save_status_restore_into_new_cluster() {
     target.wait_leader(Duration::from_secs(30)).await;
     for i in 0..3 {
         let mut c = target.client(i).await;
-        let got: Vec<(Vec<u8>, Vec<u8>, i64)> = c
-            .get("snap/", Some(GetOptions::new().with_prefix()))
-            .await
-            .unwrap()
-            .kvs()
-            .iter()
-            .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
-            .collect();
+        let got = snap_keys(&mut c).await;
         assert_eq!(got, want, "member {i} of the restored cluster");
         assert_eq!(c.hash_kv(rev).await.unwrap().hash(), want_hash, "HashKV of member {i}");
     }
