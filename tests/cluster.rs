@@ -48,6 +48,15 @@ async fn replication_and_follower_forwarding() {
             "member {i} (leader is {leader})"
         );
     }
+    // /health and /metrics answer on the client port beside gRPC.
+    for m in &cluster.members {
+        let (code, body) = concord_testkit::http_get(m.client_port, "/health").unwrap();
+        assert_eq!((code, body.as_str()), (200, r#"{"health":"true"}"#));
+        let (code, body) = concord_testkit::http_get(m.client_port, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains("\netcd_server_has_leader 1\n"), "{body}");
+        assert!(body.contains("\nprocess_resident_memory_bytes "), "{body}");
+    }
     // The member list names every member with its client URL.
     let mut c = cluster.client(0).await;
     let list = c.member_list().await.unwrap();
@@ -191,6 +200,8 @@ async fn five_members_tolerate_two_failures() {
     })
     .await;
     assert!(ok.is_some(), "three of five members must keep accepting writes");
+    let (code, _) = concord_testkit::http_get(cluster.members[survivor].client_port, "/health").unwrap();
+    assert_eq!(code, 200, "a member of the majority is healthy");
     for i in 0..5 {
         if i == leader || i == other {
             continue;
@@ -199,6 +210,10 @@ async fn five_members_tolerate_two_failures() {
         let kvs = keys_with_prefix(&mut c, "five", false).await.unwrap();
         assert_eq!(kvs[0].1, "2", "member {i}");
     }
+    // Without a majority no linearizable read completes: /health says so.
+    cluster.kill((leader + 3) % 5);
+    let (code, body) = concord_testkit::http_get(cluster.members[survivor].client_port, "/health").unwrap();
+    assert_eq!((code, body.as_str()), (503, r#"{"health":"false"}"#));
 }
 
 /// Frequent snapshots and log purges under concurrent writes (the openraft

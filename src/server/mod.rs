@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod config;
 pub mod errors;
+pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod recipes;
@@ -272,16 +273,21 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let election =
             ElectionServer::new(recipes::ElectionService { node: node.clone() }).max_decoding_message_size(max_recv);
         let max_streams = config.max_concurrent_streams;
+        let routes = tonic::service::Routes::new(kv)
+            .add_service(watch)
+            .add_service(lease)
+            .add_service(cl)
+            .add_service(mt)
+            .add_service(lock)
+            .add_service(election)
+            .into_axum_router()
+            .merge(http::routes(node.clone()));
         tasks.spawn(async move {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(max_streams)
-                .add_service(kv)
-                .add_service(watch)
-                .add_service(lease)
-                .add_service(cl)
-                .add_service(mt)
-                .add_service(lock)
-                .add_service(election)
+                // HTTP/1.1 for /health and /metrics; gRPC stays on HTTP/2.
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(routes))
                 .serve_with_incoming(incoming(l))
                 .await
                 .map_err(|e| format!("client server: {e}"))
