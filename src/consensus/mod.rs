@@ -71,6 +71,12 @@ pub enum Command {
     },
     /// The leader's remaining-TTL view of leases: (id, record version, remaining ms).
     LeaseCheckpoint(Vec<(i64, u64, i64)>),
+    /// Raise (`activate`) or clear an alarm (etcd `AlarmType`) for a member.
+    Alarm {
+        activate: bool,
+        member: MemberId,
+        alarm: i32,
+    },
 }
 
 impl fmt::Display for Command {
@@ -85,6 +91,7 @@ impl fmt::Display for Command {
             Command::LeaseRevoke { id } => write!(f, "lease_revoke({id:x})"),
             Command::LeaseRenew { id } => write!(f, "lease_renew({id:x})"),
             Command::LeaseCheckpoint(l) => write!(f, "lease_checkpoint({} leases)", l.len()),
+            Command::Alarm { activate, member, alarm } => write!(f, "alarm({activate},{member:x},{alarm})"),
         }
     }
 }
@@ -97,6 +104,8 @@ pub enum ApplyError {
     KeyNotFound,
     LeaseNotFound,
     LeaseExists,
+    /// A NOSPACE alarm is active: only reads, deletes and compaction are applied.
+    NoSpace,
     /// The command did not decode: only a bug or a corrupted log can cause it.
     Malformed(String),
 }

@@ -33,6 +33,9 @@ type C = TypeConfig;
 const META_APPLIED: &str = "raft/applied";
 const META_MEMBERSHIP: &str = "raft/membership";
 const MEMBER_ATTR_PREFIX: &str = "member/";
+const ALARM_PREFIX: &str = "alarm/";
+/// etcd's `AlarmType.NOSPACE`.
+pub const ALARM_NOSPACE: i32 = 1;
 
 /// Applied entries between durable state-machine commits. Bounds how much of the
 /// log a restart re-applies; correctness does not depend on it (the log is durable).
@@ -85,6 +88,23 @@ pub fn reset_raft_state(backend: &Backend) -> io::Result<()> {
     txn.commit().map_err(io_err)?;
     backend.persist()?;
     Ok(())
+}
+
+/// Active alarms as (member, alarm type), from any table view of META.
+fn alarms_in<T: ReadableTable<&'static str, &'static [u8]>>(meta: &T) -> io::Result<Vec<(MemberId, i32)>> {
+    let mut out = Vec::new();
+    for row in meta.range(ALARM_PREFIX..).map_err(io_err)? {
+        let (k, _) = row.map_err(io_err)?;
+        let Some(rest) = k.value().strip_prefix(ALARM_PREFIX) else { break };
+        let parsed = rest.split_once('/').and_then(|(m, a)| Some((u64::from_str_radix(m, 16).ok()?, a.parse().ok()?)));
+        out.push(parsed.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad alarm key {rest}")))?);
+    }
+    Ok(out)
+}
+
+/// Active alarms as (member, alarm type).
+pub fn alarms(txn: &redb::ReadTransaction) -> io::Result<Vec<(MemberId, i32)>> {
+    alarms_in(&txn.open_table(META).map_err(io_err)?)
 }
 
 /// Reads every published member attribute from a read transaction.
@@ -179,7 +199,27 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandRes
         })
     }
     let header = |rev| Some(ResponseHeader { revision: rev, ..Default::default() });
+    // etcd's capped applier: while NOSPACE is raised, nothing that can grow the
+    // store is applied (puts, writing txns, lease grants); deletes and compaction are.
+    let grows = match cmd {
+        Command::Put(_) | Command::LeaseGrant { .. } => true,
+        Command::Txn(b) => TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false),
+        _ => false,
+    };
+    if grows && alarms_in(&txn.open_table(META).map_err(io_err)?)?.iter().any(|(_, a)| *a == ALARM_NOSPACE) {
+        return Ok(CommandResult::Err(ApplyError::NoSpace));
+    }
     match cmd {
+        Command::Alarm { activate, member, alarm } => {
+            let mut meta = txn.open_table(META).map_err(io_err)?;
+            let key = format!("{ALARM_PREFIX}{member:016x}/{alarm}");
+            if *activate {
+                meta.insert(key.as_str(), [].as_slice()).map_err(io_err)?;
+            } else {
+                meta.remove(key.as_str()).map_err(io_err)?;
+            }
+            Ok(CommandResult::Ok(Vec::new()))
+        }
         Command::LeaseGrant { id, ttl_s } => lease(txn, |w| {
             let rec = w.lease_grant(*id, *ttl_s)?;
             Ok(LeaseGrantResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s, error: String::new() })

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Node, ETCD_COMPAT_VERSION};
-use crate::consensus::state_machine::member_attrs;
+use crate::consensus::state_machine::{alarms, member_attrs};
+use crate::consensus::Command;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    alarm_request, AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
+    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
     MemberListResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 
@@ -57,6 +58,19 @@ impl Cluster for ClusterService {
     }
 }
 
+/// etcd's Status `errors`: one `alarm:<TYPE>` per active alarm.
+fn alarm_errors(node: &Node) -> Result<Vec<String>, Status> {
+    let txn = node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+    let list = alarms(&txn).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(list
+        .into_iter()
+        .map(|(_, a)| {
+            let name = crate::proto::etcdserverpb::AlarmType::try_from(a).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+            format!("alarm:{name}")
+        })
+        .collect())
+}
+
 pub struct MaintenanceService {
     pub node: Arc<Node>,
 }
@@ -64,16 +78,37 @@ pub struct MaintenanceService {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        match alarm_request::AlarmAction::try_from(req.into_inner().action) {
-            // No alarm can be raised yet (quota and corruption alarms are not
-            // implemented), so the list of active alarms is truthfully empty.
-            Ok(alarm_request::AlarmAction::Get) => {
-                let mut resp = AlarmResponse { header: None, alarms: vec![] };
-                self.node.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
+        let req = req.into_inner();
+        let action = alarm_request::AlarmAction::try_from(req.action)
+            .map_err(|_| Status::invalid_argument("etcdserver: unknown alarm action"))?;
+        let alarms = match action {
+            alarm_request::AlarmAction::Get => {
+                // Linearizable, as etcd's (which goes through Raft): an alarm raised on
+                // another member is visible as soon as that member reported it.
+                self.node
+                    .group
+                    .read_barrier(self.node.config.request_timeout())
+                    .await
+                    .map_err(super::errors::from_consensus)?;
+                let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+                alarms(&txn)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .into_iter()
+                    .map(|(m, a)| AlarmMember { member_id: m, alarm: a })
+                    .collect()
             }
-            _ => Err(Status::unimplemented("concord: alarm activate/deactivate is not implemented yet")),
-        }
+            alarm_request::AlarmAction::Activate | alarm_request::AlarmAction::Deactivate => {
+                let activate = action == alarm_request::AlarmAction::Activate;
+                let cmd = Command::Alarm { activate, member: req.member_id, alarm: req.alarm };
+                match self.node.group.propose(cmd, self.node.config.request_timeout()).await {
+                    Ok(_) => vec![AlarmMember { member_id: req.member_id, alarm: req.alarm }],
+                    Err(e) => return Err(super::errors::from_consensus(e)),
+                }
+            }
+        };
+        let mut resp = AlarmResponse { header: None, alarms };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
     }
 
     type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotResponse, Status>>;
@@ -126,7 +161,7 @@ impl Maintenance for MaintenanceService {
             raft_index: m.last_log_index.unwrap_or(0),
             raft_term: m.current_term,
             raft_applied_index: m.last_applied.map(|l| l.index()).unwrap_or(0),
-            errors: vec![],
+            errors: alarm_errors(&self.node)?,
             db_size_in_use: db_in_use as i64,
             is_learner,
         };

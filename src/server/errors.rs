@@ -37,6 +37,9 @@ pub fn lease_not_found() -> Status {
     Status::not_found("etcdserver: requested lease not found")
 }
 
+pub fn no_space() -> Status {
+    Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
+}
 pub fn lease_exists() -> Status {
     Status::failed_precondition("etcdserver: lease already exists")
 }
@@ -51,6 +54,7 @@ pub fn from_apply(e: ApplyError) -> Status {
         ApplyError::KeyNotFound => key_not_found(),
         ApplyError::LeaseNotFound => lease_not_found(),
         ApplyError::LeaseExists => lease_exists(),
+        ApplyError::NoSpace => no_space(),
         ApplyError::Malformed(m) => Status::internal(format!("etcdserver: malformed command in log: {m}")),
     }
 }

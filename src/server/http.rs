@@ -24,10 +24,18 @@ pub fn routes(node: Arc<Node>) -> Router {
     Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(node)
 }
 
-/// Healthy means: a leader is known and a linearizable read completes in time.
+/// Healthy means: a leader is known, no alarm is raised, and a linearizable read
+/// completes in time (etcd 3.4's rules).
 async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let has_leader = node.group.metrics().current_leader.is_some();
-    let read_ok = has_leader && node.group.read_barrier(HEALTH_TIMEOUT).await.is_ok();
+    let alarmed = node
+        .group
+        .backend
+        .begin_read()
+        .ok()
+        .and_then(|t| crate::consensus::state_machine::alarms(&t).ok())
+        .is_none_or(|a| !a.is_empty());
+    let read_ok = has_leader && !alarmed && node.group.read_barrier(HEALTH_TIMEOUT).await.is_ok();
     let (status, body) = if read_ok {
         (StatusCode::OK, r#"{"health":"true"}"#)
     } else {

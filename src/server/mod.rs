@@ -122,7 +122,15 @@ pub struct Node {
     pub group: Group,
     pub member_id: MemberId,
     pub cluster_id: u64,
+    /// Bytes the state machine holds in live pages, sampled every
+    /// [`QUOTA_SAMPLE_INTERVAL`] (measuring takes a write transaction, too costly
+    /// per request). Compared against `--quota-backend-bytes`.
+    pub db_in_use_bytes: std::sync::atomic::AtomicU64,
 }
+
+/// How often the quota's size sample is refreshed: writes can overshoot the quota
+/// by what is written in this interval.
+pub const QUOTA_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Node {
     /// Proposes a command and decodes its applied etcd response. Enforces
@@ -135,11 +143,42 @@ impl Node {
         if size as u64 > self.config.max_request_bytes {
             return Err(errors::request_too_large());
         }
+        let grows = matches!(cmd, Command::Put(_) | Command::Txn(_) | Command::LeaseGrant { .. });
+        if grows && self.over_quota(size as u64).await {
+            // etcd's quota check: refuse and raise NOSPACE cluster-wide.
+            let alarm = Command::Alarm {
+                activate: true,
+                member: self.member_id,
+                alarm: crate::consensus::state_machine::ALARM_NOSPACE,
+            };
+            if let Err(e) = self.group.propose(alarm, self.config.request_timeout()).await {
+                tracing::warn!("raising NOSPACE failed: {e}");
+            }
+            return Err(errors::no_space());
+        }
         match self.group.propose(cmd, self.config.request_timeout()).await {
             Ok(CommandResult::Ok(bytes)) => Resp::decode(bytes.as_slice())
                 .map_err(|e| tonic::Status::internal(format!("etcdserver: undecodable applied result: {e}"))),
             Ok(CommandResult::Err(e)) => Err(errors::from_apply(e)),
             Err(e) => Err(errors::from_consensus(e)),
+        }
+    }
+
+    /// Whether writing `cost` more bytes would exceed `--quota-backend-bytes`. The
+    /// periodic sample answers cheaply; only a sample over the quota is re-measured,
+    /// so space freed by a compaction is seen at once.
+    async fn over_quota(&self, cost: u64) -> bool {
+        let quota = self.config.quota_backend_bytes;
+        if self.db_in_use_bytes.load(std::sync::atomic::Ordering::Relaxed) + cost <= quota {
+            return false;
+        }
+        let backend = self.group.backend.clone();
+        match tokio::task::spawn_blocking(move || backend.sizes()).await {
+            Ok(Ok((_, in_use))) => {
+                self.db_in_use_bytes.store(in_use, std::sync::atomic::Ordering::Relaxed);
+                in_use + cost > quota
+            }
+            _ => true,
         }
     }
 
@@ -239,7 +278,9 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         group: group.clone(),
         member_id: identity.member_id,
         cluster_id: identity.cluster_id,
+        db_in_use_bytes: std::sync::atomic::AtomicU64::new(0),
     });
+    tokio::spawn(sample_db_size(node.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
     for l in peer_listeners {
@@ -315,6 +356,17 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         group.backend.persist()?;
     }
     outcome
+}
+
+async fn sample_db_size(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(QUOTA_SAMPLE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let backend = node.group.backend.clone();
+        if let Ok(Ok((_, in_use))) = tokio::task::spawn_blocking(move || backend.sizes()).await {
+            node.db_in_use_bytes.store(in_use, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Publishes this member's name and client URLs through Raft until it succeeds.
