@@ -341,6 +341,12 @@ impl Group {
         self.raft.metrics().borrow_watched().clone()
     }
 
+    /// The current Raft term, without copying the whole metrics (every response
+    /// header carries it).
+    pub fn current_term(&self) -> u64 {
+        self.raft.metrics().borrow_watched().current_term
+    }
+
     /// Resolves when the Raft core has stopped for good, with the reason.
     pub async fn fatal(&self) -> String {
         let mut rx = self.raft.metrics();

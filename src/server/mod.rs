@@ -196,7 +196,7 @@ impl Node {
         let h = header.get_or_insert_with(ResponseHeader::default);
         h.cluster_id = self.cluster_id;
         h.member_id = self.member_id;
-        h.raft_term = self.group.metrics().current_term;
+        h.raft_term = self.group.current_term();
         if h.revision == 0 {
             if let Ok(txn) = self.group.backend.begin_read() {
                 if let Ok((rev, _)) = crate::mvcc::read_revisions(&txn) {
