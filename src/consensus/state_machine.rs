@@ -201,13 +201,18 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandRes
     let header = |rev| Some(ResponseHeader { revision: rev, ..Default::default() });
     // etcd's capped applier: while NOSPACE is raised, nothing that can grow the
     // store is applied (puts, writing txns, lease grants); deletes and compaction are.
-    let grows = match cmd {
-        Command::Put(_) | Command::LeaseGrant { .. } => true,
-        Command::Txn(b) => TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false),
-        _ => false,
-    };
-    if grows && alarms_in(&txn.open_table(META).map_err(io_err)?)?.iter().any(|(_, a)| *a == ALARM_NOSPACE) {
-        return Ok(CommandResult::Err(ApplyError::NoSpace));
+    let may_grow = matches!(cmd, Command::Put(_) | Command::LeaseGrant { .. } | Command::Txn(_));
+    if may_grow && alarms_in(&txn.open_table(META).map_err(io_err)?)?.iter().any(|(_, a)| *a == ALARM_NOSPACE) {
+        // Only decoded while NOSPACE is raised: a txn without writes still applies.
+        let grows = match cmd {
+            Command::Txn(b) => {
+                TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false)
+            }
+            _ => true,
+        };
+        if grows {
+            return Ok(CommandResult::Err(ApplyError::NoSpace));
+        }
     }
     match cmd {
         Command::Alarm { activate, member, alarm } => {
