@@ -130,9 +130,28 @@ fn mask_hex_ids(s: &str) -> String {
     out
 }
 
+/// etcd lists a lease's keys from a Go map, in random order: sort them.
+fn sort_attached_keys(s: &str) -> String {
+    s.lines()
+        .map(|line| match line.split_once("attached keys([") {
+            Some((head, rest)) => match rest.split_once("])") {
+                Some((keys, tail)) => {
+                    let mut keys: Vec<&str> = keys.split(' ').collect();
+                    keys.sort_unstable();
+                    format!("{head}attached keys([{}]){tail}", keys.join(" "))
+                }
+                None => line.to_string(),
+            },
+            None => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn normalise(s: &str) -> String {
     let digits = |c: char| c.is_ascii_digit();
-    let s = mask_after(s, "\"raft_term\":", digits);
+    let s = sort_attached_keys(s);
+    let s = mask_after(&s, "\"raft_term\":", digits);
     let s = mask_after(&s, "\"RaftTerm\" : ", digits);
     let s = mask_after(&s, "\"ts\":\"", |c| c != '"');
     let s = mask_after(&s, "endpoint://client-", |c| c.is_ascii_hexdigit() || c == '-');
