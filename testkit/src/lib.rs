@@ -1,8 +1,8 @@
 //! Test harness: concord members as real processes on loopback ports.
 //!
 //! Every process and directory a [`ProcessCluster`] creates is owned by it and torn
-//! down on drop, including when a test panics. Ports are picked by binding port 0,
-//! so parallel tests do not collide. Member logs go to `<dir>/<name>.log` and are
+//! down on drop, including when a test panics. Ports come from [`free_port`], which
+//! reserves them across test processes so parallel tests do not collide. Member logs go to `<dir>/<name>.log` and are
 //! printed by [`ProcessCluster::dump_logs`] when a test wants to show them.
 
 use std::net::TcpListener;
@@ -13,10 +13,54 @@ use std::time::{Duration, Instant};
 pub use etcd_client;
 use etcd_client::Client;
 
-/// A free loopback TCP port (bound, then released for the child to take).
+/// Lowest port [`free_port`] hands out. The range sits below Linux's ephemeral range
+/// (32768–60999) so outgoing connections, which take ephemeral ports, never grab a port
+/// a member is about to listen on. Binding port 0 was rejected for that reason, and
+/// because two calls may return the same port once the first listener is dropped.
+const TEST_PORT_MIN: u16 = 20_000;
+/// One past the highest port [`free_port`] hands out.
+const TEST_PORT_END: u16 = 32_000;
+/// How long a port reservation file keeps other test processes off a port; older
+/// files are left over from finished runs and are reused.
+const PORT_RESERVATION_TTL: Duration = Duration::from_secs(600);
+
+/// A free loopback TCP port that no other test in this or another process holds.
+///
+/// The port is reserved with an exclusively created file in
+/// `$TMPDIR/concord-test-ports/`, so concurrent test processes (nextest runs each
+/// test in its own process) never hand out the same port, and a port is only
+/// returned if it can be bound right now.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let dir = std::env::temp_dir().join("concord-test-ports");
+    std::fs::create_dir_all(&dir).expect("create the port reservation directory");
+    let span = TEST_PORT_END - TEST_PORT_MIN;
+    let mut next = NEXT.lock().expect("port allocator lock");
+    let mut offset = next.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        ((std::process::id().wrapping_mul(7919) ^ nanos) % u32::from(span)) as u16
+    });
+    for _ in 0..span {
+        let port = TEST_PORT_MIN + offset;
+        offset = (offset + 1) % span;
+        if reserve_port(&dir.join(port.to_string())) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some(offset);
+            return port;
+        }
+    }
+    panic!("no free test port in {TEST_PORT_MIN}..{TEST_PORT_END}");
+}
+
+/// Creates the reservation file for one port; a stale file is replaced.
+fn reserve_port(path: &Path) -> bool {
+    let create = || std::fs::OpenOptions::new().write(true).create_new(true).open(path).is_ok();
+    if create() {
+        return true;
+    }
+    let stale = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > PORT_RESERVATION_TTL));
+    stale && std::fs::remove_file(path).is_ok() && create()
 }
 
 /// One member's fixed identity and its current process, if running.
