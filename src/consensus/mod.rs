@@ -14,7 +14,9 @@
 //! Nothing outside this module names an openraft type except through the aliases here.
 
 pub mod log_store;
+pub mod members;
 pub mod network;
+pub mod reconcile;
 pub mod state_machine;
 
 use std::fmt;
@@ -51,12 +53,8 @@ pub enum Command {
     DeleteRange(Vec<u8>),
     Txn(Vec<u8>),
     Compact(Vec<u8>),
-    /// A member announces its name and client URLs (etcd's "publish").
-    Publish {
-        id: MemberId,
-        name: String,
-        client_urls: Vec<String>,
-    },
+    /// A change to the member registry (see [`members`]).
+    Member(members::MemberChange),
     /// The lease id is chosen by the proposing member, so every replica agrees.
     LeaseGrant {
         id: i64,
@@ -86,7 +84,7 @@ impl fmt::Display for Command {
             Command::DeleteRange(b) => write!(f, "delete_range({}B)", b.len()),
             Command::Txn(b) => write!(f, "txn({}B)", b.len()),
             Command::Compact(b) => write!(f, "compact({}B)", b.len()),
-            Command::Publish { id, name, .. } => write!(f, "publish({id:x},{name})"),
+            Command::Member(c) => write!(f, "member({c:?})"),
             Command::LeaseGrant { id, ttl_s } => write!(f, "lease_grant({id:x},{ttl_s}s)"),
             Command::LeaseRevoke { id } => write!(f, "lease_revoke({id:x})"),
             Command::LeaseRenew { id } => write!(f, "lease_renew({id:x})"),
@@ -106,6 +104,10 @@ pub enum ApplyError {
     LeaseExists,
     /// A NOSPACE alarm is active: only reads, deletes and compaction are applied.
     NoSpace,
+    MemberExists,
+    PeerUrlExists,
+    MemberNotFound,
+    MemberNotLearner,
     /// The command did not decode: only a bug or a corrupted log can cause it.
     Malformed(String),
 }

@@ -49,6 +49,25 @@ enum ForwardReply<T> {
     Failed(String),
 }
 
+/// Member-to-member administration (the `Admin` peer RPC).
+#[derive(Debug, Serialize, Deserialize)]
+enum AdminRequest {
+    /// A joining member asks for the cluster ID and the member registry.
+    ClusterInfo,
+    /// Whether the given learner has caught up with the leader (asked of the leader).
+    LearnerCaughtUp(MemberId),
+}
+
+/// What a member tells a joining member about its cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster_id: u64,
+    pub members: Vec<(MemberId, super::members::MemberRecord)>,
+    /// The answering member's applied log index (read before the registry, so the
+    /// registry is at least this fresh).
+    pub applied_index: u64,
+}
+
 /// Connections to peers, shared by every Raft client and forwarding call.
 #[derive(Clone)]
 pub struct PeerPool {
@@ -113,6 +132,27 @@ impl PeerPool {
     ) -> Result<CommandResult, ConsensusError> {
         let r: Result<ForwardReply<CommandResult>, _> =
             self.call(node, cmd, timeout, |mut c, r| async move { c.propose(r).await }).await;
+        forward_result(r)
+    }
+
+    /// Asks the member at `peer_url` for its cluster ID and member registry.
+    pub async fn cluster_info(&self, peer_url: &str, timeout: Duration) -> Result<ClusterInfo, String> {
+        let node = PeerInfo { peer_urls: vec![peer_url.to_string()] };
+        let r: Result<Result<ClusterInfo, String>, _> =
+            self.call(&node, &AdminRequest::ClusterInfo, timeout, |mut c, r| async move { c.admin(r).await }).await;
+        r.map_err(|e| format!("{e:?}"))?
+    }
+
+    /// Asks the leader `node` whether learner `id` has caught up.
+    pub async fn learner_caught_up(
+        &self,
+        node: &PeerInfo,
+        id: MemberId,
+        timeout: Duration,
+    ) -> Result<bool, ConsensusError> {
+        let req = AdminRequest::LearnerCaughtUp(id);
+        let r: Result<ForwardReply<bool>, _> =
+            self.call(node, &req, timeout, |mut c, r| async move { c.admin(r).await }).await;
         forward_result(r)
     }
 
@@ -298,6 +338,23 @@ impl Peer for PeerService {
             },
         };
         reply(&out)
+    }
+
+    async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        match arg(req)? {
+            AdminRequest::ClusterInfo => {
+                let info = self.group.cluster_info().map_err(|e| e.to_string());
+                reply(&info)
+            }
+            AdminRequest::LearnerCaughtUp(id) => {
+                let out = match self.group.local_learner_caught_up(id) {
+                    Ok(ready) => ForwardReply::Ok(ready),
+                    Err(ConsensusError::NotLeader) => ForwardReply::NotLeader,
+                    Err(e) => ForwardReply::Failed(e.to_string()),
+                };
+                reply(&out)
+            }
+        }
     }
 
     async fn read_index(&self, _req: Request<Payload>) -> Result<Response<Payload>, Status> {

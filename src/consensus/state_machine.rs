@@ -32,7 +32,6 @@ type C = TypeConfig;
 
 const META_APPLIED: &str = "raft/applied";
 const META_MEMBERSHIP: &str = "raft/membership";
-const MEMBER_ATTR_PREFIX: &str = "member/";
 const ALARM_PREFIX: &str = "alarm/";
 /// etcd's `AlarmType.NOSPACE`.
 pub const ALARM_NOSPACE: i32 = 1;
@@ -40,13 +39,6 @@ pub const ALARM_NOSPACE: i32 = 1;
 /// Applied entries between durable state-machine commits. Bounds how much of the
 /// log a restart re-applies; correctness does not depend on it (the log is durable).
 const PERSIST_EVERY_ENTRIES: u64 = 10_000;
-
-/// A member's self-published attributes (etcd's `publish`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default, PartialEq, Eq)]
-pub struct MemberAttr {
-    pub name: String,
-    pub client_urls: Vec<String>,
-}
 
 fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(io::Error::other)
@@ -70,21 +62,8 @@ pub fn reset_raft_state(backend: &Backend) -> io::Result<()> {
         let mut meta = txn.open_table(META).map_err(io_err)?;
         meta.remove(META_APPLIED).map_err(io_err)?;
         meta.remove(META_MEMBERSHIP).map_err(io_err)?;
-        let attrs: Vec<String> = {
-            let mut keys = Vec::new();
-            for row in meta.range(MEMBER_ATTR_PREFIX..).map_err(io_err)? {
-                let (k, _) = row.map_err(io_err)?;
-                if !k.value().starts_with(MEMBER_ATTR_PREFIX) {
-                    break;
-                }
-                keys.push(k.value().to_string());
-            }
-            keys
-        };
-        for k in attrs {
-            meta.remove(k.as_str()).map_err(io_err)?;
-        }
     }
+    super::members::clear(&txn)?;
     txn.commit().map_err(io_err)?;
     backend.persist()?;
     Ok(())
@@ -105,19 +84,6 @@ fn alarms_in<T: ReadableTable<&'static str, &'static [u8]>>(meta: &T) -> io::Res
 /// Active alarms as (member, alarm type).
 pub fn alarms(txn: &redb::ReadTransaction) -> io::Result<Vec<(MemberId, i32)>> {
     alarms_in(&txn.open_table(META).map_err(io_err)?)
-}
-
-/// Reads every published member attribute from a read transaction.
-pub fn member_attrs(txn: &redb::ReadTransaction) -> io::Result<Vec<(MemberId, MemberAttr)>> {
-    let meta = txn.open_table(META).map_err(io_err)?;
-    let mut out = Vec::new();
-    for row in meta.range(MEMBER_ATTR_PREFIX..).map_err(io_err)? {
-        let (k, v) = row.map_err(io_err)?;
-        let Some(hex) = k.value().strip_prefix(MEMBER_ATTR_PREFIX) else { break };
-        let id = u64::from_str_radix(hex, 16).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        out.push((id, decode(v.value())?));
-    }
-    Ok(out)
 }
 
 pub struct StateMachine {
@@ -247,13 +213,7 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandRes
         Command::DeleteRange(b) => run(txn, b, |w, r: &DeleteRangeRequest| w.delete_range(r)),
         Command::Txn(b) => run(txn, b, |w, r: &TxnRequest| w.txn(r)),
         Command::Compact(b) => run(txn, b, |w, r: &CompactionRequest| w.compact(r.revision)),
-        Command::Publish { id, name, client_urls } => {
-            let mut meta = txn.open_table(META).map_err(io_err)?;
-            let attr = MemberAttr { name: name.clone(), client_urls: client_urls.clone() };
-            meta.insert(format!("{MEMBER_ATTR_PREFIX}{id:016x}").as_str(), encode(&attr)?.as_slice())
-                .map_err(io_err)?;
-            Ok(CommandResult::Ok(Vec::new()))
-        }
+        Command::Member(change) => super::members::apply(txn, change),
     }
 }
 
@@ -281,6 +241,7 @@ impl RaftStateMachine<C> for StateMachine {
                 EntryPayload::Blank => CommandResult::Ok(Vec::new()),
                 EntryPayload::Normal(cmd) => apply_command(&txn, cmd)?,
                 EntryPayload::Membership(m) => {
+                    super::members::seed_from_membership(&txn, m)?;
                     membership = Some(StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone()));
                     CommandResult::Ok(Vec::new())
                 }

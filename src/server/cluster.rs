@@ -1,18 +1,22 @@
-//! The etcd `Cluster` and `Maintenance` services (the parts etcdctl needs for
-//! `member list`, `endpoint status` and `endpoint health`).
+//! The etcd `Cluster` and `Maintenance` services: membership changes (through
+//! the replicated member registry, see `consensus::members`), status, alarms,
+//! hashes, snapshots, defragmentation and leader transfer.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::{Node, ETCD_COMPAT_VERSION};
-use crate::consensus::state_machine::{alarms, member_attrs};
-use crate::consensus::Command;
+use crate::consensus::members::{member_id, records, MemberChange};
+use crate::consensus::state_machine::alarms;
+use crate::consensus::{Command, CommandResult, MemberId};
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
-    MemberListResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 
 /// Bytes per `Maintenance.Snapshot` message (etcd sends 32 KiB pieces).
@@ -23,36 +27,137 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
-    /// Members from the Raft membership, named by their published attributes.
+    /// The member registry as this member has applied it, in ID order.
     pub fn members(node: &Node) -> Result<Vec<Member>, Status> {
-        let metrics = node.group.metrics();
-        let membership = metrics.membership_config.membership().clone();
         let txn = node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
-        let attrs = member_attrs(&txn).map_err(|e| Status::internal(e.to_string()))?;
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let mut out: Vec<Member> = membership
-            .nodes()
-            .map(|(id, info)| {
-                let attr = attrs.iter().find(|(a, _)| a == id).map(|(_, a)| a.clone()).unwrap_or_default();
-                Member {
-                    id: *id,
-                    name: attr.name,
-                    peer_ur_ls: info.peer_urls.clone(),
-                    client_ur_ls: attr.client_urls,
-                    is_learner: !voters.contains(id),
-                }
+        let list = records(&txn).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(list
+            .into_iter()
+            .map(|(id, r)| Member {
+                id,
+                name: r.name,
+                peer_ur_ls: r.peer_urls,
+                client_ur_ls: r.client_urls,
+                is_learner: r.learner,
             })
-            .collect();
-        out.sort_by_key(|m| m.id);
-        Ok(out)
+            .collect())
     }
+
+    /// Commits a registry change, then waits until this member has applied it so
+    /// the member list in the response includes it.
+    async fn change(&self, change: MemberChange) -> Result<Vec<Member>, Status> {
+        let timeout = self.node.config.request_timeout();
+        match self.node.group.propose(Command::Member(change), timeout).await {
+            Ok(CommandResult::Ok(_)) => {}
+            Ok(CommandResult::Err(e)) => return Err(super::errors::from_apply(e)),
+            Err(e) => return Err(super::errors::from_consensus(e)),
+        }
+        self.node.group.read_barrier(timeout).await.map_err(super::errors::from_consensus)?;
+        ClusterService::members(&self.node)
+    }
+
+    fn find(&self, id: MemberId) -> Result<Member, Status> {
+        ClusterService::members(&self.node)?
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or_else(super::errors::member_not_found)
+    }
+
+    /// Waits (bounded by the request timeout) until Raft's membership reflects
+    /// `done`; the registry change is already committed, so a timeout here is not
+    /// an error: the leader's reconciler finishes the change.
+    async fn settle(&self, done: impl Fn(&crate::consensus::reconcile::RaftMembers) -> bool) {
+        let deadline = tokio::time::Instant::now() + self.node.config.request_timeout() / 2;
+        while !done(&self.node.group.raft_members()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Peer URLs as etcd accepts them in `MemberAdd`/`MemberUpdate`: at least one,
+/// each `http(s)://host:port` with nothing after the port.
+fn valid_peer_urls(urls: &[String]) -> bool {
+    !urls.is_empty()
+        && urls.iter().all(|u| {
+            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+            rest.and_then(|hp| hp.rsplit_once(':'))
+                .is_some_and(|(host, port)| !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok())
+        })
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        let req = req.into_inner();
+        if !valid_peer_urls(&req.peer_ur_ls) {
+            return Err(super::errors::member_bad_urls());
+        }
+        let now_s =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let id = member_id(&req.peer_ur_ls, "", Some(now_s));
+        let change = MemberChange::Add { id, peer_urls: req.peer_ur_ls.clone(), learner: req.is_learner };
+        let members = self.change(change).await?;
+        let member = Member { id, peer_ur_ls: req.peer_ur_ls, is_learner: req.is_learner, ..Default::default() };
+        let mut resp = MemberAddResponse { header: None, member: Some(member), members };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        let id = req.into_inner().id;
+        let target = self.find(id)?;
+        let voters_left = ClusterService::members(&self.node)?.iter().filter(|m| !m.is_learner && m.id != id).count();
+        if !target.is_learner && voters_left == 0 {
+            return Err(Status::failed_precondition(
+                "etcdserver: re-configuration failed due to not enough started members",
+            ));
+        }
+        let members = self.change(MemberChange::Remove { id }).await?;
+        // A member removing itself answers at once: it is about to stop.
+        if id != self.node.member_id {
+            self.settle(|r| !r.nodes.contains_key(&id) && !r.joint).await;
+        }
+        let mut resp = MemberRemoveResponse { header: None, members };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        let req = req.into_inner();
+        if !valid_peer_urls(&req.peer_ur_ls) {
+            return Err(super::errors::member_bad_urls());
+        }
+        let members = self.change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls }).await?;
+        let mut resp = MemberUpdateResponse { header: None, members };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         let members = ClusterService::members(&self.node)?;
         let mut resp = MemberListResponse { header: None, members };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    /// etcd refuses to promote a learner that has not caught up with the leader;
+    /// the leader decides, wherever the request arrives.
+    async fn member_promote(
+        &self,
+        req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let id = req.into_inner().id;
+        if !self.find(id)?.is_learner {
+            return Err(super::errors::member_not_learner());
+        }
+        let timeout = self.node.config.request_timeout();
+        let ready = self.node.group.learner_caught_up(id, timeout).await.map_err(super::errors::from_consensus)?;
+        if !ready {
+            return Err(super::errors::learner_not_ready());
+        }
+        let members = self.change(MemberChange::Promote { id }).await?;
+        self.settle(|r| r.voters.contains(&id) && !r.joint).await;
+        let mut resp = MemberPromoteResponse { header: None, members };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
@@ -136,6 +241,42 @@ impl Maintenance for MaintenanceService {
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// etcd's `Hash`: a CRC over the whole replicated state (data, leases, member
+    /// registry, alarms), equal on members that applied the same log prefix.
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+        let hash = crate::storage::Backend::state_hash(&txn).map_err(|e| Status::internal(e.to_string()))?;
+        let rev = crate::mvcc::read_revisions(&txn).map_err(|e| Status::internal(e.to_string()))?.0;
+        drop(txn);
+        let mut resp = HashResponse {
+            header: Some(crate::proto::etcdserverpb::ResponseHeader { revision: rev, ..Default::default() }),
+            hash,
+        };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    /// etcd's `MoveLeader`: only the leader accepts it; the target must be a voter.
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        let target = req.into_inner().target_id;
+        let group = &self.node.group;
+        if !group.is_leader() {
+            return Err(super::errors::not_leader());
+        }
+        if !group.raft_members().voters.contains(&target) {
+            return Err(super::errors::bad_leader_transferee());
+        }
+        if target != self.node.member_id {
+            group
+                .transfer_leadership(target, self.node.config.request_timeout())
+                .await
+                .map_err(|_| super::errors::leader_transfer_timeout())?;
+        }
+        let mut resp = MoveLeaderResponse { header: None };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {

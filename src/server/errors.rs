@@ -47,6 +47,34 @@ pub fn lease_ttl_too_large() -> Status {
     Status::out_of_range("etcdserver: too large lease TTL")
 }
 
+pub fn member_exists() -> Status {
+    Status::failed_precondition("etcdserver: member ID already exist")
+}
+pub fn peer_url_exists() -> Status {
+    Status::failed_precondition("etcdserver: Peer URLs already exists")
+}
+pub fn member_not_found() -> Status {
+    Status::not_found("etcdserver: member not found")
+}
+pub fn member_bad_urls() -> Status {
+    Status::invalid_argument("etcdserver: given member URLs are invalid")
+}
+pub fn member_not_learner() -> Status {
+    Status::failed_precondition("etcdserver: can only promote a learner member")
+}
+pub fn learner_not_ready() -> Status {
+    Status::failed_precondition("etcdserver: can only promote a learner member which is in sync with leader")
+}
+pub fn not_leader() -> Status {
+    Status::failed_precondition("etcdserver: not leader")
+}
+pub fn bad_leader_transferee() -> Status {
+    Status::failed_precondition("etcdserver: bad leader transferee")
+}
+pub fn leader_transfer_timeout() -> Status {
+    Status::unavailable("etcdserver: request timed out, leader transfer took too long")
+}
+
 pub fn from_apply(e: ApplyError) -> Status {
     match e {
         ApplyError::Compacted => compacted(),
@@ -55,6 +83,10 @@ pub fn from_apply(e: ApplyError) -> Status {
         ApplyError::LeaseNotFound => lease_not_found(),
         ApplyError::LeaseExists => lease_exists(),
         ApplyError::NoSpace => no_space(),
+        ApplyError::MemberExists => member_exists(),
+        ApplyError::PeerUrlExists => peer_url_exists(),
+        ApplyError::MemberNotFound => member_not_found(),
+        ApplyError::MemberNotLearner => member_not_learner(),
         ApplyError::Malformed(m) => Status::internal(format!("etcdserver: malformed command in log: {m}")),
     }
 }

@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha1::{Digest, Sha1};
 use tokio::net::TcpListener;
 
+use crate::consensus::members::{cluster_id, member_id, MemberChange};
 use crate::consensus::network::PeerService;
 use crate::consensus::{Command, CommandResult, Group, GroupConfig, MemberId, PeerInfo};
 use crate::mvcc::ReadView;
@@ -63,21 +63,70 @@ pub struct Identity {
     bootstrapped: bool,
 }
 
-/// Computes this member's identity from the bootstrap flags and writes it to
-/// `<data-dir>/member/identity`. Must be durable before Raft is initialised: a
-/// restart has to recognise its own identity rather than bootstrap a second time.
+/// Computes a bootstrapping member's identity from `--initial-cluster` (state
+/// `new`) and writes it to `<data-dir>/member/identity`. Must be durable before Raft
+/// is initialised: a restart has to recognise its own identity rather than
+/// bootstrap a second time.
 pub fn write_bootstrap_identity(config: &Config) -> Result<Identity, BoxError> {
     let ids: Vec<MemberId> =
-        config.initial_cluster.iter().map(|(_, urls)| member_id(urls, &config.initial_cluster_token)).collect();
+        config.initial_cluster.iter().map(|(_, urls)| member_id(urls, &config.initial_cluster_token, None)).collect();
     let identity = Identity {
-        member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token),
+        member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token, None),
         cluster_id: cluster_id(&ids),
-        bootstrapped: config.initial_cluster_state == ClusterState::New,
+        bootstrapped: true,
     };
+    save_new_identity(config, &identity)?;
+    Ok(identity)
+}
+
+fn save_new_identity(config: &Config, identity: &Identity) -> Result<(), BoxError> {
     let member_dir = config.data_dir.join("member");
     std::fs::create_dir_all(&member_dir)?;
-    save_identity(&member_dir.join("identity"), &identity)?;
-    Ok(identity)
+    save_identity(&member_dir.join("identity"), identity)
+}
+
+/// How long a member joining an existing cluster keeps asking the peers in
+/// `--initial-cluster` for the member list before giving up.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A member started with `--initial-cluster-state existing` learns its ID (given
+/// by `MemberAdd`) and the cluster ID from a running peer, matching its own
+/// `--initial-advertise-peer-urls` against the member registry, as etcd does.
+async fn join_identity(config: &Config) -> Result<Identity, BoxError> {
+    let pool = crate::consensus::network::PeerPool::new(1024 * 1024);
+    let mine: std::collections::BTreeSet<&String> = config.initial_advertise_peer_urls.iter().collect();
+    let peers: Vec<&String> =
+        config.initial_cluster.iter().flat_map(|(_, urls)| urls).filter(|u| !mine.contains(u)).collect();
+    if peers.is_empty() {
+        return Err("--initial-cluster-state existing needs at least one other member in --initial-cluster".into());
+    }
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let mut last_error = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for url in &peers {
+            match pool.cluster_info(url, Duration::from_secs(2)).await {
+                Ok(info) => {
+                    let found = info
+                        .members
+                        .iter()
+                        .find(|(_, r)| r.peer_urls.iter().collect::<std::collections::BTreeSet<_>>() == mine);
+                    let Some((id, _)) = found else {
+                        return Err(format!(
+                            "member with peer URLs {} is not in the cluster's member list; add it first (etcdctl member add)",
+                            config.initial_advertise_peer_urls.join(",")
+                        )
+                        .into());
+                    };
+                    let identity = Identity { member_id: *id, cluster_id: info.cluster_id, bootstrapped: false };
+                    save_new_identity(config, &identity)?;
+                    return Ok(identity);
+                }
+                Err(e) => last_error = format!("{url}: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("could not retrieve cluster information from the given URLs ({last_error})").into())
 }
 
 /// `member/identity`: crc32 ‖ bincode(identity), written once, atomically.
@@ -91,29 +140,6 @@ fn load_identity(path: &std::path::Path) -> Result<Option<Identity>, BoxError> {
         None => Ok(None),
         Some(body) => Ok(Some(bincode::serde::decode_from_slice(&body, bincode::config::standard())?.0)),
     }
-}
-
-/// etcd's member ID: SHA-1 over the sorted peer URLs and the cluster token.
-pub fn member_id(peer_urls: &[String], token: &str) -> MemberId {
-    let mut urls = peer_urls.to_vec();
-    urls.sort();
-    let mut h = Sha1::new();
-    h.update(urls.concat().as_bytes());
-    h.update(token.as_bytes());
-    let d = h.finalize();
-    u64::from_be_bytes(d[..8].try_into().expect("sha1 digest has 20 bytes"))
-}
-
-/// etcd's cluster ID: SHA-1 over the sorted member IDs.
-pub fn cluster_id(member_ids: &[MemberId]) -> u64 {
-    let mut ids = member_ids.to_vec();
-    ids.sort();
-    let mut h = Sha1::new();
-    for id in ids {
-        h.update(id.to_be_bytes());
-    }
-    let d = h.finalize();
-    u64::from_be_bytes(d[..8].try_into().expect("sha1 digest has 20 bytes"))
 }
 
 /// Everything a request handler needs about this member.
@@ -251,14 +277,15 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let initial_members: std::collections::BTreeMap<MemberId, PeerInfo> = config
         .initial_cluster
         .iter()
-        .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token), PeerInfo { peer_urls: urls.clone() }))
+        .map(|(_, urls)| (member_id(urls, &config.initial_cluster_token, None), PeerInfo { peer_urls: urls.clone() }))
         .collect();
     let identity = match load_identity(&identity_path)? {
         Some(id) => {
             tracing::info!(member = %format!("{:x}", id.member_id), "restarting member; --initial-cluster flags are ignored");
             id
         }
-        None => write_bootstrap_identity(&config)?,
+        None if config.initial_cluster_state == ClusterState::New => write_bootstrap_identity(&config)?,
+        None => join_identity(&config).await?,
     };
 
     let (group, log) = Group::start(identity.member_id, &member_dir.join("group-1"), &group_config).await?;
@@ -336,10 +363,12 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     }
     tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));
     tokio::spawn(publish(node.clone()));
+    tokio::spawn(group.clone().run_reconciler());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome: Result<(), BoxError> = tokio::select! {
         reason = group.fatal() => Err(format!("raft group stopped: {reason}").into()),
+        () = removed(group.clone(), config.election_timeout_ms) => Err("the member has been permanently removed from the cluster".into()),
         Some(res) = tasks.join_next() => match res {
             Ok(Ok(())) => Err("a server task ended unexpectedly".into()),
             Ok(Err(e)) => Err(e.into()),
@@ -369,13 +398,33 @@ async fn sample_db_size(node: Arc<Node>) {
     }
 }
 
+/// Election timeouts between asking peers whether this member was removed.
+const REMOVED_PEER_CHECK_EVERY: u32 = 5;
+
+/// Resolves once this member knows it has been removed from the cluster, like
+/// etcd's removed member, which stops instead of lingering without a cluster.
+async fn removed(group: Group, election_timeout_ms: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(election_timeout_ms.max(100)));
+    let mut ticks = 0u32;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        if group.removal_applied() {
+            return;
+        }
+        if ticks.is_multiple_of(REMOVED_PEER_CHECK_EVERY) && group.removal_confirmed_by_peer().await {
+            return;
+        }
+    }
+}
+
 /// Publishes this member's name and client URLs through Raft until it succeeds.
 async fn publish(node: Arc<Node>) {
-    let cmd = Command::Publish {
+    let cmd = Command::Member(MemberChange::Publish {
         id: node.member_id,
         name: node.config.name.clone(),
         client_urls: node.config.advertise_client_urls.clone(),
-    };
+    });
     loop {
         match node.group.propose(cmd.clone(), node.config.request_timeout()).await {
             Ok(_) => {

@@ -152,6 +152,32 @@ impl Backend {
         Ok(out)
     }
 
+    /// CRC32 over every row of every table, skipping META rows under `raft/`
+    /// (applied log id and Raft membership, which depend on when a member last
+    /// applied a no-op entry, not on the replicated state).
+    pub fn state_hash(txn: &ReadTransaction) -> Result<u32, StorageError> {
+        let mut h = crc32fast::Hasher::new();
+        let mut row = |k: &[u8], v: &[u8]| {
+            h.update(&(k.len() as u64).to_be_bytes());
+            h.update(k);
+            h.update(&(v.len() as u64).to_be_bytes());
+            h.update(v);
+        };
+        for r in txn.open_table(META)?.iter()? {
+            let (k, v) = r?;
+            if !k.value().starts_with("raft/") {
+                row(k.value().as_bytes(), v.value());
+            }
+        }
+        for t in BYTE_TABLES {
+            for r in txn.open_table(t)?.iter()? {
+                let (k, v) = r?;
+                row(k.value(), v.value());
+            }
+        }
+        Ok(h.finalize())
+    }
+
     /// Replaces the whole state with a snapshot, durably, in one transaction.
     /// The snapshot is fully validated before anything is changed.
     pub fn install_snapshot(&self, data: &[u8]) -> Result<(), StorageError> {

@@ -70,6 +70,8 @@ pub struct Member {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// Started with `--initial-cluster-state existing` (added with `MemberAdd`).
+    pub joining: bool,
     child: Option<Child>,
 }
 
@@ -131,11 +133,52 @@ impl ProcessCluster {
                     name,
                     client_port: free_port(),
                     peer_port: free_port(),
+                    joining: false,
                     child: None,
                 }
             })
             .collect();
         ProcessCluster { bin: bin.to_path_buf(), dir, options, members }
+    }
+
+    /// Allocates a new member that will join the running cluster (state
+    /// `existing`) once the cluster has been told about it with `MemberAdd`; start
+    /// it with `restart`. Returns its index.
+    pub fn add_member(&mut self) -> usize {
+        let i = self.members.len();
+        let name = format!("m{i}");
+        self.members.push(Member {
+            data_dir: self.dir.path().join(format!("{name}.data")),
+            log_path: self.dir.path().join(format!("{name}.log")),
+            name,
+            client_port: free_port(),
+            peer_port: free_port(),
+            joining: true,
+            child: None,
+        });
+        i
+    }
+
+    /// Member `i`'s peer URL.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].peer_port)
+    }
+
+    /// Waits up to `timeout` for member `i`'s process to exit by itself; returns
+    /// its exit status, or `None` if it is still running (or was not).
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.members[i].child.as_mut()?;
+            if let Ok(Some(st)) = c.try_wait() {
+                self.members[i].child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -169,7 +212,7 @@ impl ProcessCluster {
             "--initial-cluster",
             &self.initial_cluster(),
             "--initial-cluster-state",
-            "new",
+            if m.joining { "existing" } else { "new" },
             "--heartbeat-interval",
             &self.options.heartbeat_ms.to_string(),
             "--election-timeout",
