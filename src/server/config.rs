@@ -82,6 +82,12 @@ pub struct Flags {
     /// Interval of watch progress notifications (Go duration, e.g. 10m, 1s, 500ms).
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL")]
     pub experimental_watch_progress_notify_interval: Option<String>,
+    /// Interpret 'auto-compaction-retention' as a period ('periodic') or a revision count ('revision').
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE")]
+    pub auto_compaction_mode: Option<String>,
+    /// History to keep: a duration or hours ('periodic'), or revisions ('revision'); 0 disables.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION")]
+    pub auto_compaction_retention: Option<String>,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -116,6 +122,8 @@ pub struct Config {
     pub snapshot_catchup_entries: u64,
     pub watch_progress_notify_interval: std::time::Duration,
     pub max_concurrent_streams: u32,
+    /// `None` when auto-compaction is off (etcd's default retention "0").
+    pub auto_compaction: Option<super::compactor::AutoCompaction>,
     pub log_level: String,
 }
 
@@ -136,7 +144,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 19] = [
+const KNOWN_KEYS: [&str; 21] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -155,6 +163,8 @@ const KNOWN_KEYS: [&str; 19] = [
     "experimental-snapshot-catchup-entries",
     "experimental-watch-progress-notify-interval",
     "max-concurrent-streams",
+    "auto-compaction-mode",
+    "auto-compaction-retention",
     "log-level",
 ];
 
@@ -325,6 +335,10 @@ impl Config {
                 .map_err(|e| format!("invalid value for --experimental-watch-progress-notify-interval: {e}"))?;
         let max_concurrent_streams = u32::try_from(parse_u64(raw, "max-concurrent-streams", u32::MAX as u64)?)
             .map_err(|_| "--max-concurrent-streams must fit in 32 bits".to_string())?;
+        let auto_compaction = super::compactor::AutoCompaction::parse(
+            raw.get("auto-compaction-mode").unwrap_or("periodic"),
+            raw.get("auto-compaction-retention").unwrap_or("0"),
+        )?;
         let log_level = raw.get("log-level").unwrap_or("info").to_string();
         if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
             return Err(format!("invalid value {log_level:?} for --log-level"));
@@ -348,6 +362,7 @@ impl Config {
             snapshot_catchup_entries,
             watch_progress_notify_interval,
             max_concurrent_streams,
+            auto_compaction,
             log_level,
         };
         config.check_self_in_cluster()?;
@@ -401,6 +416,8 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("experimental-snapshot-catchup-entries", f.experimental_snapshot_catchup_entries);
     raw.set("experimental-watch-progress-notify-interval", f.experimental_watch_progress_notify_interval);
     raw.set("max-concurrent-streams", f.max_concurrent_streams);
+    raw.set("auto-compaction-mode", f.auto_compaction_mode);
+    raw.set("auto-compaction-retention", f.auto_compaction_retention);
     raw.set("log-level", f.log_level);
     raw
 }

@@ -13,6 +13,7 @@
 //!    a member must never keep answering from a dead group.
 
 pub mod cluster;
+pub mod compactor;
 pub mod config;
 pub mod errors;
 pub mod http;
@@ -364,6 +365,9 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));
     tokio::spawn(publish(node.clone()));
     tokio::spawn(group.clone().run_reconciler());
+    if let Some(policy) = config.auto_compaction {
+        tokio::spawn(compactor::run(node.clone(), policy));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome: Result<(), BoxError> = tokio::select! {
