@@ -74,3 +74,215 @@ async fn hash_is_equal_across_members_at_the_same_revision() {
     }
     assert!(hashes.windows(2).all(|w| w[0] == w[1]), "Hash differs across members: {hashes:?}");
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Damages `file`: flips one bit inside every stored value visible in the file
+/// (so live data is hit, not only stale pages), or in the middle of the file if
+/// none is visible; or cuts the file in half.
+fn damage(file: &std::path::Path, truncate: bool) {
+    let mut bytes = std::fs::read(file).unwrap();
+    if truncate {
+        bytes.truncate(bytes.len() / 2);
+    } else {
+        let marker = b"corruption-marker-";
+        let hits: Vec<usize> =
+            bytes.windows(marker.len()).enumerate().filter(|(_, w)| *w == marker).map(|(i, _)| i + 4).collect();
+        if hits.is_empty() {
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x10;
+        }
+        for at in hits {
+            bytes[at] ^= 0x10;
+        }
+    }
+    std::fs::write(file, &bytes).unwrap();
+}
+
+/// The file to damage among those whose path contains `part`: one holding a
+/// stored value if any does, else the biggest.
+fn pick(data_dir: &std::path::Path, part: &str) -> PathBuf {
+    let has_marker = |p: &PathBuf| std::fs::read(p).is_ok_and(|b| b.windows(18).any(|w| w == b"corruption-marker-"));
+    files_under(data_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(part))
+        .max_by_key(|p| (has_marker(p), std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)))
+        .unwrap_or_else(|| panic!("no file matching {part} under {}", data_dir.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_files_are_refused_at_start_and_never_served() {
+    let options =
+        ClusterOptions { extra_args: ["--snapshot-count", "50"].map(String::from).to_vec(), ..Default::default() };
+    let mut cluster = ProcessCluster::start(&bin(), 3, options);
+    let leader = cluster.wait_leader(WAIT).await;
+    let mut c = cluster.client(leader).await;
+    let expected = |i: usize| format!("corruption-marker-{i:04}");
+    for i in 0..200 {
+        c.put(format!("k{i:04}"), expected(i), None).await.expect("put");
+    }
+    let victim = (leader + 1) % 3;
+    // Let the victim apply everything (and build its own snapshots) before stopping.
+    let rev = c.get("k0000", None).await.unwrap().header().unwrap().revision();
+    let caught_up = eventually(WAIT, || {
+        let cluster = &cluster;
+        async move { cluster.status(victim).await.filter(|s| s.2 > 200).map(|_| ()) }
+    })
+    .await;
+    assert!(caught_up.is_some());
+    assert!(cluster.stop(victim).is_some_and(|st| st.success()), "clean stop");
+    let data_dir = cluster.members[victim].data_dir.clone();
+    let pristine = cluster.dir().join("pristine");
+    copy_dir(&data_dir, &pristine);
+    assert!(pristine.join("member/group-1/log-end").exists(), "a clean stop records where the log ends");
+
+    for (kind, part) in
+        [("identity", "identity"), ("state machine", "state.redb"), ("raft log", "/log/"), ("snapshot", "snap/current")]
+    {
+        for truncate in [false, true] {
+            std::fs::remove_dir_all(&data_dir).unwrap();
+            copy_dir(&pristine, &data_dir);
+            let file = pick(&data_dir, part);
+            damage(&file, truncate);
+            let how = if truncate { "truncated" } else { "bit flip" };
+            let log_before = cluster.log_text(victim).len();
+            cluster.restart(victim);
+            match cluster.wait_exit(victim, Duration::from_secs(10)) {
+                Some(st) => {
+                    assert!(!st.success(), "{kind} {how}: a refusing member exits non-zero");
+                    let log = cluster.log_text(victim)[log_before..].to_lowercase();
+                    assert!(
+                        log.contains("corrupt") || log.contains("checksum"),
+                        "{kind} {how}: the log says what is wrong:\n{log}"
+                    );
+                    println!("{kind} {how} ({}): refused at start", file.display());
+                }
+                None => {
+                    // It started: whatever it serves must be the true data.
+                    let mut v = cluster.client(victim).await;
+                    let served = eventually(WAIT, || {
+                        let mut v = v.clone();
+                        async move {
+                            let r = v.get("k", Some(GetOptions::new().with_prefix())).await.ok()?;
+                            (r.header().unwrap().revision() >= rev).then_some(r)
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|| panic!("{kind} {how}: a member that starts must serve"));
+                    assert_eq!(served.kvs().len(), 200, "{kind} {how}: all keys served");
+                    for (i, kv) in served.kvs().iter().enumerate() {
+                        assert_eq!(kv.value_str().unwrap(), expected(i), "{kind} {how}: wrong data served");
+                    }
+                    let _ = v.status().await;
+                    println!("{kind} {how} ({}): started; served only correct data", file.display());
+                    cluster.kill(victim);
+                }
+            }
+        }
+    }
+}
+
+/// Changes one stored value on a stopped member with a valid storage write, so no
+/// checksum notices: only comparing with the other members can.
+fn tamper_with_history(data_dir: &std::path::Path) {
+    use concord::storage::{Backend, HISTORY};
+    use redb::ReadableTable;
+    let backend = Backend::open(&data_dir.join("member/group-1/state.redb")).expect("open state");
+    let txn = backend.begin_apply().unwrap();
+    {
+        let mut history = txn.open_table(HISTORY).unwrap();
+        let (key, mut value) = {
+            let mut rows = history.iter().unwrap();
+            let (k, v) = rows.next().expect("a history row").unwrap();
+            (k.value().to_vec(), v.value().to_vec())
+        };
+        // The user value is the last field of the encoded KeyValue.
+        *value.last_mut().unwrap() ^= 0x01;
+        history.insert(key.as_slice(), value.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+    backend.persist().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_member_is_found_by_the_periodic_check_and_stops_serving() {
+    let options = ClusterOptions {
+        extra_args: ["--experimental-corrupt-check-time", "1s"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let mut cluster = ProcessCluster::start(&bin(), 3, options);
+    let leader = cluster.wait_leader(WAIT).await;
+    let mut c = cluster.client(leader).await;
+    for i in 0..20 {
+        c.put(format!("k{i:02}"), "value", None).await.expect("put");
+    }
+    let victim = (leader + 1) % 3;
+    let victim_id = cluster.client(victim).await.status().await.unwrap().header().unwrap().member_id();
+    assert!(eventually(WAIT, || {
+        let cluster = &cluster;
+        async move { cluster.status(victim).await.filter(|s| s.2 >= 22).map(|_| ()) }
+    })
+    .await
+    .is_some());
+    assert!(cluster.stop(victim).is_some());
+    tamper_with_history(&cluster.members[victim].data_dir);
+    cluster.restart(victim);
+
+    let raised = eventually(WAIT, || {
+        let mut c = c.clone();
+        async move {
+            let alarms = c
+                .alarm(
+                    concord_testkit::etcd_client::AlarmAction::Get,
+                    concord_testkit::etcd_client::AlarmType::None,
+                    None,
+                )
+                .await
+                .ok()?;
+            alarms
+                .alarms()
+                .iter()
+                .any(|a| a.member_id() == victim_id && a.alarm() == concord_testkit::etcd_client::AlarmType::Corrupt)
+                .then_some(())
+        }
+    })
+    .await;
+    if raised.is_none() {
+        cluster.dump_logs();
+    }
+    assert!(raised.is_some(), "CORRUPT raised for the diverged member");
+    let mut v = cluster.client(victim).await;
+    let err =
+        v.get("k00", Some(GetOptions::new().with_serializable())).await.expect_err("diverged member refuses reads");
+    assert!(err.to_string().contains("etcdserver: corrupt cluster"), "{err}");
+    let status = v.status().await.expect("status still answers");
+    assert!(status.errors().iter().any(|e| e == "alarm:CORRUPT"), "{:?}", status.errors());
+    // The healthy majority keeps serving.
+    let got = c.get("k00", None).await.expect("healthy members serve");
+    assert_eq!(got.kvs()[0].value(), b"value");
+    assert!(cluster.log_text(leader).contains("raising CORRUPT"));
+}

@@ -56,6 +56,9 @@ enum AdminRequest {
     ClusterInfo,
     /// Whether the given learner has caught up with the leader (asked of the leader).
     LearnerCaughtUp(MemberId),
+    /// The receiver's HashKV at a revision, once it has applied that revision (the
+    /// leader's cross-member corruption check).
+    HashKvAt(i64),
 }
 
 /// What a member tells a joining member about its cluster.
@@ -67,6 +70,9 @@ pub struct ClusterInfo {
     /// registry is at least this fresh).
     pub applied_index: u64,
 }
+
+/// How long a member waits to apply the revision a HashKV check asks about.
+const HASH_KV_WAIT: Duration = Duration::from_secs(5);
 
 /// Connections to peers, shared by every Raft client and forwarding call.
 #[derive(Clone)]
@@ -154,6 +160,13 @@ impl PeerPool {
         let r: Result<ForwardReply<bool>, _> =
             self.call(node, &req, timeout, |mut c, r| async move { c.admin(r).await }).await;
         forward_result(r)
+    }
+
+    /// Asks `node` for its (HashKV, compact revision) at `rev`.
+    pub async fn hash_kv_at(&self, node: &PeerInfo, rev: i64, timeout: Duration) -> Result<(u32, i64), String> {
+        let r: Result<Result<(u32, i64), String>, _> =
+            self.call(node, &AdminRequest::HashKvAt(rev), timeout, |mut c, r| async move { c.admin(r).await }).await;
+        r.map_err(|e| format!("{e:?}"))?
     }
 
     /// Asks the leader `node` for a read index.
@@ -354,6 +367,7 @@ impl Peer for PeerService {
                 };
                 reply(&out)
             }
+            AdminRequest::HashKvAt(rev) => reply(&self.group.local_hash_kv_at(rev, HASH_KV_WAIT).await),
         }
     }
 

@@ -108,6 +108,24 @@ impl Group {
         Ok(ClusterInfo { cluster_id, members: members::records(&txn)?, applied_index })
     }
 
+    /// This member's (HashKV, compact revision) at `rev`, once it has applied `rev`.
+    pub async fn local_hash_kv_at(&self, rev: i64, wait: Duration) -> Result<(u32, i64), String> {
+        let mut rx = self.revision.clone();
+        tokio::time::timeout(wait, rx.wait_for(|r| *r >= rev))
+            .await
+            .map_err(|_| format!("revision {rev} not applied within {wait:?}"))?
+            .map_err(|e| e.to_string())?;
+        let txn = self.backend.begin_read().map_err(|e| e.to_string())?;
+        let view = crate::mvcc::ReadView::new(&txn).map_err(|e| e.to_string())?;
+        view.hash_kv(rev).map_err(|e| e.to_string())
+    }
+
+    /// Asks member `id` for its (HashKV, compact revision) at `rev`.
+    pub async fn peer_hash_kv_at(&self, id: MemberId, rev: i64, timeout: Duration) -> Result<(u32, i64), String> {
+        let node = self.node_of(id).ok_or_else(|| format!("{id:x} is not a Raft member"))?;
+        self.peers.hash_kv_at(&node, rev, timeout).await
+    }
+
     /// The leader's verdict on whether learner `id` has caught up.
     pub fn local_learner_caught_up(&self, id: MemberId) -> Result<bool, ConsensusError> {
         let rx = self.raft.metrics();

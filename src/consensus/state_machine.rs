@@ -35,6 +35,8 @@ const META_MEMBERSHIP: &str = "raft/membership";
 const ALARM_PREFIX: &str = "alarm/";
 /// etcd's `AlarmType.NOSPACE`.
 pub const ALARM_NOSPACE: i32 = 1;
+/// etcd's `AlarmType.CORRUPT`.
+pub const ALARM_CORRUPT: i32 = 2;
 
 /// Applied entries between durable state-machine commits. Bounds how much of the
 /// log a restart re-applies; correctness does not depend on it (the log is durable).
@@ -97,6 +99,10 @@ pub struct StateMachine {
 impl StateMachine {
     pub fn new(backend: Arc<Backend>, snap_dir: PathBuf) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
+        // A corrupt snapshot file is refused at start, not when a follower needs it.
+        if let Some(snap) = read_snapshot_file(&snap_dir.join("current"))? {
+            crate::storage::decode_snapshot(snap.snapshot.get_ref())?;
+        }
         let (revision, rx) = watch::channel(current_rev(&backend)?);
         Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision }, rx))
     }

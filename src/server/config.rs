@@ -21,6 +21,10 @@ pub const DEFAULT_SNAPSHOT_COUNT: u64 = 100_000;
 /// etcd's `SnapshotCatchUpEntries`.
 pub const DEFAULT_SNAPSHOT_CATCHUP_ENTRIES: u64 = 5000;
 
+/// Default interval of the cross-member corruption check. etcd leaves it off;
+/// concord checks by default (one HashKV scan per member per interval).
+pub const DEFAULT_CORRUPT_CHECK: &str = "1m";
+
 #[derive(Parser, Debug, Default)]
 #[command(name = "concord", version, about = "An etcd-v3-compatible replicated coordination store")]
 pub struct Flags {
@@ -88,6 +92,9 @@ pub struct Flags {
     /// History to keep: a duration or hours ('periodic'), or revisions ('revision'); 0 disables.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION")]
     pub auto_compaction_retention: Option<String>,
+    /// Interval of the leader's cross-member HashKV check (Go duration; 0 disables).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME")]
+    pub experimental_corrupt_check_time: Option<String>,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -124,6 +131,8 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// `None` when auto-compaction is off (etcd's default retention "0").
     pub auto_compaction: Option<super::compactor::AutoCompaction>,
+    /// `None` when the periodic corruption check is off.
+    pub corrupt_check_interval: Option<std::time::Duration>,
     pub log_level: String,
 }
 
@@ -144,7 +153,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 21] = [
+const KNOWN_KEYS: [&str; 22] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -165,6 +174,7 @@ const KNOWN_KEYS: [&str; 21] = [
     "max-concurrent-streams",
     "auto-compaction-mode",
     "auto-compaction-retention",
+    "experimental-corrupt-check-time",
     "log-level",
 ];
 
@@ -339,6 +349,12 @@ impl Config {
             raw.get("auto-compaction-mode").unwrap_or("periodic"),
             raw.get("auto-compaction-retention").unwrap_or("0"),
         )?;
+        let corrupt_check_interval = match raw.get("experimental-corrupt-check-time").unwrap_or(DEFAULT_CORRUPT_CHECK) {
+            "0" | "0s" => None,
+            v => Some(
+                parse_duration(v).map_err(|e| format!("invalid value for --experimental-corrupt-check-time: {e}"))?,
+            ),
+        };
         let log_level = raw.get("log-level").unwrap_or("info").to_string();
         if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
             return Err(format!("invalid value {log_level:?} for --log-level"));
@@ -363,6 +379,7 @@ impl Config {
             watch_progress_notify_interval,
             max_concurrent_streams,
             auto_compaction,
+            corrupt_check_interval,
             log_level,
         };
         config.check_self_in_cluster()?;
@@ -418,6 +435,7 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("max-concurrent-streams", f.max_concurrent_streams);
     raw.set("auto-compaction-mode", f.auto_compaction_mode);
     raw.set("auto-compaction-retention", f.auto_compaction_retention);
+    raw.set("experimental-corrupt-check-time", f.experimental_corrupt_check_time);
     raw.set("log-level", f.log_level);
     raw
 }

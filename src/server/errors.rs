@@ -47,6 +47,9 @@ pub fn lease_ttl_too_large() -> Status {
     Status::out_of_range("etcdserver: too large lease TTL")
 }
 
+pub fn corrupt() -> Status {
+    Status::data_loss("etcdserver: corrupt cluster")
+}
 pub fn member_exists() -> Status {
     Status::failed_precondition("etcdserver: member ID already exist")
 }

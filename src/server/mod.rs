@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod compactor;
 pub mod config;
+pub mod corruption;
 pub mod errors;
 pub mod http;
 pub mod kv;
@@ -215,6 +216,11 @@ impl Node {
             self.group.read_barrier(self.config.request_timeout()).await.map_err(errors::from_consensus)?;
         }
         let txn = self.group.backend.begin_read().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let alarms =
+            crate::consensus::state_machine::alarms(&txn).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        if alarms.contains(&(self.member_id, crate::consensus::state_machine::ALARM_CORRUPT)) {
+            return Err(errors::corrupt());
+        }
         ReadView::new(&txn).map_err(errors::from_mvcc)
     }
 
@@ -292,6 +298,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let (group, log) = Group::start(identity.member_id, &member_dir.join("group-1"), &group_config).await?;
     let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
     tracing::info!(entries, "raft log verified");
+    check_log_end(&member_dir, &group)?;
     // A member that crashed between saving its identity and initialising Raft
     // initialises on restart; initialisation is a no-op once any member has done it.
     if identity.bootstrapped && !group.raft.is_initialized().await? {
@@ -365,6 +372,9 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));
     tokio::spawn(publish(node.clone()));
     tokio::spawn(group.clone().run_reconciler());
+    if let Some(every) = config.corrupt_check_interval {
+        tokio::spawn(corruption::run(node.clone(), every));
+    }
     if let Some(policy) = config.auto_compaction {
         tokio::spawn(compactor::run(node.clone(), policy));
     }
@@ -387,8 +397,35 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     }
     if outcome.is_ok() {
         group.backend.persist()?;
+        let last = group.metrics().last_log_index.unwrap_or(0);
+        crate::storage::write_checksummed(&member_dir.join(LOG_END_FILE), &last.to_be_bytes())?;
     }
     outcome
+}
+
+/// Written at a clean shutdown: the last Raft log index, which was durable then.
+const LOG_END_FILE: &str = "group-1/log-end";
+
+/// A log that ends before the index recorded at the last clean shutdown has lost
+/// durable (possibly acknowledged) entries, e.g. a truncated journal that recovery
+/// took for a torn write; the member refuses to start. The record is removed
+/// afterwards: from now on the log may legitimately shrink (a new leader truncates
+/// conflicting uncommitted entries), so it is only valid until the next start.
+fn check_log_end(member_dir: &std::path::Path, group: &Group) -> Result<(), BoxError> {
+    let path = member_dir.join(LOG_END_FILE);
+    let Some(body) = crate::storage::read_checksummed(&path)? else { return Ok(()) };
+    let recorded =
+        u64::from_be_bytes(body.as_slice().try_into().map_err(|_| format!("{} is corrupt", path.display()))?);
+    let last = group.metrics().last_log_index.unwrap_or(0);
+    if last < recorded {
+        return Err(format!(
+            "raft log in {} is corrupt: it ends at index {last}, but index {recorded} was durable at the last clean shutdown (truncated or rolled-back log files)",
+            member_dir.display()
+        )
+        .into());
+    }
+    std::fs::remove_file(&path)?;
+    Ok(())
 }
 
 async fn sample_db_size(node: Arc<Node>) {

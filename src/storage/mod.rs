@@ -45,12 +45,16 @@ pub enum StorageError {
     Engine(String),
     #[error("snapshot is corrupt: {0}")]
     CorruptSnapshot(&'static str),
+    #[error("state file {0} is corrupt: {1}")]
+    CorruptFile(String, String),
 }
 
 impl From<StorageError> for std::io::Error {
     fn from(e: StorageError) -> Self {
         match e {
-            StorageError::CorruptSnapshot(_) => std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            StorageError::CorruptSnapshot(_) | StorageError::CorruptFile(..) => {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+            }
             StorageError::Engine(_) => std::io::Error::other(e),
         }
     }
@@ -82,10 +86,19 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Opens (or creates) the file. redb verifies its own checksums on open and
-    /// repairs an unclean shutdown from the last durable commit.
+    /// Opens (or creates) the file. redb repairs an unclean shutdown from the last
+    /// durable commit; then every page's checksum is verified (a full read of the
+    /// file), so a bit flip or truncation is refused at start instead of served.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = Database::create(path)?;
+        let corrupt = |e: String| StorageError::CorruptFile(path.display().to_string(), e);
+        let mut db = Database::create(path).map_err(|e| corrupt(e.to_string()))?;
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(corrupt("page checksums did not verify (redb rolled it back to an older commit)".into()))
+            }
+            Err(e) => return Err(corrupt(e.to_string())),
+        }
         let backend = Backend { db, path: path.to_path_buf() };
         let txn = backend.db.begin_write()?;
         {
@@ -337,6 +350,31 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_flipped_byte_in_the_state_file_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let marker = b"concord-corruption-marker-value";
+        {
+            let b = Backend::open(&path).unwrap();
+            let txn = b.begin_apply().unwrap();
+            {
+                let mut t = txn.open_table(LATEST).unwrap();
+                for i in 0..100u32 {
+                    t.insert(i.to_be_bytes().as_slice(), marker.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            b.persist().unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(marker.len()).position(|w| w == marker).expect("marker on disk");
+        bytes[at + 3] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Backend::open(&path).err().expect("corruption detected");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
     use super::*;
 
     #[test]
