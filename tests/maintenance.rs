@@ -286,3 +286,91 @@ async fn a_diverged_member_is_found_by_the_periodic_check_and_stops_serving() {
     assert_eq!(got.kvs()[0].value(), b"value");
     assert!(cluster.log_text(leader).contains("raising CORRUPT"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defragment_under_load_keeps_serving_and_shrinks_the_file() {
+    let cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    let leader = cluster.wait_leader(WAIT).await;
+    let mut c = cluster.client(leader).await;
+    // Live data plus four times as much garbage: every key written five times,
+    // then compacted.
+    let value = "x".repeat(16 * 1024);
+    for round in 0..5 {
+        for i in 0..200 {
+            c.put(format!("big/{i:04}"), format!("{round}{value}"), None).await.expect("fill");
+        }
+    }
+    let rev = c.get("big/0000", None).await.unwrap().header().unwrap().revision();
+    c.compact(rev, Some(concord_testkit::etcd_client::CompactionOptions::new().with_physical())).await.unwrap();
+
+    // A writer and a reader run throughout; latencies of puts are recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                c.put(format!("load/{n:06}"), "v", None).await.expect("put during defragmentation");
+                c.get("big/0001", None).await.expect("read during defragmentation");
+                lat.push((t, t.elapsed()));
+                n += 1;
+            }
+            lat
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut windows = Vec::new();
+    for i in 0..3 {
+        let mut m = cluster.client(i).await;
+        let before = m.status().await.unwrap().db_size();
+        let t0 = std::time::Instant::now();
+        m.defragment().await.expect("defragment");
+        windows.push((t0, std::time::Instant::now()));
+        let after = m.status().await.unwrap().db_size();
+        println!("member {i}: db size {before} -> {after} bytes in {:?}", t0.elapsed());
+        if after >= before {
+            cluster.dump_logs();
+        }
+        assert!(after < before, "member {i}: defragmentation shrinks the file ({before} -> {after})");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lat = match load.await {
+        Ok(lat) => lat,
+        Err(e) => {
+            cluster.dump_logs();
+            panic!("load failed: {e}");
+        }
+    };
+
+    let during = |t: &std::time::Instant| windows.iter().any(|(a, b)| t >= a && t <= b);
+    let mut in_defrag: Vec<Duration> = lat.iter().filter(|(t, _)| during(t)).map(|(_, d)| *d).collect();
+    let mut outside: Vec<Duration> = lat.iter().filter(|(t, _)| !during(t)).map(|(_, d)| *d).collect();
+    in_defrag.sort();
+    outside.sort();
+    let p99 = |v: &[Duration]| v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1))).copied();
+    println!(
+        "put+get during defragmentation: n={} p99={:?}; otherwise: n={} p99={:?}",
+        in_defrag.len(),
+        p99(&in_defrag),
+        outside.len(),
+        p99(&outside)
+    );
+
+    // Nothing was lost or changed, and members still agree.
+    let got = c.get("big/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(got.kvs().len(), 200);
+    assert!(got.kvs().iter().all(|kv| kv.value().len() == value.len() + 1 && kv.value()[0] == b'4'));
+    let rev = c.get("load/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(rev.count() as usize, lat.len(), "every acknowledged put is there");
+    let rev = rev.header().unwrap().revision();
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        let mut m = cluster.client(i).await;
+        m.get("big/0000", None).await.unwrap();
+        hashes.push(m.hash_kv(rev).await.unwrap().hash());
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "HashKV differs after defragmentation: {hashes:?}");
+}

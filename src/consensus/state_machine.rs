@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
-use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
@@ -94,9 +94,64 @@ pub struct StateMachine {
     applied_since_persist: u64,
     /// Publishes the current revision after each commit (see `Group::revision`).
     revision: watch::Sender<Rev>,
+    defrag: Arc<ApplyGate>,
+}
+
+/// Entries a defragmentation may buffer while it copies the state file. Past
+/// this the defragmentation gives up (the copy would never catch up).
+pub const DEFRAG_MAX_BUFFERED_ENTRIES: usize = 200_000;
+
+/// Serialises apply batches with a defragmentation's start and switch-over, and
+/// records the entries applied in between (see [`defragment`]).
+#[derive(Default)]
+pub struct ApplyGate {
+    /// `Some` while a defragmentation copies the file: the entries applied since
+    /// its read snapshot, to replay into the copy. A std mutex: held across one
+    /// batch's synchronous apply, never across an await.
+    recording: std::sync::Mutex<Option<Vec<EntryOf<C>>>>,
+}
+
+/// Rewrites the state file densely while reads and writes continue: copy a read
+/// snapshot to a new file (the slow part, outside the gate), then under the gate
+/// replay the entries applied meanwhile into the copy and switch to it. Apply
+/// waits only for that replay; reads never wait.
+pub fn defragment(backend: &Backend, gate: &ApplyGate) -> io::Result<()> {
+    let tmp = backend.path().with_extension("redb.defrag");
+    let snapshot = {
+        let mut rec = gate.recording.lock().expect("apply gate poisoned");
+        if rec.is_some() {
+            return Err(io::Error::other("a defragmentation is already running"));
+        }
+        *rec = Some(Vec::new());
+        backend.begin_read()
+    };
+    let copied = snapshot.map_err(io::Error::from).and_then(|txn| Ok(Backend::copy_compacted(&txn, &tmp)?));
+    let mut rec = gate.recording.lock().expect("apply gate poisoned");
+    let entries = rec.take();
+    let result = (|| {
+        let db = copied?;
+        let entries = entries.ok_or_else(|| {
+            io::Error::other("defragmentation abandoned: a snapshot was installed or too many writes arrived meanwhile")
+        })?;
+        let txn = db.begin_write().map_err(io_err)?;
+        apply_entries(&txn, &entries)?;
+        txn.commit().map_err(io_err)?;
+        backend.swap_in(db, &tmp)?;
+        Ok(())
+    })();
+    drop(rec);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 impl StateMachine {
+    /// The gate a defragmentation of this state machine's file goes through.
+    pub fn gate(&self) -> Arc<ApplyGate> {
+        self.defrag.clone()
+    }
+
     pub fn new(backend: Arc<Backend>, snap_dir: PathBuf) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
         // A corrupt snapshot file is refused at start, not when a follower needs it.
@@ -104,7 +159,7 @@ impl StateMachine {
             crate::storage::decode_snapshot(snap.snapshot.get_ref())?;
         }
         let (revision, rx) = watch::channel(current_rev(&backend)?);
-        Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision }, rx))
+        Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision, defrag: Arc::default() }, rx))
     }
 
     fn publish_revision(&self) -> io::Result<()> {
@@ -129,6 +184,32 @@ impl StateMachine {
 fn current_rev(backend: &Backend) -> io::Result<Rev> {
     let txn = backend.begin_read()?;
     Ok(crate::mvcc::read_revisions(&txn).map_err(io_err)?.0)
+}
+
+/// Applies a batch of log entries in `txn`, recording the last applied log id and
+/// any membership in the same transaction; returns each entry's result.
+fn apply_entries(txn: &WriteTransaction, entries: &[EntryOf<C>]) -> io::Result<Vec<CommandResult>> {
+    let mut results = Vec::with_capacity(entries.len());
+    let mut membership = None;
+    for entry in entries {
+        results.push(match &entry.payload {
+            EntryPayload::Blank => CommandResult::Ok(Vec::new()),
+            EntryPayload::Normal(cmd) => apply_command(txn, cmd)?,
+            EntryPayload::Membership(m) => {
+                super::members::seed_from_membership(txn, m)?;
+                membership = Some(StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone()));
+                CommandResult::Ok(Vec::new())
+            }
+        });
+    }
+    let mut meta = txn.open_table(META).map_err(io_err)?;
+    if let Some(last) = entries.last() {
+        meta.insert(META_APPLIED, encode(&last.log_id)?.as_slice()).map_err(io_err)?;
+    }
+    if let Some(m) = &membership {
+        meta.insert(META_MEMBERSHIP, encode(m)?.as_slice()).map_err(io_err)?;
+    }
+    Ok(results)
 }
 
 /// Applies one client command; request-level errors become [`ApplyError`]s, while
@@ -237,46 +318,37 @@ impl RaftStateMachine<C> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
-        let txn = self.backend.begin_apply()?;
-        let mut replies = Vec::new();
-        let mut last = None;
-        let mut membership = None;
-        let mut n = 0u64;
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
-            let result = match &entry.payload {
-                EntryPayload::Blank => CommandResult::Ok(Vec::new()),
-                EntryPayload::Normal(cmd) => apply_command(&txn, cmd)?,
-                EntryPayload::Membership(m) => {
-                    super::members::seed_from_membership(&txn, m)?;
-                    membership = Some(StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone()));
-                    CommandResult::Ok(Vec::new())
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let results = {
+            let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
+            let txn = self.backend.begin_apply()?;
+            let results = apply_entries(&txn, &batch)?;
+            txn.commit().map_err(io_err)?;
+            if let Some(buffer) = rec.as_mut() {
+                if buffer.len() + batch.len() > DEFRAG_MAX_BUFFERED_ENTRIES {
+                    *rec = None;
+                } else {
+                    buffer.extend(batch.iter().cloned());
                 }
-            };
-            last = Some(entry.log_id);
-            n += 1;
-            if let Some(r) = responder {
-                replies.push((r, result));
             }
-        }
-        {
-            let mut meta = txn.open_table(META).map_err(io_err)?;
-            if let Some(last) = &last {
-                meta.insert(META_APPLIED, encode(last)?.as_slice()).map_err(io_err)?;
-            }
-            if let Some(m) = &membership {
-                meta.insert(META_MEMBERSHIP, encode(m)?.as_slice()).map_err(io_err)?;
-            }
-        }
-        txn.commit().map_err(io_err)?;
-        self.applied_since_persist += n;
+            results
+        };
+        self.applied_since_persist += batch.len() as u64;
         if self.applied_since_persist >= PERSIST_EVERY_ENTRIES {
             self.backend.persist()?;
             self.applied_since_persist = 0;
         }
         // Only after the commit: an acknowledged write is visible to every later read.
         self.publish_revision()?;
-        for (r, result) in replies {
-            r.send(result);
+        for (r, result) in responders.into_iter().zip(results) {
+            if let Some(r) = r {
+                r.send(result);
+            }
         }
         Ok(())
     }
@@ -287,7 +359,12 @@ impl RaftStateMachine<C> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
-        self.backend.install_snapshot(&data)?;
+        {
+            // Replaces everything: a running defragmentation cannot replay this.
+            let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
+            *rec = None;
+            self.backend.install_snapshot(&data)?;
+        }
         let installed = self.applied_state().await?;
         if installed.0 != meta.last_log_id {
             return Err(io::Error::new(

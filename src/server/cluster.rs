@@ -13,10 +13,11 @@ use crate::consensus::{Command, CommandResult, MemberId};
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
-    Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
-    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
-    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
+    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
+    MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
 
 /// Bytes per `Maintenance.Snapshot` message (etcd sends 32 KiB pieces).
@@ -254,6 +255,19 @@ impl Maintenance for MaintenanceService {
             header: Some(crate::proto::etcdserverpb::ResponseHeader { revision: rev, ..Default::default() }),
             hash,
         };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    /// Rewrites this member's state file densely; reads and writes keep being
+    /// served meanwhile (etcd blocks them for the whole defragmentation).
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        let started = std::time::Instant::now();
+        let (before, _) = self.node.group.backend.sizes().map_err(|e| Status::internal(e.to_string()))?;
+        self.node.group.defragment().await.map_err(|e| Status::internal(format!("etcdserver: defragment: {e}")))?;
+        let (after, _) = self.node.group.backend.sizes().map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(before, after, took_ms = started.elapsed().as_millis() as u64, "defragmented the state file");
+        let mut resp = DefragmentResponse { header: None };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

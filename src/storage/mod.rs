@@ -81,7 +81,10 @@ engine_err!(
 
 /// One group's state-machine file.
 pub struct Backend {
-    db: Database,
+    /// The open file. Replaced (never mutated) by [`Backend::swap_in`] after a
+    /// defragmentation; transactions begun on the old file finish on it (redb
+    /// closes it when the last one ends). A std lock: held only to clone the Arc.
+    db: std::sync::RwLock<std::sync::Arc<Database>>,
     path: std::path::PathBuf,
 }
 
@@ -99,8 +102,8 @@ impl Backend {
             }
             Err(e) => return Err(corrupt(e.to_string())),
         }
-        let backend = Backend { db, path: path.to_path_buf() };
-        let txn = backend.db.begin_write()?;
+        let backend = Backend { db: std::sync::RwLock::new(std::sync::Arc::new(db)), path: path.to_path_buf() };
+        let txn = backend.db().begin_write()?;
         {
             txn.open_table(META)?;
             for t in BYTE_TABLES {
@@ -111,20 +114,93 @@ impl Backend {
         Ok(backend)
     }
 
+    fn db(&self) -> std::sync::Arc<Database> {
+        self.db.read().expect("backend lock poisoned").clone()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes every row visible in `txn` into a new, densely packed file at `to`
+    /// (replacing any file there) and returns it open. The live file keeps serving
+    /// reads and writes meanwhile; rows go in sorted order in bounded batches.
+    pub fn copy_compacted(txn: &ReadTransaction, to: &Path) -> Result<Database, StorageError> {
+        const ROWS_PER_COMMIT: usize = 10_000;
+        match std::fs::remove_file(to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::Engine(e.to_string())),
+        }
+        let db = Database::create(to)?;
+        let copy_table = |t: TableDefinition<&[u8], &[u8]>| -> Result<(), StorageError> {
+            let source = txn.open_table(t)?;
+            let mut rows = source.iter()?.peekable();
+            while rows.peek().is_some() {
+                let mut w = db.begin_write()?;
+                w.set_durability(Durability::None)?;
+                {
+                    let mut out = w.open_table(t)?;
+                    for row in rows.by_ref().take(ROWS_PER_COMMIT) {
+                        let (k, v) = row?;
+                        out.insert(k.value(), v.value())?;
+                    }
+                }
+                w.commit()?;
+            }
+            Ok(())
+        };
+        for t in BYTE_TABLES {
+            copy_table(t)?;
+        }
+        let mut w = db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        {
+            let mut meta = w.open_table(META)?;
+            for row in txn.open_table(META)?.iter()? {
+                let (k, v) = row?;
+                meta.insert(k.value(), v.value())?;
+            }
+            for t in BYTE_TABLES {
+                w.open_table(t)?;
+            }
+        }
+        w.commit()?;
+        Ok(db)
+    }
+
+    /// Makes `db` (created by [`Backend::copy_compacted`] at `from`, with every
+    /// applied change replayed into it) the state file: fsync, rename over the
+    /// live file, fsync the directory, then serve from it.
+    /// Crash points: before the rename the old file is intact (the leftover copy
+    /// is removed at the next start); after it, the new file is complete.
+    pub fn swap_in(&self, db: Database, from: &Path) -> Result<(), StorageError> {
+        let io = |e: std::io::Error| StorageError::Engine(e.to_string());
+        let mut w = db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        w.commit()?;
+        std::fs::rename(from, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        *self.db.write().expect("backend lock poisoned") = std::sync::Arc::new(db);
+        Ok(())
+    }
+
     /// A write transaction for one apply batch: no fsync (see module docs).
     pub fn begin_apply(&self) -> Result<WriteTransaction, StorageError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db().begin_write()?;
         txn.set_durability(Durability::None)?;
         Ok(txn)
     }
 
     pub fn begin_read(&self) -> Result<ReadTransaction, StorageError> {
-        Ok(self.db.begin_read()?)
+        Ok(self.db().begin_read()?)
     }
 
     /// Makes every earlier commit durable (one fsync).
     pub fn persist(&self) -> Result<(), StorageError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db().begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         txn.set_quick_repair(true);
         txn.commit()?;
@@ -134,7 +210,7 @@ impl Backend {
     /// (bytes the file occupies on disk, bytes held by live data and metadata).
     pub fn sizes(&self) -> Result<(u64, u64), StorageError> {
         let on_disk = std::fs::metadata(&self.path).map_err(|e| StorageError::Engine(e.to_string()))?.len();
-        let txn = self.db.begin_write()?;
+        let txn = self.db().begin_write()?;
         let stats = txn.stats()?;
         txn.abort()?;
         Ok((on_disk, stats.stored_bytes() + stats.metadata_bytes()))
@@ -195,7 +271,7 @@ impl Backend {
     /// The snapshot is fully validated before anything is changed.
     pub fn install_snapshot(&self, data: &[u8]) -> Result<(), StorageError> {
         let tables = decode_snapshot(data)?;
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db().begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         txn.set_quick_repair(true);
         txn.delete_table(META)?;
