@@ -207,3 +207,8 @@ fn kv_session_matches_etcd_3_4() {
 fn watch_lease_lock_election_session_matches_etcd_3_4() {
     compare_session("coord.sh");
 }
+
+#[test]
+fn cluster_operations_session_matches_etcd_3_4() {
+    compare_session("ops.sh");
+}
