@@ -12,4 +12,5 @@ pub mod lease;
 pub mod mvcc;
 pub mod proto;
 pub mod server;
+pub mod stats;
 pub mod storage;

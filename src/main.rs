@@ -2,7 +2,8 @@
 //!
 //! `concord` with no arguments starts a single member exactly as `etcd` does with
 //! its defaults (client 127.0.0.1:2379, peer 2380, data in `./default.concord`).
-//! `concord snapshot status|restore ...` inspects and restores snapshot files.
+//! `concord snapshot status|restore ...` inspects and restores snapshot files;
+//! `concord status --endpoints ...` shows the cluster at a glance.
 
 use clap::Parser;
 
@@ -10,8 +11,10 @@ use concord::server::config::{normalize_args, Config, Flags};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("snapshot") {
-        std::process::exit(concord::cli::snapshot::main(&args[2..]));
+    match args.get(1).map(String::as_str) {
+        Some("snapshot") => std::process::exit(concord::cli::snapshot::main(&args[2..])),
+        Some("status") => std::process::exit(concord::cli::status::main(&args[2..])),
+        _ => {}
     }
     let flags = match Flags::try_parse_from(normalize_args(args)) {
         Ok(f) => f,
@@ -33,7 +36,11 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    if config.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -1,3 +1,4 @@
 //! `concord` subcommands other than serving (serving takes etcd's flags directly).
 
 pub mod snapshot;
+pub mod status;

@@ -88,13 +88,13 @@ fn unseal<'a>(what: &str, rec: &'a [u8]) -> io::Result<&'a [u8]> {
 
 impl LogStore {
     /// Opens the journal at `dir` for `group`, starting its syncer thread.
-    pub fn open(dir: &Path, group: u64) -> io::Result<LogStore> {
+    pub fn open(dir: &Path, group: u64, stats: Arc<crate::stats::GroupStats>) -> io::Result<LogStore> {
         let db = Database::builder(dir).open().map_err(io_err)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default).map_err(io_err)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io_err)?;
         let (sync_tx, sync_rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
         let syncer_db = db.clone();
-        std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx))?;
+        std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx, stats))?;
         Ok(LogStore { inner: Arc::new(Inner { db, log, meta, group, sync_tx }) })
     }
 
@@ -170,7 +170,7 @@ impl LogStore {
 /// Acknowledges appends: one fsync per batch of waiting callbacks. A failed fsync
 /// is reported to openraft, which stops the group: a member whose log cannot be made
 /// durable must not keep acknowledging.
-fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>) {
+fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stats::GroupStats>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_SYNC_BATCH {
@@ -179,7 +179,9 @@ fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = db.persist(PersistMode::SyncData);
+        stats.wal_fsync.observe(started.elapsed());
         for cb in batch {
             match &result {
                 Ok(()) => cb.io_completed(Ok(())),

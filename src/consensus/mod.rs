@@ -216,6 +216,8 @@ pub struct Group {
     pub revision: tokio::sync::watch::Receiver<crate::mvcc::Rev>,
     peers: network::PeerPool,
     apply_gate: Arc<state_machine::ApplyGate>,
+    /// Disk and network timings for `/metrics`.
+    pub stats: Arc<crate::stats::GroupStats>,
 }
 
 impl Group {
@@ -233,13 +235,14 @@ impl Group {
             _ => {}
         }
         let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
-        let log = log_store::LogStore::open(&dir.join("log"), 1)?;
-        let (sm, revision) = state_machine::StateMachine::new(backend.clone(), dir.join("snap"))?;
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        let log = log_store::LogStore::open(&dir.join("log"), 1, stats.clone())?;
+        let (sm, revision) = state_machine::StateMachine::new(backend.clone(), dir.join("snap"), stats.clone())?;
         let apply_gate = sm.gate();
-        let peers = network::PeerPool::new(config.max_peer_message_bytes);
+        let peers = network::PeerPool::new(config.max_peer_message_bytes, Some(stats.clone()));
         let raft_config = Arc::new(config.raft_config()?);
         let raft = openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm).await?;
-        Ok((Group { raft, id, backend, revision, peers, apply_gate }, log))
+        Ok((Group { raft, id, backend, revision, peers, apply_gate, stats }, log))
     }
 
     /// Proposes a command and waits for its applied result. Followers forward it to
@@ -358,6 +361,13 @@ impl Group {
         tokio::task::spawn_blocking(move || state_machine::defragment(&backend, &gate))
             .await
             .map_err(std::io::Error::other)?
+    }
+
+    /// Waits until Raft's metrics change; false once the Raft core is gone.
+    pub async fn metrics_changed(&self) -> bool {
+        let mut rx = self.raft.metrics();
+        rx.borrow_and_update();
+        rx.changed().await.is_ok()
     }
 
     /// The current Raft term, without copying the whole metrics (every response

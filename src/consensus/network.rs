@@ -79,11 +79,13 @@ const HASH_KV_WAIT: Duration = Duration::from_secs(5);
 pub struct PeerPool {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     max_message_bytes: usize,
+    /// Where AppendEntries round trips are recorded (absent for one-off pools).
+    stats: Option<Arc<crate::stats::GroupStats>>,
 }
 
 impl PeerPool {
-    pub fn new(max_message_bytes: usize) -> Self {
-        PeerPool { channels: Arc::default(), max_message_bytes }
+    pub fn new(max_message_bytes: usize, stats: Option<Arc<crate::stats::GroupStats>>) -> Self {
+        PeerPool { channels: Arc::default(), max_message_bytes, stats }
     }
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
@@ -214,8 +216,8 @@ impl CallError {
 impl RaftNetworkFactory<C> for PeerPool {
     type Network = PeerConn;
 
-    async fn new_client(&mut self, _target: MemberId, node: &PeerInfo) -> Self::Network {
-        PeerConn { pool: self.clone(), node: node.clone() }
+    async fn new_client(&mut self, target: MemberId, node: &PeerInfo) -> Self::Network {
+        PeerConn { pool: self.clone(), node: node.clone(), target }
     }
 }
 
@@ -223,6 +225,7 @@ impl RaftNetworkFactory<C> for PeerPool {
 pub struct PeerConn {
     pool: PeerPool,
     node: PeerInfo,
+    target: MemberId,
 }
 
 impl PeerConn {
@@ -254,7 +257,14 @@ impl RaftNetworkV2<C> for PeerConn {
         req: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await }).await
+        let started = std::time::Instant::now();
+        let r = self
+            .raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await })
+            .await;
+        if let (Ok(_), Some(stats)) = (&r, &self.pool.stats) {
+            stats.observe_peer_rtt(self.target, started.elapsed());
+        }
+        r
     }
 
     async fn vote(&mut self, req: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {

@@ -95,6 +95,7 @@ pub struct StateMachine {
     /// Publishes the current revision after each commit (see `Group::revision`).
     revision: watch::Sender<Rev>,
     defrag: Arc<ApplyGate>,
+    stats: Arc<crate::stats::GroupStats>,
 }
 
 /// Entries a defragmentation may buffer while it copies the state file. Past
@@ -152,14 +153,18 @@ impl StateMachine {
         self.defrag.clone()
     }
 
-    pub fn new(backend: Arc<Backend>, snap_dir: PathBuf) -> io::Result<(Self, watch::Receiver<Rev>)> {
+    pub fn new(
+        backend: Arc<Backend>,
+        snap_dir: PathBuf,
+        stats: Arc<crate::stats::GroupStats>,
+    ) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
         // A corrupt snapshot file is refused at start, not when a follower needs it.
         if let Some(snap) = read_snapshot_file(&snap_dir.join("current"))? {
             crate::storage::decode_snapshot(snap.snapshot.get_ref())?;
         }
         let (revision, rx) = watch::channel(current_rev(&backend)?);
-        Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision, defrag: Arc::default() }, rx))
+        Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision, defrag: Arc::default(), stats }, rx))
     }
 
     fn publish_revision(&self) -> io::Result<()> {
@@ -328,7 +333,9 @@ impl RaftStateMachine<C> for StateMachine {
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
             let txn = self.backend.begin_apply()?;
             let results = apply_entries(&txn, &batch)?;
+            let started = std::time::Instant::now();
             txn.commit().map_err(io_err)?;
+            self.stats.backend_commit.observe(started.elapsed());
             if let Some(buffer) = rec.as_mut() {
                 if buffer.len() + batch.len() > DEFRAG_MAX_BUFFERED_ENTRIES {
                     *rec = None;

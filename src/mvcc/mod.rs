@@ -26,7 +26,7 @@ pub mod lease;
 use std::collections::BTreeSet;
 
 use prost::Message;
-use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use crate::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionResponse, Compare, DeleteRangeRequest,
@@ -295,6 +295,16 @@ impl ReadView {
 
     pub fn current_rev(&self) -> Rev {
         self.current
+    }
+
+    /// Live keys (etcd's `etcd_debugging_mvcc_keys_total`).
+    pub fn key_count(&self) -> Result<u64> {
+        Ok(self.latest.len()?)
+    }
+
+    /// Granted, unexpired leases.
+    pub fn lease_count(&self) -> Result<u64> {
+        Ok(self.leases.len()?)
     }
 
     pub fn compacted_rev(&self) -> Rev {

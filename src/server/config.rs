@@ -95,6 +95,15 @@ pub struct Flags {
     /// Interval of the leader's cross-member HashKV check (Go duration; 0 disables).
     #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME")]
     pub experimental_corrupt_check_time: Option<String>,
+    /// Client RPCs slower than this are logged (Go duration).
+    #[arg(long, env = "ETCD_SLOW_REQUEST_THRESHOLD")]
+    pub slow_request_threshold: Option<String>,
+    /// Log format: 'text' or 'json'.
+    #[arg(long, env = "ETCD_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Extra URLs serving only /metrics, /health, /livez and /readyz.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
+    pub listen_metrics_urls: Option<String>,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -133,6 +142,10 @@ pub struct Config {
     pub auto_compaction: Option<super::compactor::AutoCompaction>,
     /// `None` when the periodic corruption check is off.
     pub corrupt_check_interval: Option<std::time::Duration>,
+    pub slow_request_threshold: std::time::Duration,
+    /// Logs as JSON lines instead of text.
+    pub log_json: bool,
+    pub listen_metrics_urls: Vec<String>,
     pub log_level: String,
 }
 
@@ -153,7 +166,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 22] = [
+const KNOWN_KEYS: [&str; 25] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -175,6 +188,9 @@ const KNOWN_KEYS: [&str; 22] = [
     "auto-compaction-mode",
     "auto-compaction-retention",
     "experimental-corrupt-check-time",
+    "slow-request-threshold",
+    "log-format",
+    "listen-metrics-urls",
     "log-level",
 ];
 
@@ -355,6 +371,17 @@ impl Config {
                 parse_duration(v).map_err(|e| format!("invalid value for --experimental-corrupt-check-time: {e}"))?,
             ),
         };
+        let slow_request_threshold = parse_duration(raw.get("slow-request-threshold").unwrap_or("1s"))
+            .map_err(|e| format!("invalid value for --slow-request-threshold: {e}"))?;
+        let log_json = match raw.get("log-format").unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => return Err(format!("invalid value {other:?} for --log-format: expected 'text' or 'json'")),
+        };
+        let listen_metrics_urls = split_urls(raw.get("listen-metrics-urls").unwrap_or(""));
+        for u in &listen_metrics_urls {
+            check_url("listen-metrics-urls", u)?;
+        }
         let log_level = raw.get("log-level").unwrap_or("info").to_string();
         if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
             return Err(format!("invalid value {log_level:?} for --log-level"));
@@ -380,6 +407,9 @@ impl Config {
             max_concurrent_streams,
             auto_compaction,
             corrupt_check_interval,
+            slow_request_threshold,
+            log_json,
+            listen_metrics_urls,
             log_level,
         };
         config.check_self_in_cluster()?;
@@ -436,6 +466,9 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("auto-compaction-mode", f.auto_compaction_mode);
     raw.set("auto-compaction-retention", f.auto_compaction_retention);
     raw.set("experimental-corrupt-check-time", f.experimental_corrupt_check_time);
+    raw.set("slow-request-threshold", f.slow_request_threshold);
+    raw.set("log-format", f.log_format);
+    raw.set("listen-metrics-urls", f.listen_metrics_urls);
     raw.set("log-level", f.log_level);
     raw
 }

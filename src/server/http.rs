@@ -1,7 +1,8 @@
-//! Plain HTTP endpoints served on the client port beside gRPC, as etcd does:
-//! `GET /health` (etcd 3.4's `{"health":"true"}`, 503 when unhealthy) and
-//! `GET /metrics` (Prometheus text with etcd's metric names; `etcdctl check
-//! datascale` reads `process_resident_memory_bytes` from it).
+//! Plain HTTP endpoints served on the client port beside gRPC (and on
+//! `--listen-metrics-urls`), as etcd does: `GET /health` (etcd 3.4's
+//! `{"health":"true"}`, 503 when unhealthy), `/livez` and `/readyz` (etcd 3.5's
+//! text answers), and `GET /metrics` (Prometheus text with etcd's metric names;
+//! `etcdctl check datascale` reads `process_resident_memory_bytes` from it).
 //!
 //! Every value reported is read from live state at request time; nothing is cached
 //! or estimated.
@@ -21,7 +22,15 @@ use super::Node;
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn routes(node: Arc<Node>) -> Router {
-    Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(node)
+    Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard))
+        .route("/dashboard/", get(dashboard))
+        .route("/dashboard/api/state", get(dashboard_state))
+        .with_state(node)
 }
 
 /// Healthy means: a leader is known, no alarm is raised, and a linearizable read
@@ -44,59 +53,153 @@ async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
     (status, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
-fn resident_memory_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+/// The dashboard page: one self-contained file compiled into the binary (no CDN,
+/// no external assets); its script polls `/dashboard/api/state` every second.
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+
+async fn dashboard() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD_HTML)
+}
+
+/// How long the dashboard's cluster view waits for each member's Status.
+const DASHBOARD_MEMBER_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Everything the dashboard shows, as JSON: the cluster as this member's
+/// clients see it, plus this member's per-second history and event timeline.
+async fn dashboard_state(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let endpoints = node.config.advertise_client_urls.clone();
+    let view = super::cluster_view::cluster_view(&endpoints, DASHBOARD_MEMBER_TIMEOUT).await;
+    let alarms: Vec<String> = node
+        .group
+        .backend
+        .begin_read()
+        .ok()
+        .and_then(|t| crate::consensus::state_machine::alarms(&t).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(m, a)| {
+            let name = crate::proto::etcdserverpb::AlarmType::try_from(a).map_or("UNKNOWN", |t| t.as_str_name());
+            format!("{name} on {m:x}")
+        })
+        .collect();
+    let body = serde_json::json!({
+        "member_id": format!("{:x}", node.member_id),
+        "member_name": node.config.name,
+        "quota_bytes": node.config.quota_backend_bytes,
+        "view": view,
+        "history": node.stats.history(),
+        "events": node.stats.events(),
+        "alarms": alarms,
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string())
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], super::metrics::render(&node))
+}
+
+/// etcd 3.5's `/livez`: the process is alive and its Raft group has not stopped.
+async fn livez(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let m = node.group.metrics();
-    let (db_size, db_in_use) = node.group.backend.sizes().unwrap_or((0, 0));
-    let revision = *node.group.revision.borrow();
-    let is_leader = m.current_leader == Some(node.member_id);
-    let gauges: [(&str, &str, u64); 8] = [
-        (
-            "etcd_server_has_leader",
-            "Whether or not a leader exists. 1 is existence, 0 is not.",
-            u64::from(m.current_leader.is_some()),
-        ),
-        (
-            "etcd_server_is_leader",
-            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
-            u64::from(is_leader),
-        ),
-        (
-            "etcd_server_proposals_committed_total",
-            "The total number of consensus proposals committed.",
-            m.local_committed.map(|l| l.index()).unwrap_or(0),
-        ),
-        (
-            "etcd_server_proposals_applied_total",
-            "The total number of consensus proposals applied.",
-            m.last_applied.map(|l| l.index()).unwrap_or(0),
-        ),
-        (
-            "etcd_mvcc_db_total_size_in_bytes",
-            "Total size of the underlying database physically allocated in bytes.",
-            db_size,
-        ),
-        (
-            "etcd_mvcc_db_total_size_in_use_in_bytes",
-            "Total size of the underlying database logically in use in bytes.",
-            db_in_use,
-        ),
-        ("etcd_debugging_mvcc_current_revision", "The current revision of store.", revision.max(0) as u64),
-        ("process_resident_memory_bytes", "Resident memory size in bytes.", resident_memory_bytes()),
-    ];
-    let mut out = String::new();
-    for (name, help, value) in gauges {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
+    match &m.running_state {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("[-]raft failed: {e}\nlivez check failed")),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// etcd 3.5's `/readyz`: ready to serve, i.e. no alarm, a leader, and a
+/// linearizable read completes in time. `?verbose` lists every check.
+async fn readyz(State(node): State<Arc<Node>>, uri: axum::http::Uri) -> impl IntoResponse {
+    let alarms = node.group.backend.begin_read().ok().and_then(|t| crate::consensus::state_machine::alarms(&t).ok());
+    let corrupt = crate::consensus::state_machine::ALARM_CORRUPT;
+    let checks: [(&str, Result<(), String>); 4] = [
+        (
+            "data_corruption",
+            match &alarms {
+                Some(a) if a.iter().any(|(_, t)| *t == corrupt) => Err("alarm CORRUPT is raised".into()),
+                Some(_) => Ok(()),
+                None => Err("cannot read alarms".into()),
+            },
+        ),
+        (
+            "alarm",
+            match &alarms {
+                Some(a) if a.iter().any(|(_, t)| *t != corrupt) => Err("an alarm is raised".into()),
+                _ => Ok(()),
+            },
+        ),
+        ("leader", if node.group.metrics().current_leader.is_some() { Ok(()) } else { Err("no leader".into()) }),
+        ("linearizable_read", node.group.read_barrier(HEALTH_TIMEOUT).await.map_err(|e| e.to_string())),
+    ];
+    let verbose = uri.query().is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose=")));
+    let failed = checks.iter().any(|(_, r)| r.is_err());
+    let mut body = String::new();
+    for (name, r) in &checks {
+        match r {
+            Ok(()) if verbose => body.push_str(&format!("[+]{name} ok\n")),
+            Err(e) => body.push_str(&format!("[-]{name} failed: {e}\n")),
+            Ok(()) => {}
+        }
+    }
+    if failed {
+        body.push_str("readyz check failed");
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    } else {
+        body.push_str("ok");
+        (StatusCode::OK, body)
+    }
+}
+
+/// Counts every client RPC by service, method and gRPC status code, and logs
+/// requests slower than `--slow-request-threshold`. The code is read from the
+/// response headers: tonic puts an error's status there ("trailers-only"); a call
+/// that succeeds reports it in trailers, so no header means OK.
+pub async fn grpc_stats(
+    State(node): State<Arc<Node>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return resp };
+    if !service.contains('.') {
+        return resp;
+    }
+    let took = started.elapsed();
+    let code = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from);
+    node.stats.record_rpc(service, method, grpc_code_name(code), took);
+    if took >= node.config.slow_request_threshold {
+        tracing::warn!(service, method, code = grpc_code_name(code), took_ms = took.as_millis() as u64, "slow request");
+    }
+    resp
+}
+
+/// grpc-go's names for status codes (as Prometheus labels show them).
+fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }

@@ -13,6 +13,7 @@
 //!    a member must never keep answering from a dead group.
 
 pub mod cluster;
+pub mod cluster_view;
 pub mod compactor;
 pub mod config;
 pub mod corruption;
@@ -20,6 +21,7 @@ pub mod errors;
 pub mod http;
 pub mod kv;
 pub mod lease;
+pub mod metrics;
 pub mod recipes;
 pub mod watch;
 
@@ -95,7 +97,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// by `MemberAdd`) and the cluster ID from a running peer, matching its own
 /// `--initial-advertise-peer-urls` against the member registry, as etcd does.
 async fn join_identity(config: &Config) -> Result<Identity, BoxError> {
-    let pool = crate::consensus::network::PeerPool::new(1024 * 1024);
+    let pool = crate::consensus::network::PeerPool::new(1024 * 1024, None);
     let mine: std::collections::BTreeSet<&String> = config.initial_advertise_peer_urls.iter().collect();
     let peers: Vec<&String> =
         config.initial_cluster.iter().flat_map(|(_, urls)| urls).filter(|u| !mine.contains(u)).collect();
@@ -154,6 +156,8 @@ pub struct Node {
     /// [`QUOTA_SAMPLE_INTERVAL`] (measuring takes a write transaction, too costly
     /// per request). Compared against `--quota-backend-bytes`.
     pub db_in_use_bytes: std::sync::atomic::AtomicU64,
+    /// Request and proposal counters, the per-second history and event timeline.
+    pub stats: Arc<metrics::ServerStats>,
 }
 
 /// How often the quota's size sample is refreshed: writes can overshoot the quota
@@ -184,7 +188,14 @@ impl Node {
             }
             return Err(errors::no_space());
         }
-        match self.group.propose(cmd, self.config.request_timeout()).await {
+        let outcome = {
+            let _pending = metrics::GaugeGuard::new(self.stats.clone(), |s| &s.proposals_pending);
+            self.group.propose(cmd, self.config.request_timeout()).await
+        };
+        if outcome.is_err() {
+            self.stats.proposals_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        match outcome {
             Ok(CommandResult::Ok(bytes)) => Resp::decode(bytes.as_slice())
                 .map_err(|e| tonic::Status::internal(format!("etcdserver: undecodable applied result: {e}"))),
             Ok(CommandResult::Err(e)) => Err(errors::from_apply(e)),
@@ -273,6 +284,11 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let addr = bind_addr(u).await?;
         peer_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
     }
+    let mut metrics_listeners = Vec::new();
+    for u in &config.listen_metrics_urls {
+        let addr = bind_addr(u).await?;
+        metrics_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+    }
     let mut client_listeners = Vec::new();
     for u in &config.listen_client_urls {
         let addr = bind_addr(u).await?;
@@ -314,7 +330,9 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         member_id: identity.member_id,
         cluster_id: identity.cluster_id,
         db_in_use_bytes: std::sync::atomic::AtomicU64::new(0),
+        stats: Arc::default(),
     });
+    tokio::spawn(metrics::run_monitor(node.clone()));
     tokio::spawn(sample_db_size(node.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -357,6 +375,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .add_service(lock)
             .add_service(election)
             .into_axum_router()
+            .layer(axum::middleware::from_fn_with_state(node.clone(), http::grpc_stats))
             .merge(http::routes(node.clone()));
         tasks.spawn(async move {
             tonic::transport::Server::builder()
@@ -367,6 +386,17 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
                 .serve_with_incoming(incoming(l))
                 .await
                 .map_err(|e| format!("client server: {e}"))
+        });
+    }
+    for l in metrics_listeners {
+        let app = http::routes(node.clone());
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(app))
+                .serve_with_incoming(incoming(l))
+                .await
+                .map_err(|e| format!("metrics server: {e}"))
         });
     }
     tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));

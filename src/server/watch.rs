@@ -65,6 +65,8 @@ pub struct WatchService {
 
 struct WatcherHandle {
     task: JoinHandle<()>,
+    /// Counts this watcher in `etcd_debugging_mvcc_watcher_total` while it exists.
+    _gauge: super::metrics::GaugeGuard,
     /// Highest revision this watcher has fully delivered.
     delivered: Arc<AtomicI64>,
 }
@@ -75,6 +77,7 @@ impl Watch for WatchService {
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
+        self.node.stats.watch_queues.lock().expect("stats lock poisoned").push(tx.downgrade());
         tokio::spawn(serve_stream(self.node.clone(), self.cache.clone(), self.progress_interval, req.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -205,6 +208,7 @@ async fn serve_stream(
     mut inbound: Streaming<WatchRequest>,
     tx: Tx,
 ) {
+    let _stream = super::metrics::GaugeGuard::new(node.stats.clone(), |s| &s.watch_streams);
     let mut watchers: HashMap<i64, WatcherHandle> = HashMap::new();
     let mut next_id: i64 = 0;
     loop {
@@ -259,7 +263,8 @@ async fn serve_stream(
                         delivered.clone(),
                         tx.clone(),
                     ));
-                    watchers.insert(id, WatcherHandle { task, delivered });
+                    let _gauge = super::metrics::GaugeGuard::new(node.stats.clone(), |s| &s.watchers);
+                    watchers.insert(id, WatcherHandle { task, delivered, _gauge });
                 }
             }
             Some(RequestUnion::CancelRequest(c)) => {

@@ -72,6 +72,8 @@ pub struct Member {
     pub log_path: PathBuf,
     /// Started with `--initial-cluster-state existing` (added with `MemberAdd`).
     pub joining: bool,
+    /// Flags for this member only, after the cluster-wide ones.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -134,6 +136,7 @@ impl ProcessCluster {
                     client_port: free_port(),
                     peer_port: free_port(),
                     joining: false,
+                    extra_args: Vec::new(),
                     child: None,
                 }
             })
@@ -154,9 +157,15 @@ impl ProcessCluster {
             client_port: free_port(),
             peer_port: free_port(),
             joining: true,
+            extra_args: Vec::new(),
             child: None,
         });
         i
+    }
+
+    /// Gives member `i` flags of its own (applied from its next start).
+    pub fn set_extra_args(&mut self, i: usize, args: Vec<String>) {
+        self.members[i].extra_args = args;
     }
 
     /// Member `i`'s peer URL.
@@ -222,6 +231,7 @@ impl ProcessCluster {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.options.extra_args.iter().cloned());
+        args.extend(m.extra_args.iter().cloned());
         args
     }
 

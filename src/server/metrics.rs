@@ -1,0 +1,447 @@
+//! What the member reports about itself: request counters, proposal counters, a
+//! per-second history for the dashboard, and a timeline of notable events.
+//!
+//! `/metrics` renders everything in the Prometheus text format with etcd's metric
+//! names where etcd has them, and `concord_*` names for what etcd lacks. The
+//! monitor task ([`run_monitor`]) samples once a second into bounded rings:
+//! [`HISTORY_SAMPLES`] samples and [`EVENT_HISTORY`] events.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::Node;
+use crate::stats::{Histogram, REQUEST_BUCKETS_S};
+
+/// Seconds of per-second samples kept for the dashboard's charts.
+pub const HISTORY_SAMPLES: usize = 300;
+/// Notable events kept for the dashboard's timeline.
+pub const EVENT_HISTORY: usize = 200;
+
+/// Counters shared by every request handler. All recording is relaxed atomics
+/// or a short std-mutex section (no await while held).
+pub struct ServerStats {
+    pub proposals_failed: AtomicU64,
+    pub proposals_pending: AtomicI64,
+    pub leader_changes: AtomicU64,
+    pub watch_streams: AtomicI64,
+    pub watchers: AtomicI64,
+    /// Every open watch stream's outgoing queue, to report backlogs; entries of
+    /// closed streams are dropped when the queues are next read.
+    pub watch_queues: Mutex<Vec<WatchQueue>>,
+    /// Handled client RPCs by (service, method, code).
+    grpc_handled: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// Handling time by (service, method): time to the response headers, which
+    /// for a unary call is the whole call.
+    grpc_seconds: Mutex<BTreeMap<(String, String), Arc<Histogram>>>,
+    /// Every client RPC's handling time, for the dashboard's latency chart.
+    pub request_latency: Histogram,
+    history: Mutex<VecDeque<Sample>>,
+    events: Mutex<VecDeque<Event>>,
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        ServerStats {
+            proposals_failed: AtomicU64::new(0),
+            proposals_pending: AtomicI64::new(0),
+            leader_changes: AtomicU64::new(0),
+            watch_streams: AtomicI64::new(0),
+            watchers: AtomicI64::new(0),
+            watch_queues: Mutex::default(),
+            grpc_handled: Mutex::default(),
+            grpc_seconds: Mutex::default(),
+            request_latency: Histogram::new(&REQUEST_BUCKETS_S),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY_SAMPLES)),
+            events: Mutex::new(VecDeque::with_capacity(EVENT_HISTORY)),
+        }
+    }
+}
+
+/// A watch stream's outgoing queue, held weakly (the stream owns it).
+pub type WatchQueue = tokio::sync::mpsc::WeakSender<Result<crate::proto::etcdserverpb::WatchResponse, tonic::Status>>;
+
+/// One second of the member's life, for the dashboard's charts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub unix_ms: u64,
+    /// Client RPCs completed in the second.
+    pub requests_per_s: u64,
+    /// Revisions created in the second (write requests that changed the store).
+    pub revisions_per_s: u64,
+    /// Upper bucket bound of the 99th percentile of RPC handling time in the second.
+    pub p99_ms: Option<f64>,
+    pub db_size_bytes: u64,
+    pub watchers: i64,
+    pub leases: u64,
+}
+
+/// Something an operator wants to see on a timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub unix_ms: u64,
+    pub kind: &'static str,
+    pub text: String,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Increments one of the stats' gauges now and decrements it when dropped.
+pub struct GaugeGuard {
+    stats: Arc<ServerStats>,
+    gauge: fn(&ServerStats) -> &AtomicI64,
+}
+
+impl GaugeGuard {
+    pub fn new(stats: Arc<ServerStats>, gauge: fn(&ServerStats) -> &AtomicI64) -> Self {
+        gauge(&stats).fetch_add(1, Ordering::Relaxed);
+        GaugeGuard { stats, gauge }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        (self.gauge)(&self.stats).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ServerStats {
+    pub fn record_rpc(&self, service: &str, method: &str, code: &str, took: Duration) {
+        {
+            let mut m = self.grpc_handled.lock().expect("stats lock poisoned");
+            *m.entry((service.to_string(), method.to_string(), code.to_string())).or_insert(0) += 1;
+        }
+        let h = {
+            let mut m = self.grpc_seconds.lock().expect("stats lock poisoned");
+            m.entry((service.to_string(), method.to_string()))
+                .or_insert_with(|| Arc::new(Histogram::new(&REQUEST_BUCKETS_S)))
+                .clone()
+        };
+        h.observe(took);
+        self.request_latency.observe(took);
+    }
+
+    pub fn event(&self, kind: &'static str, text: String) {
+        tracing::info!(kind, "{text}");
+        let mut e = self.events.lock().expect("stats lock poisoned");
+        if e.len() == EVENT_HISTORY {
+            e.pop_front();
+        }
+        e.push_back(Event { unix_ms: unix_ms(), kind, text });
+    }
+
+    pub fn history(&self) -> Vec<Sample> {
+        self.history.lock().expect("stats lock poisoned").iter().cloned().collect()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("stats lock poisoned").iter().cloned().collect()
+    }
+
+    /// (responses queued over all watch streams, the largest single backlog).
+    pub fn watch_backlog(&self) -> (usize, usize) {
+        let mut queues = self.watch_queues.lock().expect("stats lock poisoned");
+        let mut total = 0;
+        let mut max = 0;
+        queues.retain(|q| match q.upgrade() {
+            Some(tx) => {
+                let backlog = tx.max_capacity() - tx.capacity();
+                total += backlog;
+                max = max.max(backlog);
+                true
+            }
+            None => false,
+        });
+        (total, max)
+    }
+
+    fn total_rpcs(&self) -> u64 {
+        self.grpc_handled.lock().expect("stats lock poisoned").values().sum()
+    }
+}
+
+/// Samples the member once a second and records leader, membership and alarm
+/// changes as events. Runs for the member's lifetime.
+pub async fn run_monitor(node: Arc<Node>) {
+    let stats = &node.stats;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::spawn(watch_leader(node.clone()));
+    let mut members: Option<Vec<(u64, bool)>> = None;
+    let mut alarms: Option<Vec<(u64, i32)>> = None;
+    let mut last_rpcs = 0;
+    let mut last_rev = *node.group.revision.borrow();
+    let mut last_buckets = stats.request_latency_buckets();
+    loop {
+        tick.tick().await;
+        let (now_members, now_alarms, leases) = match node.group.backend.begin_read() {
+            Ok(txn) => (
+                crate::consensus::members::records(&txn)
+                    .map(|r| r.into_iter().map(|(id, r)| (id, r.learner)).collect::<Vec<_>>())
+                    .ok(),
+                crate::consensus::state_machine::alarms(&txn).ok(),
+                crate::mvcc::ReadView::new(&txn).and_then(|v| v.lease_count()).unwrap_or(0),
+            ),
+            Err(_) => (None, None, 0),
+        };
+        // An empty registry is one not seeded yet: its seeding is not news.
+        if let (Some(before), Some(now)) = (members.as_ref().filter(|b| !b.is_empty()), &now_members) {
+            for (id, learner) in now {
+                match before.iter().find(|(b, _)| b == id) {
+                    None => stats.event(
+                        "membership",
+                        format!("member {id:x} added{}", if *learner { " as learner" } else { "" }),
+                    ),
+                    Some((_, was)) if was != learner => stats.event("membership", format!("member {id:x} promoted")),
+                    _ => {}
+                }
+            }
+            for (id, _) in before.iter().filter(|(b, _)| !now.iter().any(|(n, _)| n == b)) {
+                stats.event("membership", format!("member {id:x} removed"));
+            }
+        }
+        if now_members.is_some() {
+            members = now_members;
+        }
+        if let (Some(before), Some(now)) = (&alarms, &now_alarms) {
+            let name =
+                |a: i32| crate::proto::etcdserverpb::AlarmType::try_from(a).map_or("UNKNOWN", |t| t.as_str_name());
+            for (member, a) in now.iter().filter(|x| !before.contains(x)) {
+                stats.event("alarm", format!("alarm {} raised for {member:x}", name(*a)));
+            }
+            for (member, a) in before.iter().filter(|x| !now.contains(x)) {
+                stats.event("alarm", format!("alarm {} cleared for {member:x}", name(*a)));
+            }
+        }
+        if now_alarms.is_some() {
+            alarms = now_alarms;
+        }
+        let rpcs = stats.total_rpcs();
+        let rev = *node.group.revision.borrow();
+        let buckets = stats.request_latency_buckets();
+        let window: Vec<u64> = buckets.iter().zip(&last_buckets).map(|(a, b)| a - b).collect();
+        let sample = Sample {
+            unix_ms: unix_ms(),
+            requests_per_s: rpcs - last_rpcs,
+            revisions_per_s: (rev - last_rev).max(0) as u64,
+            p99_ms: quantile_of(&window, 0.99).map(|s| s * 1000.0),
+            db_size_bytes: node.group.backend.sizes().map(|s| s.0).unwrap_or(0),
+            watchers: stats.watchers.load(Ordering::Relaxed),
+            leases,
+        };
+        (last_rpcs, last_rev, last_buckets) = (rpcs, rev, buckets);
+        let mut h = stats.history.lock().expect("stats lock poisoned");
+        if h.len() == HISTORY_SAMPLES {
+            h.pop_front();
+        }
+        h.push_back(sample);
+    }
+}
+
+/// Counts leader changes as Raft reports them (not sampled: a change lasting less
+/// than a second still counts) and puts them on the timeline.
+async fn watch_leader(node: Arc<Node>) {
+    let mut leader = None;
+    loop {
+        let (now, term) = {
+            let m = node.group.metrics();
+            (m.current_leader, m.current_term)
+        };
+        if now != leader {
+            if let Some(l) = now {
+                node.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+                node.stats.event("leader", format!("leader is now {l:x} (term {term})"));
+            } else if leader.is_some() {
+                node.stats.event("leader", "no leader".to_string());
+            }
+            leader = now;
+        }
+        if !node.group.metrics_changed().await {
+            return;
+        }
+    }
+}
+
+impl ServerStats {
+    fn request_latency_buckets(&self) -> Vec<u64> {
+        self.request_latency.bucket_counts()
+    }
+}
+
+/// The upper bound (seconds) of the bucket holding quantile `q` of a window of
+/// request-latency bucket counts; `None` for an empty window.
+fn quantile_of(window: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = window.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let target = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in window.iter().enumerate() {
+        seen += n;
+        if seen >= target {
+            return Some(REQUEST_BUCKETS_S.get(i).copied().unwrap_or(REQUEST_BUCKETS_S[REQUEST_BUCKETS_S.len() - 1]));
+        }
+    }
+    None
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
+}
+
+fn resident_memory_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// The whole `/metrics` page, from live state.
+pub fn render(node: &Node) -> String {
+    let m = node.group.metrics();
+    let stats = &node.stats;
+    let (db_size, db_in_use) = node.group.backend.sizes().unwrap_or((0, 0));
+    let revision = *node.group.revision.borrow();
+    let (keys, leases) = node
+        .group
+        .backend
+        .begin_read()
+        .ok()
+        .and_then(|t| crate::mvcc::ReadView::new(&t).ok())
+        .map(|v| (v.key_count().unwrap_or(0), v.lease_count().unwrap_or(0)))
+        .unwrap_or((0, 0));
+    let committed = m.local_committed.map(|l| l.index()).unwrap_or(0);
+    let applied = m.last_applied.map(|l| l.index()).unwrap_or(0);
+    let mut out = String::new();
+    gauge(
+        &mut out,
+        "etcd_server_has_leader",
+        "Whether or not a leader exists. 1 is existence, 0 is not.",
+        u64::from(m.current_leader.is_some()),
+    );
+    gauge(
+        &mut out,
+        "etcd_server_is_leader",
+        "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+        u64::from(m.current_leader == Some(node.member_id)),
+    );
+    counter(
+        &mut out,
+        "etcd_server_leader_changes_seen_total",
+        "The number of leader changes seen.",
+        stats.leader_changes.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "etcd_server_proposals_committed_total",
+        "The total number of consensus proposals committed.",
+        committed,
+    );
+    gauge(&mut out, "etcd_server_proposals_applied_total", "The total number of consensus proposals applied.", applied);
+    gauge(
+        &mut out,
+        "etcd_server_proposals_pending",
+        "The current number of pending proposals to commit.",
+        stats.proposals_pending.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "etcd_server_proposals_failed_total",
+        "The total number of failed proposals seen.",
+        stats.proposals_failed.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "etcd_mvcc_db_total_size_in_bytes",
+        "Total size of the underlying database physically allocated in bytes.",
+        db_size,
+    );
+    gauge(
+        &mut out,
+        "etcd_mvcc_db_total_size_in_use_in_bytes",
+        "Total size of the underlying database logically in use in bytes.",
+        db_in_use,
+    );
+    gauge(&mut out, "etcd_debugging_mvcc_current_revision", "The current revision of store.", revision.max(0));
+    gauge(&mut out, "etcd_debugging_mvcc_keys_total", "Total number of keys.", keys);
+    gauge(
+        &mut out,
+        "etcd_debugging_mvcc_watch_stream_total",
+        "Total number of watch streams.",
+        stats.watch_streams.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "etcd_debugging_mvcc_watcher_total",
+        "Total number of watchers.",
+        stats.watchers.load(Ordering::Relaxed),
+    );
+    gauge(&mut out, "process_resident_memory_bytes", "Resident memory size in bytes.", resident_memory_bytes());
+    gauge(&mut out, "concord_leases_total", "Granted, unexpired leases.", leases);
+    gauge(
+        &mut out,
+        "concord_apply_lag_entries",
+        "Committed log entries not yet applied on this member.",
+        committed.saturating_sub(applied),
+    );
+    let (backlog, max_backlog) = stats.watch_backlog();
+    gauge(
+        &mut out,
+        "concord_watch_backlog_responses",
+        "Watch responses queued for clients, over all streams.",
+        backlog,
+    );
+    gauge(
+        &mut out,
+        "concord_watch_backlog_max_responses",
+        "The largest number of responses queued on one watch stream.",
+        max_backlog,
+    );
+    let group = &node.group.stats;
+    for (name, help, h) in [
+        ("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", &group.wal_fsync),
+        (
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
+            &group.backend_commit,
+        ),
+    ] {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+        h.render(name, "", &mut out);
+    }
+    let rtt = "etcd_network_peer_round_trip_time_seconds";
+    let _ = write!(out, "# HELP {rtt} Round-Trip-Time histogram between peers\n# TYPE {rtt} histogram\n");
+    for (peer, h) in group.peer_rtt.lock().expect("stats lock poisoned").iter() {
+        h.render(rtt, &format!("To=\"{peer:x}\""), &mut out);
+    }
+    let handled = "grpc_server_handled_total";
+    let _ = write!(out, "# HELP {handled} Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE {handled} counter\n");
+    for ((service, method, code), n) in stats.grpc_handled.lock().expect("stats lock poisoned").iter() {
+        let _ = writeln!(out, "{handled}{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"unary\"}} {n}");
+    }
+    let seconds = "grpc_server_handling_seconds";
+    let _ = write!(out, "# HELP {seconds} Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n# TYPE {seconds} histogram\n");
+    for ((service, method), h) in stats.grpc_seconds.lock().expect("stats lock poisoned").iter() {
+        h.render(
+            seconds,
+            &format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"unary\""),
+            &mut out,
+        );
+    }
+    out
+}
