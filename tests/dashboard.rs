@@ -74,6 +74,19 @@ async fn probes_metrics_status_cli_and_dashboard() {
     assert!(m.contains("etcd_network_peer_round_trip_time_seconds_bucket{To="), "the leader times its AppendEntries");
     assert!(m.contains("grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 20"), "{m}");
 
+    // The Grafana dashboard in the repo only queries metrics concord exports.
+    let grafana = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana/concord.json")).unwrap();
+    // Metric names are the identifiers directly followed by a `{` selector.
+    let names: std::collections::BTreeSet<&str> = grafana
+        .split('{')
+        .filter_map(|chunk| chunk.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next())
+        .filter(|w| ["etcd_", "concord_", "grpc_", "process_"].iter().any(|p| w.starts_with(p)))
+        .collect();
+    assert!(names.len() > 10, "{names:?}");
+    for name in names {
+        assert!(m.contains(&format!("\n{name}")), "docs/grafana/concord.json uses {name}, which /metrics lacks");
+    }
+
     // The status CLI lists all three members, one leader, no lag once caught up.
     let out = eventually(WAIT, || async {
         let o = Command::new(bin()).args(["status", "--endpoints", &cluster.endpoints().join(",")]).output().ok()?;
