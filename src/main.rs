@@ -3,7 +3,8 @@
 //! `concord` with no arguments starts a single member exactly as `etcd` does with
 //! its defaults (client 127.0.0.1:2379, peer 2380, data in `./default.concord`).
 //! `concord snapshot status|restore ...` inspects and restores snapshot files;
-//! `concord status --endpoints ...` shows the cluster at a glance.
+//! `concord status --endpoints ...` shows the cluster at a glance;
+//! `concord bench WORKLOAD ...` generates load against any etcd-v3 endpoints.
 
 use clap::Parser;
 
@@ -14,6 +15,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("snapshot") => std::process::exit(concord::cli::snapshot::main(&args[2..])),
         Some("status") => std::process::exit(concord::cli::status::main(&args[2..])),
+        Some("bench") => std::process::exit(concord::cli::bench::main(&args[2..])),
         _ => {}
     }
     let flags = match Flags::try_parse_from(normalize_args(args)) {

@@ -292,6 +292,15 @@ fn quantile_of(window: &[u64], q: f64) -> Option<f64> {
     None
 }
 
+/// grpc-prometheus's `grpc_type` label for the streaming methods of the etcd API.
+fn grpc_type(method: &str) -> &'static str {
+    match method {
+        "Watch" | "LeaseKeepAlive" => "bidi_stream",
+        "Snapshot" | "Observe" => "server_stream",
+        _ => "unary",
+    }
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
 }
@@ -432,14 +441,16 @@ pub fn render(node: &Node) -> String {
     let handled = "grpc_server_handled_total";
     let _ = write!(out, "# HELP {handled} Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE {handled} counter\n");
     for ((service, method, code), n) in stats.grpc_handled.lock().expect("stats lock poisoned").iter() {
-        let _ = writeln!(out, "{handled}{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"unary\"}} {n}");
+        let kind = grpc_type(method);
+        let _ = writeln!(out, "{handled}{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"}} {n}");
     }
     let seconds = "grpc_server_handling_seconds";
     let _ = write!(out, "# HELP {seconds} Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n# TYPE {seconds} histogram\n");
     for ((service, method), h) in stats.grpc_seconds.lock().expect("stats lock poisoned").iter() {
+        let kind = grpc_type(method);
         h.render(
             seconds,
-            &format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"unary\""),
+            &format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\""),
             &mut out,
         );
     }
