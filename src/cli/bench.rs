@@ -348,8 +348,11 @@ pub async fn run(args: &BenchArgs) -> Result<Report, String> {
         }
         let events = watch_events.load(Ordering::Relaxed);
         let lat = std::mem::take(&mut *watch_lat.lock().expect("latency lock"));
+        let puts = expected / args.watchers.max(1) as u64;
         let mut r = report("watch", lat, errors, seconds, Some(events));
-        // Throughput is events delivered per second.
+        // Requests are the puts; throughput is events delivered per second and the
+        // latencies are put → event.
+        r.requests = puts;
         r.throughput_per_s = events as f64 / seconds.max(1e-9);
         return Ok(r);
     }

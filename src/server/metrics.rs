@@ -301,14 +301,6 @@ fn grpc_type(method: &str) -> &'static str {
     }
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
-}
-
 fn resident_memory_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -336,91 +328,94 @@ pub fn render(node: &Node) -> String {
         .unwrap_or((0, 0));
     let committed = m.local_committed.map(|l| l.index()).unwrap_or(0);
     let applied = m.last_applied.map(|l| l.index()).unwrap_or(0);
-    let mut out = String::new();
-    gauge(
-        &mut out,
-        "etcd_server_has_leader",
-        "Whether or not a leader exists. 1 is existence, 0 is not.",
-        u64::from(m.current_leader.is_some()),
-    );
-    gauge(
-        &mut out,
-        "etcd_server_is_leader",
-        "Whether or not this member is a leader. 1 if is, 0 otherwise.",
-        u64::from(m.current_leader == Some(node.member_id)),
-    );
-    counter(
-        &mut out,
-        "etcd_server_leader_changes_seen_total",
-        "The number of leader changes seen.",
-        stats.leader_changes.load(Ordering::Relaxed),
-    );
-    gauge(
-        &mut out,
-        "etcd_server_proposals_committed_total",
-        "The total number of consensus proposals committed.",
-        committed,
-    );
-    gauge(&mut out, "etcd_server_proposals_applied_total", "The total number of consensus proposals applied.", applied);
-    gauge(
-        &mut out,
-        "etcd_server_proposals_pending",
-        "The current number of pending proposals to commit.",
-        stats.proposals_pending.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut out,
-        "etcd_server_proposals_failed_total",
-        "The total number of failed proposals seen.",
-        stats.proposals_failed.load(Ordering::Relaxed),
-    );
-    gauge(
-        &mut out,
-        "etcd_mvcc_db_total_size_in_bytes",
-        "Total size of the underlying database physically allocated in bytes.",
-        db_size,
-    );
-    gauge(
-        &mut out,
-        "etcd_mvcc_db_total_size_in_use_in_bytes",
-        "Total size of the underlying database logically in use in bytes.",
-        db_in_use,
-    );
-    gauge(&mut out, "etcd_debugging_mvcc_current_revision", "The current revision of store.", revision.max(0));
-    gauge(&mut out, "etcd_debugging_mvcc_keys_total", "Total number of keys.", keys);
-    gauge(
-        &mut out,
-        "etcd_debugging_mvcc_watch_stream_total",
-        "Total number of watch streams.",
-        stats.watch_streams.load(Ordering::Relaxed),
-    );
-    gauge(
-        &mut out,
-        "etcd_debugging_mvcc_watcher_total",
-        "Total number of watchers.",
-        stats.watchers.load(Ordering::Relaxed),
-    );
-    gauge(&mut out, "process_resident_memory_bytes", "Resident memory size in bytes.", resident_memory_bytes());
-    gauge(&mut out, "concord_leases_total", "Granted, unexpired leases.", leases);
-    gauge(
-        &mut out,
-        "concord_apply_lag_entries",
-        "Committed log entries not yet applied on this member.",
-        committed.saturating_sub(applied),
-    );
+    let load = |g: &AtomicI64| g.load(Ordering::Relaxed).to_string();
     let (backlog, max_backlog) = stats.watch_backlog();
-    gauge(
-        &mut out,
-        "concord_watch_backlog_responses",
-        "Watch responses queued for clients, over all streams.",
-        backlog,
-    );
-    gauge(
-        &mut out,
-        "concord_watch_backlog_max_responses",
-        "The largest number of responses queued on one watch stream.",
-        max_backlog,
-    );
+    let series: [(&str, &str, String); 19] = [
+        (
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            u64::from(m.current_leader.is_some()).to_string(),
+        ),
+        (
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            u64::from(m.current_leader == Some(node.member_id)).to_string(),
+        ),
+        (
+            "etcd_server_proposals_committed_total",
+            "The total number of consensus proposals committed.",
+            committed.to_string(),
+        ),
+        (
+            "etcd_server_proposals_applied_total",
+            "The total number of consensus proposals applied.",
+            applied.to_string(),
+        ),
+        (
+            "etcd_server_proposals_pending",
+            "The current number of pending proposals to commit.",
+            load(&stats.proposals_pending),
+        ),
+        (
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+            db_size.to_string(),
+        ),
+        (
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "Total size of the underlying database logically in use in bytes.",
+            db_in_use.to_string(),
+        ),
+        ("etcd_debugging_mvcc_current_revision", "The current revision of store.", revision.max(0).to_string()),
+        ("etcd_debugging_mvcc_keys_total", "Total number of keys.", keys.to_string()),
+        ("etcd_debugging_mvcc_watch_stream_total", "Total number of watch streams.", load(&stats.watch_streams)),
+        ("etcd_debugging_mvcc_watcher_total", "Total number of watchers.", load(&stats.watchers)),
+        ("process_resident_memory_bytes", "Resident memory size in bytes.", resident_memory_bytes().to_string()),
+        ("concord_leases_total", "Granted, unexpired leases.", leases.to_string()),
+        (
+            "concord_apply_lag_entries",
+            "Committed log entries not yet applied on this member.",
+            committed.saturating_sub(applied).to_string(),
+        ),
+        (
+            "concord_watch_backlog_responses",
+            "Watch responses queued for clients, over all streams.",
+            backlog.to_string(),
+        ),
+        (
+            "concord_watch_backlog_max_responses",
+            "The largest number of responses queued on one watch stream.",
+            max_backlog.to_string(),
+        ),
+        (
+            "etcd_server_leader_changes_seen_total",
+            "The number of leader changes seen.",
+            stats.leader_changes.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "etcd_server_proposals_failed_total",
+            "The total number of failed proposals seen.",
+            stats.proposals_failed.load(Ordering::Relaxed).to_string(),
+        ),
+        ("concord_client_requests_total", "Client RPCs handled since start.", stats.total_rpcs().to_string()),
+    ];
+    let mut out = String::new();
+    for (name, help, value) in series {
+        // Names ending in _total are monotonic unless etcd itself reports them as
+        // gauges (proposals committed/applied, keys, watchers, streams, leases).
+        let kind = if [
+            "etcd_server_leader_changes_seen_total",
+            "etcd_server_proposals_failed_total",
+            "concord_client_requests_total",
+        ]
+        .contains(&name)
+        {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+    }
     let group = &node.group.stats;
     for (name, help, h) in [
         ("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", &group.wal_fsync),
