@@ -171,7 +171,10 @@ async fn move_leader_and_remove_the_leader() {
     lc.put("before", "1", None).await.expect("put");
     let resp = fc.member_remove(target).await.expect("remove the leader");
     assert_eq!(resp.members().len(), 2);
-    assert!(cluster.wait_exit(follower, WAIT).is_some(), "the removed leader stops");
+    if cluster.wait_exit(follower, WAIT).is_none() {
+        cluster.dump_logs();
+        panic!("the removed leader did not stop");
+    }
     let left: Vec<u64> = ids.iter().copied().filter(|id| *id != target).collect();
     assert!(left.contains(&leader_id));
     let mut c = cluster.client(leader).await;

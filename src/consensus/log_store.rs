@@ -141,6 +141,12 @@ impl LogStore {
 
     /// Verifies every stored record's checksum; run at startup so a corrupted log
     /// is refused before the member serves anything.
+    /// The index of the last entry the log holds or has purged (0 when empty).
+    pub fn last_index(&self) -> io::Result<u64> {
+        let purged: Option<LogIdOf<C>> = self.get_meta("purged")?;
+        Ok(self.last_entry_log_id()?.or(purged).map_or(0, |l| l.index()))
+    }
+
     pub fn verify(&self) -> io::Result<u64> {
         let lo = self.log_key(0);
         let hi = self.log_key(u64::MAX);

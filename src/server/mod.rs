@@ -314,7 +314,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let (group, log) = Group::start(identity.member_id, &member_dir.join("group-1"), &group_config).await?;
     let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
     tracing::info!(entries, "raft log verified");
-    check_log_end(&member_dir, &group)?;
+    check_log_end(&member_dir, log.last_index()?)?;
     // A member that crashed between saving its identity and initialising Raft
     // initialises on restart; initialisation is a no-op once any member has done it.
     if identity.bootstrapped && !group.raft.is_initialized().await? {
@@ -427,7 +427,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     }
     if outcome.is_ok() {
         group.backend.persist()?;
-        let last = group.metrics().last_log_index.unwrap_or(0);
+        let last = log.last_index()?;
         crate::storage::write_checksummed(&member_dir.join(LOG_END_FILE), &last.to_be_bytes())?;
     }
     outcome
@@ -441,12 +441,11 @@ const LOG_END_FILE: &str = "group-1/log-end";
 /// took for a torn write; the member refuses to start. The record is removed
 /// afterwards: from now on the log may legitimately shrink (a new leader truncates
 /// conflicting uncommitted entries), so it is only valid until the next start.
-fn check_log_end(member_dir: &std::path::Path, group: &Group) -> Result<(), BoxError> {
+fn check_log_end(member_dir: &std::path::Path, last: u64) -> Result<(), BoxError> {
     let path = member_dir.join(LOG_END_FILE);
     let Some(body) = crate::storage::read_checksummed(&path)? else { return Ok(()) };
     let recorded =
         u64::from_be_bytes(body.as_slice().try_into().map_err(|_| format!("{} is corrupt", path.display()))?);
-    let last = group.metrics().last_log_index.unwrap_or(0);
     if last < recorded {
         return Err(format!(
             "raft log in {} is corrupt: it ends at index {last}, but index {recorded} was durable at the last clean shutdown (truncated or rolled-back log files)",
@@ -474,11 +473,18 @@ const REMOVED_PEER_CHECK_EVERY: u32 = 5;
 
 /// Resolves once this member knows it has been removed from the cluster, like
 /// etcd's removed member, which stops instead of lingering without a cluster.
+/// Nothing is concluded until the member has been part of the cluster: a joining
+/// member replays a log (and registry) from before it was added.
 async fn removed(group: Group, election_timeout_ms: u64) {
     let mut tick = tokio::time::interval(Duration::from_millis(election_timeout_ms.max(100)));
     let mut ticks = 0u32;
+    let mut was_member = false;
     loop {
         tick.tick().await;
+        if !was_member {
+            was_member = group.is_applied_member();
+            continue;
+        }
         ticks += 1;
         if group.removal_applied() {
             return;
