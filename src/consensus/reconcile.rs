@@ -59,30 +59,30 @@ impl Group {
         }
     }
 
+    /// Whether the latest Raft membership lists this member, if that membership
+    /// has been applied here (so it is certainly committed); `None` while it is not.
+    fn applied_membership_lists_self(&self) -> Option<bool> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        let config_index = m.membership_config.log_id().as_ref().map(|l| l.index());
+        let applied = config_index.is_some() && config_index <= m.last_applied.as_ref().map(|l| l.index());
+        applied.then(|| m.membership_config.membership().get_node(&self.id).is_some())
+    }
+
     /// Whether this member's applied Raft membership lists it. A joining member's
     /// does not until it applies the entry that added it (it replays the log from
     /// before it was added); only a member that was part of the cluster can later
     /// conclude it was removed. The registry entry precedes that Raft entry in the
     /// log, so from then on a registry without this member means it was removed.
     pub fn is_applied_member(&self) -> bool {
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
-        let config_index = m.membership_config.log_id().as_ref().map(|l| l.index());
-        config_index.is_some()
-            && config_index <= m.last_applied.as_ref().map(|l| l.index())
-            && m.membership_config.membership().get_node(&self.id).is_some()
+        self.applied_membership_lists_self() == Some(true)
     }
 
     /// Whether this member has applied a membership that leaves it out (so its
     /// removal is certainly committed). Meaningful only for a member that was
     /// part of the cluster ([`Group::is_applied_member`]).
     pub fn removal_applied(&self) -> bool {
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
-        let config_index = m.membership_config.log_id().as_ref().map(|l| l.index());
-        config_index.is_some()
-            && config_index <= m.last_applied.as_ref().map(|l| l.index())
-            && m.membership_config.membership().get_node(&self.id).is_none()
+        self.applied_membership_lists_self() == Some(false)
     }
 
     /// Whether this member's own registry no longer lists it, or a peer proves it

@@ -36,7 +36,10 @@ pub fn routes(node: Arc<Node>) -> Router {
 /// Healthy means: a leader is known, no alarm is raised, and a linearizable read
 /// completes in time (etcd 3.4's rules).
 async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    // The quorum read comes first, so the alarms read next include every alarm
+    // committed before this request, whichever member raised it.
     let has_leader = node.group.metrics().current_leader.is_some();
+    let read_ok = has_leader && node.group.read_barrier(HEALTH_TIMEOUT).await.is_ok();
     let alarmed = node
         .group
         .backend
@@ -44,7 +47,7 @@ async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
         .ok()
         .and_then(|t| crate::consensus::state_machine::alarms(&t).ok())
         .is_none_or(|a| !a.is_empty());
-    let read_ok = has_leader && !alarmed && node.group.read_barrier(HEALTH_TIMEOUT).await.is_ok();
+    let read_ok = read_ok && !alarmed;
     let (status, body) = if read_ok {
         (StatusCode::OK, r#"{"health":"true"}"#)
     } else {
@@ -110,6 +113,8 @@ async fn livez(State(node): State<Arc<Node>>) -> impl IntoResponse {
 /// etcd 3.5's `/readyz`: ready to serve, i.e. no alarm, a leader, and a
 /// linearizable read completes in time. `?verbose` lists every check.
 async fn readyz(State(node): State<Arc<Node>>, uri: axum::http::Uri) -> impl IntoResponse {
+    // The quorum read first: the alarms read after it are current cluster-wide.
+    let read = node.group.read_barrier(HEALTH_TIMEOUT).await.map_err(|e| e.to_string());
     let alarms = node.group.backend.begin_read().ok().and_then(|t| crate::consensus::state_machine::alarms(&t).ok());
     let corrupt = crate::consensus::state_machine::ALARM_CORRUPT;
     let checks: [(&str, Result<(), String>); 4] = [
@@ -129,7 +134,7 @@ async fn readyz(State(node): State<Arc<Node>>, uri: axum::http::Uri) -> impl Int
             },
         ),
         ("leader", if node.group.metrics().current_leader.is_some() { Ok(()) } else { Err("no leader".into()) }),
-        ("linearizable_read", node.group.read_barrier(HEALTH_TIMEOUT).await.map_err(|e| e.to_string())),
+        ("linearizable_read", read),
     ];
     let verbose = uri.query().is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose=")));
     let failed = checks.iter().any(|(_, r)| r.is_err());
