@@ -121,7 +121,10 @@ async fn grow_one_to_five_and_shrink_to_three_under_load_without_losing_writes()
         let resp = c0.member_remove(id).await.expect("member remove");
         assert!(!resp.members().iter().any(|m| m.id() == id), "removed member not listed");
         let exit = cluster.wait_exit(i, WAIT);
-        assert!(exit.is_some_and(|st| !st.success()), "removed member {i} exits with an error");
+        if !exit.is_some_and(|st| !st.success()) {
+            cluster.dump_logs();
+            panic!("removed member {i} did not exit with an error: {exit:?}");
+        }
         assert!(cluster.log_text(i).contains("permanently removed"), "removed member says why");
     }
     wait_voters(&cluster, 3).await;

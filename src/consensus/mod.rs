@@ -239,7 +239,9 @@ impl Group {
         let log = log_store::LogStore::open(&dir.join("log"), 1, stats.clone())?;
         let (sm, revision) = state_machine::StateMachine::new(backend.clone(), dir.join("snap"), stats.clone())?;
         let apply_gate = sm.gate();
-        let peers = network::PeerPool::new(config.max_peer_message_bytes, Some(stats.clone()));
+        // Raft RPCs get at least two election timeouts (see `PeerPool::min_rpc_timeout`).
+        let min_rpc_timeout = Duration::from_millis(config.election_timeout_ms * 2);
+        let peers = network::PeerPool::new(config.max_peer_message_bytes, Some(stats.clone()), min_rpc_timeout);
         let raft_config = Arc::new(config.raft_config()?);
         let raft = openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm).await?;
         Ok((Group { raft, id, backend, revision, peers, apply_gate, stats }, log))

@@ -81,11 +81,20 @@ pub struct PeerPool {
     max_message_bytes: usize,
     /// Where AppendEntries round trips are recorded (absent for one-off pools).
     stats: Option<Arc<crate::stats::GroupStats>>,
+    /// Shortest time a Raft RPC may take before it counts as failed. openraft asks
+    /// for one heartbeat interval on appends; a follower whose fsync takes longer
+    /// (a loaded or slow disk) would then never acknowledge, and its replication
+    /// would retry the same batch forever. Rejected: openraft's value unchanged.
+    min_rpc_timeout: Duration,
 }
 
 impl PeerPool {
-    pub fn new(max_message_bytes: usize, stats: Option<Arc<crate::stats::GroupStats>>) -> Self {
-        PeerPool { channels: Arc::default(), max_message_bytes, stats }
+    pub fn new(
+        max_message_bytes: usize,
+        stats: Option<Arc<crate::stats::GroupStats>>,
+        min_rpc_timeout: Duration,
+    ) -> Self {
+        PeerPool { channels: Arc::default(), max_message_bytes, stats, min_rpc_timeout }
     }
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
@@ -240,7 +249,8 @@ impl PeerConn {
         Fut: Future<Output = Result<Response<Payload>, Status>>,
         E: DeserializeOwned + std::error::Error,
     {
-        let r: Result<Result<Resp, E>, CallError> = self.pool.call(&self.node, req, option.hard_ttl(), f).await;
+        let timeout = option.hard_ttl().max(self.pool.min_rpc_timeout);
+        let r: Result<Result<Resp, E>, CallError> = self.pool.call(&self.node, req, timeout, f).await;
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(RPCError::Network(NetworkError::from_string(format!("remote raft error: {e}")))),

@@ -96,7 +96,7 @@ impl Group {
             Err(_) => return false,
         };
         if !mine {
-            // This member applied its own removal from the registry.
+            tracing::info!("this member's applied registry no longer lists it");
             return true;
         }
         let peers: Vec<PeerInfo> =

@@ -97,7 +97,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// by `MemberAdd`) and the cluster ID from a running peer, matching its own
 /// `--initial-advertise-peer-urls` against the member registry, as etcd does.
 async fn join_identity(config: &Config) -> Result<Identity, BoxError> {
-    let pool = crate::consensus::network::PeerPool::new(1024 * 1024, None);
+    let pool = crate::consensus::network::PeerPool::new(1024 * 1024, None, Duration::from_secs(2));
     let mine: std::collections::BTreeSet<&String> = config.initial_advertise_peer_urls.iter().collect();
     let peers: Vec<&String> =
         config.initial_cluster.iter().flat_map(|(_, urls)| urls).filter(|u| !mine.contains(u)).collect();
@@ -412,7 +412,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome: Result<(), BoxError> = tokio::select! {
         reason = group.fatal() => Err(format!("raft group stopped: {reason}").into()),
-        () = removed(group.clone(), config.election_timeout_ms) => Err("the member has been permanently removed from the cluster".into()),
+        () = removed(group.clone(), config.election_timeout_ms, identity.bootstrapped) => Err("the member has been permanently removed from the cluster".into()),
         Some(res) = tasks.join_next() => match res {
             Ok(Ok(())) => Err("a server task ended unexpectedly".into()),
             Ok(Err(e)) => Err(e.into()),
@@ -473,16 +473,21 @@ const REMOVED_PEER_CHECK_EVERY: u32 = 5;
 
 /// Resolves once this member knows it has been removed from the cluster, like
 /// etcd's removed member, which stops instead of lingering without a cluster.
-/// Nothing is concluded until the member has been part of the cluster: a joining
-/// member replays a log (and registry) from before it was added.
-async fn removed(group: Group, election_timeout_ms: u64) {
+/// Nothing is concluded until the member has been part of the cluster: a member
+/// that bootstrapped the cluster always was; a joining member is once its applied
+/// Raft membership lists it (it replays a log and registry from before it was
+/// added). Checking this only later would miss a member removed within moments.
+async fn removed(group: Group, election_timeout_ms: u64, bootstrapped: bool) {
     let mut tick = tokio::time::interval(Duration::from_millis(election_timeout_ms.max(100)));
     let mut ticks = 0u32;
-    let mut was_member = false;
+    let mut was_member = bootstrapped;
     loop {
         tick.tick().await;
         if !was_member {
             was_member = group.is_applied_member();
+            if was_member {
+                tracing::info!("this member's applied membership now lists it");
+            }
             continue;
         }
         ticks += 1;
