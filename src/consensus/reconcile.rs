@@ -90,15 +90,21 @@ impl Group {
     /// as much of the log as this member and its registry no longer lists it. A
     /// removed member usually never applies its own removal (the leader stops
     /// replicating to it once the change is appended), so it has to ask.
-    pub async fn removal_confirmed_by_peer(&self) -> bool {
+    ///
+    /// `listed_from` is a log index at which the registry is known to have listed
+    /// this member (where a joining member was found; 0 for a bootstrap member,
+    /// listed from the first entry). A registry older than that proves nothing:
+    /// a joining member replays the log from before it was added.
+    pub async fn removal_confirmed_by_peer(&self, listed_from: u64) -> bool {
         let (mine, applied) = match self.cluster_info() {
             Ok(info) => (info.members.iter().any(|(id, _)| *id == self.id), info.applied_index),
             Err(_) => return false,
         };
-        if !mine {
+        if !mine && applied >= listed_from {
             tracing::info!("this member's applied registry no longer lists it");
             return true;
         }
+        let applied = applied.max(listed_from);
         let peers: Vec<PeerInfo> =
             self.raft_members().nodes.into_iter().filter(|(id, _)| *id != self.id).map(|(_, n)| n).collect();
         for peer in peers {

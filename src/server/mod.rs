@@ -65,6 +65,10 @@ pub struct Identity {
     /// Whether this member bootstrapped the cluster (state `new`): such a member
     /// re-issues the idempotent Raft initialisation after a crash mid-bootstrap.
     bootstrapped: bool,
+    /// A log index at which the member registry listed this member: where a
+    /// joining member found itself (0 for a bootstrap member). Removal is judged
+    /// only against registries at least this fresh.
+    listed_from: u64,
 }
 
 /// Computes a bootstrapping member's identity from `--initial-cluster` (state
@@ -78,6 +82,7 @@ pub fn write_bootstrap_identity(config: &Config) -> Result<Identity, BoxError> {
         member_id: member_id(&config.initial_advertise_peer_urls, &config.initial_cluster_token, None),
         cluster_id: cluster_id(&ids),
         bootstrapped: true,
+        listed_from: 0,
     };
     save_new_identity(config, &identity)?;
     Ok(identity)
@@ -121,7 +126,12 @@ async fn join_identity(config: &Config) -> Result<Identity, BoxError> {
                         )
                         .into());
                     };
-                    let identity = Identity { member_id: *id, cluster_id: info.cluster_id, bootstrapped: false };
+                    let identity = Identity {
+                        member_id: *id,
+                        cluster_id: info.cluster_id,
+                        bootstrapped: false,
+                        listed_from: info.applied_index,
+                    };
                     save_new_identity(config, &identity)?;
                     return Ok(identity);
                 }
@@ -412,7 +422,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome: Result<(), BoxError> = tokio::select! {
         reason = group.fatal() => Err(format!("raft group stopped: {reason}").into()),
-        () = removed(group.clone(), config.election_timeout_ms, identity.bootstrapped) => Err("the member has been permanently removed from the cluster".into()),
+        () = removed(group.clone(), config.election_timeout_ms, &identity) => Err("the member has been permanently removed from the cluster".into()),
         Some(res) = tasks.join_next() => match res {
             Ok(Ok(())) => Err("a server task ended unexpectedly".into()),
             Ok(Err(e)) => Err(e.into()),
@@ -473,28 +483,25 @@ const REMOVED_PEER_CHECK_EVERY: u32 = 5;
 
 /// Resolves once this member knows it has been removed from the cluster, like
 /// etcd's removed member, which stops instead of lingering without a cluster.
-/// Nothing is concluded until the member has been part of the cluster: a member
-/// that bootstrapped the cluster always was; a joining member is once its applied
-/// Raft membership lists it (it replays a log and registry from before it was
-/// added). Checking this only later would miss a member removed within moments.
-async fn removed(group: Group, election_timeout_ms: u64, bootstrapped: bool) {
+/// Two signs count: an applied Raft membership without it, once an applied one
+/// has listed it (a bootstrap member always was listed; a joining member replays
+/// a log from before it was added), or a registry at least as fresh as where it
+/// was listed that lacks it — its own or a peer's.
+async fn removed(group: Group, election_timeout_ms: u64, identity: &Identity) {
     let mut tick = tokio::time::interval(Duration::from_millis(election_timeout_ms.max(100)));
     let mut ticks = 0u32;
-    let mut was_member = bootstrapped;
+    let mut was_member = identity.bootstrapped;
     loop {
         tick.tick().await;
+        ticks += 1;
         if !was_member {
             was_member = group.is_applied_member();
-            if was_member {
-                tracing::info!("this member's applied membership now lists it");
-            }
-            continue;
         }
-        ticks += 1;
-        if group.removal_applied() {
+        if was_member && group.removal_applied() {
             return;
         }
-        if ticks.is_multiple_of(REMOVED_PEER_CHECK_EVERY) && group.removal_confirmed_by_peer().await {
+        if ticks.is_multiple_of(REMOVED_PEER_CHECK_EVERY) && group.removal_confirmed_by_peer(identity.listed_from).await
+        {
             return;
         }
     }
