@@ -7,7 +7,7 @@ etcdctl member list
 etcdctl member list | cut -d, -f4 | tr -d ' ' > $GOLDEN_TMP/peer; etcdctl member list | cut -d, -f1 > $GOLDEN_TMP/self; echo saved
 etcdctl member add dup --peer-urls=$(cat $GOLDEN_TMP/peer)
 etcdctl member add bad --peer-urls=notaurl
-etcdctl member add m2 --learner --peer-urls=http://127.0.0.1:1 > $GOLDEN_TMP/add; echo exit $?; grep -v INITIAL_CLUSTER= $GOLDEN_TMP/add; grep INITIAL_CLUSTER= $GOLDEN_TMP/add | tr ',' '\n' | sort
+etcdctl member add m2 --learner --peer-urls=http://127.0.0.1:1 > $GOLDEN_TMP/add; echo exit $?; grep -v INITIAL_CLUSTER= $GOLDEN_TMP/add; grep INITIAL_CLUSTER= $GOLDEN_TMP/add | sed 's/ETCD_INITIAL_CLUSTER=//; s/"//g' | tr ',' '\n' | sort
 etcdctl member list | cut -d, -f2- | sort
 etcdctl member list | grep unstarted | cut -d, -f1 > $GOLDEN_TMP/learner; echo saved
 etcdctl member promote $(cat $GOLDEN_TMP/learner)
