@@ -23,6 +23,25 @@ pub const RTT_BUCKETS_S: [f64; 16] = [
 /// Bucket bounds for client request handling (grpc-prometheus defaults).
 pub const REQUEST_BUCKETS_S: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
+/// The upper bound (seconds) of the bucket holding quantile `q` (0..=1) of
+/// per-bucket `counts` (the overflow bucket last, bounded by infinity); `None`
+/// when nothing was counted.
+pub fn quantile_bound_s(bounds_s: &[f64], counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let target = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in counts.iter().enumerate() {
+        seen += n;
+        if seen >= target {
+            return Some(bounds_s.get(i).copied().unwrap_or(f64::INFINITY));
+        }
+    }
+    Some(f64::INFINITY)
+}
+
 /// A cumulative histogram with fixed bucket bounds, in seconds.
 pub struct Histogram {
     bounds_s: &'static [f64],
@@ -61,24 +80,6 @@ impl Histogram {
 
     pub fn sum(&self) -> Duration {
         Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
-    }
-
-    /// The upper bound of the bucket holding quantile `q` (0..=1) of everything
-    /// observed so far, in seconds; `None` before the first observation.
-    pub fn quantile_bound_s(&self, q: f64) -> Option<f64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let target = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Ordering::Relaxed);
-            if seen >= target {
-                return Some(self.bounds_s.get(i).copied().unwrap_or(f64::INFINITY));
-            }
-        }
-        Some(f64::INFINITY)
     }
 
     /// Appends the `_bucket`, `_sum` and `_count` series; `labels` is either empty
@@ -144,7 +145,7 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"0.004\"} 2\n"));
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"));
         assert!(out.contains("x_count 3\n"));
-        assert_eq!(h.quantile_bound_s(0.5), Some(0.004));
-        assert_eq!(h.quantile_bound_s(1.0), Some(f64::INFINITY));
+        assert_eq!(quantile_bound_s(&DISK_BUCKETS_S, &h.bucket_counts(), 0.5), Some(0.004));
+        assert_eq!(quantile_bound_s(&DISK_BUCKETS_S, &h.bucket_counts(), 1.0), Some(f64::INFINITY));
     }
 }

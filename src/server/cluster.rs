@@ -263,9 +263,9 @@ impl Maintenance for MaintenanceService {
     /// served meanwhile (etcd blocks them for the whole defragmentation).
     async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         let started = std::time::Instant::now();
-        let (before, _) = self.node.group.backend.sizes().map_err(|e| Status::internal(e.to_string()))?;
+        let before = self.node.group.backend.file_size().map_err(|e| Status::internal(e.to_string()))?;
         self.node.group.defragment().await.map_err(|e| Status::internal(format!("etcdserver: defragment: {e}")))?;
-        let (after, _) = self.node.group.backend.sizes().map_err(|e| Status::internal(e.to_string()))?;
+        let after = self.node.group.backend.file_size().map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(before, after, took_ms = started.elapsed().as_millis() as u64, "defragmented the state file");
         let mut resp = DefragmentResponse { header: None };
         self.node.fill_header(&mut resp.header);

@@ -230,8 +230,10 @@ pub async fn run_monitor(node: Arc<Node>) {
             unix_ms: unix_ms(),
             requests_per_s: rpcs - last_rpcs,
             revisions_per_s: (rev - last_rev).max(0) as u64,
-            p99_ms: quantile_of(&window, 0.99).map(|s| s * 1000.0),
-            db_size_bytes: node.group.backend.sizes().map(|s| s.0).unwrap_or(0),
+            // Above every bucket bound counts as the last bound (JSON has no infinity).
+            p99_ms: crate::stats::quantile_bound_s(&REQUEST_BUCKETS_S, &window, 0.99)
+                .map(|s| s.min(REQUEST_BUCKETS_S[REQUEST_BUCKETS_S.len() - 1]) * 1000.0),
+            db_size_bytes: node.group.backend.file_size().unwrap_or(0),
             watchers: stats.watchers.load(Ordering::Relaxed),
             leases,
         };
@@ -272,24 +274,6 @@ impl ServerStats {
     fn request_latency_buckets(&self) -> Vec<u64> {
         self.request_latency.bucket_counts()
     }
-}
-
-/// The upper bound (seconds) of the bucket holding quantile `q` of a window of
-/// request-latency bucket counts; `None` for an empty window.
-fn quantile_of(window: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = window.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let target = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, n) in window.iter().enumerate() {
-        seen += n;
-        if seen >= target {
-            return Some(REQUEST_BUCKETS_S.get(i).copied().unwrap_or(REQUEST_BUCKETS_S[REQUEST_BUCKETS_S.len() - 1]));
-        }
-    }
-    None
 }
 
 /// grpc-prometheus's `grpc_type` label for the streaming methods of the etcd API.

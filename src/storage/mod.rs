@@ -207,9 +207,15 @@ impl Backend {
         Ok(())
     }
 
+    /// Bytes the file occupies on disk (no transaction needed).
+    pub fn file_size(&self) -> Result<u64, StorageError> {
+        Ok(std::fs::metadata(&self.path).map_err(|e| StorageError::Engine(e.to_string()))?.len())
+    }
+
     /// (bytes the file occupies on disk, bytes held by live data and metadata).
+    /// Measuring live bytes takes a write transaction.
     pub fn sizes(&self) -> Result<(u64, u64), StorageError> {
-        let on_disk = std::fs::metadata(&self.path).map_err(|e| StorageError::Engine(e.to_string()))?.len();
+        let on_disk = self.file_size()?;
         let txn = self.db().begin_write()?;
         let stats = txn.stats()?;
         txn.abort()?;
