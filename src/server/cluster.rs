@@ -81,8 +81,7 @@ fn valid_peer_urls(urls: &[String]) -> bool {
     !urls.is_empty()
         && urls.iter().all(|u| {
             let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
-            rest.and_then(|hp| hp.rsplit_once(':'))
-                .is_some_and(|(host, port)| !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok())
+            rest.is_some_and(super::config::valid_host_port)
         })
 }
 

@@ -253,13 +253,23 @@ fn parse_u64(raw: &Raw, key: &str, default: u64) -> Result<u64, String> {
     }
 }
 
+/// Whether `host:port` (the part of a URL after the scheme) names a host and a
+/// valid port, with no path.
+pub fn valid_host_port(hostport: &str) -> bool {
+    hostport
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && !hostport.contains('/') && port.parse::<u16>().is_ok())
+}
+
 fn check_url(flag: &str, u: &str) -> Result<(), String> {
     let rest = u
         .strip_prefix("http://")
         .ok_or_else(|| format!("--{flag}: URL {u:?} must start with http:// (TLS is not supported yet)"))?;
     let hostport = rest.trim_end_matches('/');
-    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("--{flag}: URL {u:?} has no port"))?;
-    if host.is_empty() || port.parse::<u16>().is_err() || hostport.contains('/') {
+    if !hostport.contains(':') {
+        return Err(format!("--{flag}: URL {u:?} has no port"));
+    }
+    if !valid_host_port(hostport) {
         return Err(format!("--{flag}: invalid URL {u:?}"));
     }
     Ok(())
