@@ -2,10 +2,11 @@
 //!
 //! Layers, dependencies pointing downward only:
 //! `server` (etcd gRPC services, config, process) → `consensus` (openraft, log,
-//! peer network, state-machine adapter) → `mvcc` (etcd KV semantics) →
-//! `storage` (redb file per group) ; `proto` holds generated code only.
+//! peer network, state-machine adapter) → `auth` (users, roles, tokens) and
+//! `mvcc` (etcd KV semantics) → `storage` (redb file per group) ; `proto` holds generated code only.
 //! See `docs/ARCHITECTURE.md`.
 
+pub mod auth;
 pub mod cli;
 pub mod consensus;
 pub mod lease;

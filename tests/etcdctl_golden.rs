@@ -217,3 +217,8 @@ fn watch_lease_lock_election_session_matches_etcd_3_4() {
 fn cluster_operations_session_matches_etcd_3_4() {
     compare_session("ops.sh");
 }
+
+#[test]
+fn auth_session_matches_etcd_3_4() {
+    compare_session("auth.sh");
+}

@@ -75,6 +75,14 @@ pub enum Command {
         member: MemberId,
         alarm: i32,
     },
+    /// A change to users, roles or the auth switch (see [`crate::auth`]).
+    Auth(crate::auth::AuthOp),
+    /// A command whose permissions were checked at `auth_revision`; refused at
+    /// apply if the auth store changed since.
+    Authed {
+        auth_revision: u64,
+        cmd: Box<Command>,
+    },
 }
 
 impl fmt::Display for Command {
@@ -90,6 +98,8 @@ impl fmt::Display for Command {
             Command::LeaseRenew { id } => write!(f, "lease_renew({id:x})"),
             Command::LeaseCheckpoint(l) => write!(f, "lease_checkpoint({} leases)", l.len()),
             Command::Alarm { activate, member, alarm } => write!(f, "alarm({activate},{member:x},{alarm})"),
+            Command::Auth(op) => write!(f, "auth({})", op.name()),
+            Command::Authed { auth_revision, cmd } => write!(f, "authed@{auth_revision}({cmd})"),
         }
     }
 }
@@ -108,6 +118,7 @@ pub enum ApplyError {
     PeerUrlExists,
     MemberNotFound,
     MemberNotLearner,
+    Auth(crate::auth::AuthError),
     /// The command did not decode: only a bug or a corrupted log can cause it.
     Malformed(String),
 }
@@ -166,6 +177,10 @@ pub struct GroupConfig {
     pub snapshot_catchup_entries: u64,
     /// Largest peer message (a whole snapshot travels in one): bounds peer memory.
     pub max_peer_message_bytes: usize,
+    /// Life of a simple auth token without use (`--auth-token-ttl`).
+    pub auth_token_ttl: Duration,
+    /// TLS for connections to peers (`None`: plain http).
+    pub peer_tls: Option<network::PeerTls>,
 }
 
 impl GroupConfig {
@@ -218,6 +233,8 @@ pub struct Group {
     apply_gate: Arc<state_machine::ApplyGate>,
     /// Disk and network timings for `/metrics`.
     pub stats: Arc<crate::stats::GroupStats>,
+    /// This member's copy of the replicated simple auth tokens.
+    pub tokens: Arc<crate::auth::SimpleTokens>,
 }
 
 impl Group {
@@ -237,14 +254,21 @@ impl Group {
         let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
         let stats = Arc::new(crate::stats::GroupStats::default());
         let log = log_store::LogStore::open(&dir.join("log"), 1, stats.clone())?;
-        let (sm, revision) = state_machine::StateMachine::new(backend.clone(), dir.join("snap"), stats.clone())?;
+        let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));
+        let (sm, revision) =
+            state_machine::StateMachine::new(backend.clone(), dir.join("snap"), stats.clone(), tokens.clone())?;
         let apply_gate = sm.gate();
         // Raft RPCs get at least two election timeouts (see `PeerPool::min_rpc_timeout`).
         let min_rpc_timeout = Duration::from_millis(config.election_timeout_ms * 2);
-        let peers = network::PeerPool::new(config.max_peer_message_bytes, Some(stats.clone()), min_rpc_timeout);
+        let peers = network::PeerPool::new(
+            config.max_peer_message_bytes,
+            Some(stats.clone()),
+            min_rpc_timeout,
+            config.peer_tls.clone(),
+        );
         let raft_config = Arc::new(config.raft_config()?);
         let raft = openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm).await?;
-        Ok((Group { raft, id, backend, revision, peers, apply_gate, stats }, log))
+        Ok((Group { raft, id, backend, revision, peers, apply_gate, stats, tokens }, log))
     }
 
     /// Proposes a command and waits for its applied result. Followers forward it to

@@ -74,10 +74,15 @@ pub struct ClusterInfo {
 /// How long a member waits to apply the revision a HashKV check asks about.
 const HASH_KV_WAIT: Duration = Duration::from_secs(5);
 
+/// The TLS client configuration peers are dialled with (`https://` peer URLs).
+pub type PeerTls = Arc<rustls::ClientConfig>;
+
 /// Connections to peers, shared by every Raft client and forwarding call.
 #[derive(Clone)]
 pub struct PeerPool {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Used for `https://` peers; an `https://` peer without it is unreachable.
+    tls: Option<PeerTls>,
     max_message_bytes: usize,
     /// Where AppendEntries round trips are recorded (absent for one-off pools).
     stats: Option<Arc<crate::stats::GroupStats>>,
@@ -88,13 +93,41 @@ pub struct PeerPool {
     min_rpc_timeout: Duration,
 }
 
+/// Dials a peer and runs the TLS handshake, verifying it with `tls`.
+fn tls_connector(
+    tls: PeerTls,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |uri: http::Uri| {
+        let connector = tokio_rustls::TlsConnector::from(tls.clone());
+        async move {
+            let host = uri.host().ok_or_else(|| std::io::Error::other("peer URL has no host"))?.to_string();
+            let port = uri.port_u16().ok_or_else(|| std::io::Error::other("peer URL has no port"))?;
+            let tcp =
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect((host.as_str(), port)))
+                    .await
+                    .map_err(|_| std::io::Error::other("connect timed out"))??;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                .map_err(std::io::Error::other)?;
+            Ok(hyper_util::rt::TokioIo::new(connector.connect(name, tcp).await?))
+        }
+    })
+}
+
 impl PeerPool {
     pub fn new(
         max_message_bytes: usize,
         stats: Option<Arc<crate::stats::GroupStats>>,
         min_rpc_timeout: Duration,
+        tls: Option<PeerTls>,
     ) -> Self {
-        PeerPool { channels: Arc::default(), max_message_bytes, stats, min_rpc_timeout }
+        PeerPool { channels: Arc::default(), tls, max_message_bytes, stats, min_rpc_timeout }
     }
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
@@ -103,11 +136,20 @@ impl PeerPool {
         let channel = match map.get(url) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(url.clone())
-                    .map_err(|e| format!("bad peer URL {url}: {e}"))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                let c = match url.strip_prefix("https://") {
+                    None => Endpoint::from_shared(url.clone())
+                        .map_err(|e| format!("bad peer URL {url}: {e}"))?
+                        .connect_timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true)
+                        .connect_lazy(),
+                    Some(hostport) => {
+                        let tls = self.tls.clone().ok_or_else(|| format!("{url}: peer TLS is not configured"))?;
+                        // TLS is done by the connector, so tonic sees plain http/2.
+                        Endpoint::from_shared(format!("http://{hostport}"))
+                            .map_err(|e| format!("bad peer URL {url}: {e}"))?
+                            .connect_with_connector_lazy(tls_connector(tls))
+                    }
+                };
                 map.insert(url.clone(), c.clone());
                 c
             }

@@ -96,6 +96,8 @@ pub struct StateMachine {
     revision: watch::Sender<Rev>,
     defrag: Arc<ApplyGate>,
     stats: Arc<crate::stats::GroupStats>,
+    /// Simple auth tokens registered by applied `Authenticate` entries.
+    tokens: Arc<crate::auth::SimpleTokens>,
 }
 
 /// Entries a defragmentation may buffer while it copies the state file. Past
@@ -135,7 +137,7 @@ pub fn defragment(backend: &Backend, gate: &ApplyGate) -> io::Result<()> {
             io::Error::other("defragmentation abandoned: a snapshot was installed or too many writes arrived meanwhile")
         })?;
         let txn = db.begin_write().map_err(io_err)?;
-        apply_entries(&txn, &entries)?;
+        apply_entries(&txn, &entries, None)?;
         txn.commit().map_err(io_err)?;
         backend.swap_in(db, &tmp)?;
         Ok(())
@@ -157,6 +159,7 @@ impl StateMachine {
         backend: Arc<Backend>,
         snap_dir: PathBuf,
         stats: Arc<crate::stats::GroupStats>,
+        tokens: Arc<crate::auth::SimpleTokens>,
     ) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
         // A corrupt snapshot file is refused at start, not when a follower needs it.
@@ -164,7 +167,18 @@ impl StateMachine {
             crate::storage::decode_snapshot(snap.snapshot.get_ref())?;
         }
         let (revision, rx) = watch::channel(current_rev(&backend)?);
-        Ok((StateMachine { backend, snap_dir, applied_since_persist: 0, revision, defrag: Arc::default(), stats }, rx))
+        Ok((
+            StateMachine {
+                backend,
+                snap_dir,
+                applied_since_persist: 0,
+                revision,
+                defrag: Arc::default(),
+                stats,
+                tokens,
+            },
+            rx,
+        ))
     }
 
     fn publish_revision(&self) -> io::Result<()> {
@@ -192,14 +206,19 @@ fn current_rev(backend: &Backend) -> io::Result<Rev> {
 }
 
 /// Applies a batch of log entries in `txn`, recording the last applied log id and
-/// any membership in the same transaction; returns each entry's result.
-fn apply_entries(txn: &WriteTransaction, entries: &[EntryOf<C>]) -> io::Result<Vec<CommandResult>> {
+/// any membership in the same transaction; returns each entry's result. `tokens`
+/// is `None` when entries are replayed into a copy (defragmentation).
+fn apply_entries(
+    txn: &WriteTransaction,
+    entries: &[EntryOf<C>],
+    tokens: Option<&crate::auth::SimpleTokens>,
+) -> io::Result<Vec<CommandResult>> {
     let mut results = Vec::with_capacity(entries.len());
     let mut membership = None;
     for entry in entries {
         results.push(match &entry.payload {
             EntryPayload::Blank => CommandResult::Ok(Vec::new()),
-            EntryPayload::Normal(cmd) => apply_command(txn, cmd)?,
+            EntryPayload::Normal(cmd) => apply_command(txn, cmd, tokens)?,
             EntryPayload::Membership(m) => {
                 super::members::seed_from_membership(txn, m)?;
                 membership = Some(StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone()));
@@ -219,7 +238,11 @@ fn apply_entries(txn: &WriteTransaction, entries: &[EntryOf<C>]) -> io::Result<V
 
 /// Applies one client command; request-level errors become [`ApplyError`]s, while
 /// storage errors abort the batch (and stop the group).
-fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandResult> {
+fn apply_command(
+    txn: &WriteTransaction,
+    cmd: &Command,
+    tokens: Option<&crate::auth::SimpleTokens>,
+) -> io::Result<CommandResult> {
     fn run<Req: Message + Default, Resp: Message>(
         txn: &WriteTransaction,
         bytes: &[u8],
@@ -306,6 +329,21 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command) -> io::Result<CommandRes
         Command::Txn(b) => run(txn, b, |w, r: &TxnRequest| w.txn(r)),
         Command::Compact(b) => run(txn, b, |w, r: &CompactionRequest| w.compact(r.revision)),
         Command::Member(change) => super::members::apply(txn, change),
+        Command::Auth(op) => {
+            let mut meta = txn.open_table(META).map_err(io_err)?;
+            Ok(match crate::auth::apply(&mut meta, op, tokens)? {
+                Ok(()) => CommandResult::Ok(Vec::new()),
+                Err(e) => CommandResult::Err(ApplyError::Auth(e)),
+            })
+        }
+        Command::Authed { auth_revision, cmd } => {
+            // Checked against an older auth store: the permission may be gone.
+            let current = crate::auth::revision_in(&txn.open_table(META).map_err(io_err)?)?;
+            if current != *auth_revision {
+                return Ok(CommandResult::Err(ApplyError::Auth(crate::auth::AuthError::AuthOldRevision)));
+            }
+            apply_command(txn, cmd, tokens)
+        }
     }
 }
 
@@ -332,7 +370,7 @@ impl RaftStateMachine<C> for StateMachine {
         let results = {
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
             let txn = self.backend.begin_apply()?;
-            let results = apply_entries(&txn, &batch)?;
+            let results = apply_entries(&txn, &batch, Some(&self.tokens))?;
             let started = std::time::Instant::now();
             txn.commit().map_err(io_err)?;
             self.stats.backend_commit.observe(started.elapsed());

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::auth::tokens::{JwtConfig, TokenConfig};
+
 /// etcd's `embed.DefaultMaxRequestBytes`: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1572864;
 /// etcd's default `--max-txn-ops`.
@@ -107,6 +109,48 @@ pub struct Flags {
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Auth token provider: 'simple' or 'jwt,pub-key=...,priv-key=...,sign-method=...,ttl=...'.
+    #[arg(long, env = "ETCD_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// Seconds a simple auth token lives without use.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<u64>,
+    /// bcrypt cost for hashing passwords (4..=31).
+    #[arg(long, env = "ETCD_BCRYPT_COST")]
+    pub bcrypt_cost: Option<u32>,
+    /// Path to the client server TLS certificate file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<String>,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<String>,
+    /// Path to the client server TLS trusted CA certificate file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<String>,
+    /// Require client certificates signed by --trusted-ca-file.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<String>,
+    /// Client TLS using a generated self-signed certificate.
+    #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub auto_tls: Option<String>,
+    /// Path to the peer server TLS certificate file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<String>,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<String>,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<String>,
+    /// Require peer certificates signed by --peer-trusted-ca-file.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub peer_client_cert_auth: Option<String>,
+    /// Peer TLS using generated self-signed certificates.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub peer_auto_tls: Option<String>,
+    /// Most client connections served at once; further connections wait in the accept queue.
+    #[arg(long, env = "CONCORD_MAX_CLIENT_CONNECTIONS")]
+    pub max_client_connections: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -147,6 +191,18 @@ pub struct Config {
     pub log_json: bool,
     pub listen_metrics_urls: Vec<String>,
     pub log_level: String,
+    /// `--auth-token`: simple (replicated random tokens) or JWT.
+    pub auth_token: TokenConfig,
+    /// `--auth-token-ttl`: a simple token's life without use.
+    pub auth_token_ttl: std::time::Duration,
+    /// `--bcrypt-cost`: work factor of password hashes.
+    pub bcrypt_cost: u32,
+    /// TLS of the client listeners (`https://` URLs).
+    pub client_tls: crate::server::tls::TlsSettings,
+    /// TLS of the peer listeners and of connections to peers.
+    pub peer_tls: crate::server::tls::TlsSettings,
+    /// Client connections served at once (a slow or hostile client holds one slot).
+    pub max_client_connections: usize,
 }
 
 /// The settings as strings before defaults and validation, from flags or a file.
@@ -166,7 +222,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 25] = [
+const KNOWN_KEYS: [&str; 39] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -192,6 +248,20 @@ const KNOWN_KEYS: [&str; 25] = [
     "log-format",
     "listen-metrics-urls",
     "log-level",
+    "auth-token",
+    "auth-token-ttl",
+    "bcrypt-cost",
+    "cert-file",
+    "key-file",
+    "trusted-ca-file",
+    "client-cert-auth",
+    "auto-tls",
+    "peer-cert-file",
+    "peer-key-file",
+    "peer-trusted-ca-file",
+    "peer-client-cert-auth",
+    "peer-auto-tls",
+    "max-client-connections",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -240,6 +310,37 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(total)
 }
 
+/// Parses etcd's `--auth-token` value.
+fn parse_auth_token(s: &str) -> Result<TokenConfig, String> {
+    let mut parts = s.split(',');
+    match parts.next().unwrap_or_default() {
+        "simple" | "" => Ok(TokenConfig::Simple),
+        "jwt" => {
+            let (mut pub_key, mut priv_key, mut sign_method, mut ttl) =
+                (None, None, None, std::time::Duration::from_secs(300));
+            for opt in parts {
+                let (k, v) = opt.split_once('=').ok_or_else(|| format!("invalid --auth-token option {opt:?}"))?;
+                match k {
+                    "pub-key" => pub_key = Some(PathBuf::from(v)),
+                    "priv-key" => priv_key = Some(PathBuf::from(v)),
+                    "sign-method" => sign_method = Some(v.to_string()),
+                    "ttl" => ttl = parse_duration(v)?,
+                    _ => return Err(format!("unknown --auth-token jwt option {k:?}")),
+                }
+            }
+            let sign_method = sign_method.ok_or("--auth-token jwt needs sign-method=")?;
+            crate::auth::tokens::algorithm(&sign_method)?;
+            Ok(TokenConfig::Jwt(JwtConfig {
+                pub_key: pub_key.ok_or("--auth-token jwt needs pub-key=")?,
+                priv_key,
+                sign_method,
+                ttl,
+            }))
+        }
+        other => Err(format!("unknown --auth-token type {other:?} (simple or jwt)")),
+    }
+}
+
 fn split_urls(s: &str) -> Vec<String> {
     s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
 }
@@ -264,7 +365,8 @@ pub fn valid_host_port(hostport: &str) -> bool {
 fn check_url(flag: &str, u: &str) -> Result<(), String> {
     let rest = u
         .strip_prefix("http://")
-        .ok_or_else(|| format!("--{flag}: URL {u:?} must start with http:// (TLS is not supported yet)"))?;
+        .or_else(|| u.strip_prefix("https://"))
+        .ok_or_else(|| format!("--{flag}: URL {u:?} must start with http:// or https://"))?;
     let hostport = rest.trim_end_matches('/');
     if !hostport.contains(':') {
         return Err(format!("--{flag}: URL {u:?} has no port"));
@@ -396,6 +498,32 @@ impl Config {
         if !["debug", "info", "warn", "error", "dpanic", "panic", "fatal"].contains(&log_level.as_str()) {
             return Err(format!("invalid value {log_level:?} for --log-level"));
         }
+        let auth_token = parse_auth_token(raw.get("auth-token").unwrap_or("simple"))?;
+        let auth_token_ttl = std::time::Duration::from_secs(parse_u64(raw, "auth-token-ttl", 300)?);
+        if auth_token_ttl.is_zero() {
+            return Err("--auth-token-ttl must be positive".into());
+        }
+        let bcrypt_cost = u32::try_from(parse_u64(raw, "bcrypt-cost", crate::auth::BCRYPT_COST as u64)?)
+            .ok()
+            .filter(|c| (4..=31).contains(c))
+            .ok_or("--bcrypt-cost must be between 4 and 31")?;
+        let client_tls = crate::server::tls::TlsSettings::from_raw(|k| raw.get(k), "")?;
+        let peer_tls = crate::server::tls::TlsSettings::from_raw(|k| raw.get(k), "peer-")?;
+        for (urls, tls, flag) in [
+            (&listen_client_urls, &client_tls, "listen-client-urls"),
+            (&listen_peer_urls, &peer_tls, "listen-peer-urls"),
+        ] {
+            if urls.iter().any(|u| u.starts_with("https://")) && !tls.enabled() {
+                return Err(format!(
+                    "--{flag} has an https URL but no certificate: set --{p}cert-file/--{p}key-file or --{p}auto-tls",
+                    p = if flag.starts_with("listen-peer") { "peer-" } else { "" }
+                ));
+            }
+        }
+        let max_client_connections = usize::try_from(parse_u64(raw, "max-client-connections", 10_000)?)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or("--max-client-connections must be positive")?;
         let config = Config {
             name,
             data_dir,
@@ -421,6 +549,12 @@ impl Config {
             log_json,
             listen_metrics_urls,
             log_level,
+            auth_token,
+            auth_token_ttl,
+            bcrypt_cost,
+            client_tls,
+            peer_tls,
+            max_client_connections,
         };
         config.check_self_in_cluster()?;
         Ok(config)
@@ -480,6 +614,20 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("log-format", f.log_format);
     raw.set("listen-metrics-urls", f.listen_metrics_urls);
     raw.set("log-level", f.log_level);
+    raw.set("auth-token", f.auth_token);
+    raw.set("auth-token-ttl", f.auth_token_ttl);
+    raw.set("bcrypt-cost", f.bcrypt_cost);
+    raw.set("cert-file", f.cert_file);
+    raw.set("key-file", f.key_file);
+    raw.set("trusted-ca-file", f.trusted_ca_file);
+    raw.set("client-cert-auth", f.client_cert_auth);
+    raw.set("auto-tls", f.auto_tls);
+    raw.set("peer-cert-file", f.peer_cert_file);
+    raw.set("peer-key-file", f.peer_key_file);
+    raw.set("peer-trusted-ca-file", f.peer_trusted_ca_file);
+    raw.set("peer-client-cert-auth", f.peer_client_cert_auth);
+    raw.set("peer-auto-tls", f.peer_auto_tls);
+    raw.set("max-client-connections", f.max_client_connections);
     raw
 }
 
@@ -493,8 +641,30 @@ fn raw_from_yaml(text: &str) -> Result<Raw, String> {
         serde_yaml::Value::Null => return Ok(raw),
         _ => return Err("--config-file: expected a mapping of settings".into()),
     };
+    // etcd nests TLS settings: `client-transport-security: {cert-file: ...}` and
+    // `peer-transport-security: {...}` map to the flat flag names.
+    let mut flat = Vec::new();
     for (k, v) in map {
-        let key = k.as_str().ok_or("--config-file: setting names must be strings")?;
+        let key = k.as_str().ok_or("--config-file: setting names must be strings")?.to_string();
+        let prefix = match key.as_str() {
+            "client-transport-security" => Some(""),
+            "peer-transport-security" => Some("peer-"),
+            _ => None,
+        };
+        match (prefix, v) {
+            (Some(p), serde_yaml::Value::Mapping(inner)) => {
+                for (ik, iv) in inner {
+                    let ik = ik.as_str().ok_or("--config-file: setting names must be strings")?;
+                    flat.push((format!("{p}{ik}"), iv));
+                }
+            }
+            (Some(_), serde_yaml::Value::Null) => {}
+            (Some(_), _) => return Err(format!("--config-file: {key:?} must be a mapping")),
+            (None, v) => flat.push((key, v)),
+        }
+    }
+    for (key, v) in flat {
+        let key = key.as_str();
         let known = KNOWN_KEYS
             .iter()
             .find(|kk| **kk == key)

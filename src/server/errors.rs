@@ -90,8 +90,31 @@ pub fn from_apply(e: ApplyError) -> Status {
         ApplyError::PeerUrlExists => peer_url_exists(),
         ApplyError::MemberNotFound => member_not_found(),
         ApplyError::MemberNotLearner => member_not_learner(),
+        ApplyError::Auth(e) => from_auth(e),
         ApplyError::Malformed(m) => Status::internal(format!("etcdserver: malformed command in log: {m}")),
     }
+}
+
+/// etcd's gRPC codes for auth errors (`rpctypes`).
+pub fn from_auth(e: crate::auth::AuthError) -> Status {
+    use crate::auth::AuthError as E;
+    let code = match e {
+        E::UserEmpty | E::RoleEmpty | E::AuthFailed | E::InvalidAuthMgmt | E::AuthOldRevision => {
+            tonic::Code::InvalidArgument
+        }
+        E::PermissionDenied => tonic::Code::PermissionDenied,
+        E::InvalidAuthToken => tonic::Code::Unauthenticated,
+        E::RootUserNotExist
+        | E::RootRoleNotExist
+        | E::UserAlreadyExist
+        | E::UserNotFound
+        | E::RoleAlreadyExist
+        | E::RoleNotFound
+        | E::RoleNotGranted
+        | E::PermissionNotGranted
+        | E::AuthNotEnabled => tonic::Code::FailedPrecondition,
+    };
+    Status::new(code, e.to_string())
 }
 
 pub fn from_consensus(e: ConsensusError) -> Status {

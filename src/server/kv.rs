@@ -10,7 +10,9 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use super::auth::{Caller, Credentials};
 use super::{errors, Node};
+use crate::auth::Access;
 use crate::consensus::Command;
 use crate::mvcc::{self, keys::KeyRange};
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -119,11 +121,48 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>
     Ok((puts, dels))
 }
 
+/// etcd's `checkPutAuth`: write on the key, and read too when the old value is returned.
+fn auth_put(c: &Caller, r: &PutRequest) -> Result<(), Status> {
+    c.check(&r.key, &[], Access::Write)?;
+    if r.prev_kv {
+        c.check(&r.key, &[], Access::Read)?;
+    }
+    Ok(())
+}
+
+fn auth_delete(c: &Caller, r: &DeleteRangeRequest) -> Result<(), Status> {
+    c.check(&r.key, &r.range_end, Access::Write)?;
+    if r.prev_kv {
+        c.check(&r.key, &r.range_end, Access::Read)?;
+    }
+    Ok(())
+}
+
+/// etcd's `checkTxnAuth`: read on every compared key, and every op of both
+/// branches (recursively), whichever branch runs.
+fn auth_txn(c: &Caller, t: &TxnRequest) -> Result<(), Status> {
+    for cmp in &t.compare {
+        c.check(&cmp.key, &cmp.range_end, Access::Read)?;
+    }
+    for op in t.success.iter().chain(t.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => c.check(&r.key, &r.range_end, Access::Read)?,
+            Some(request_op::Request::RequestPut(r)) => auth_put(c, r)?,
+            Some(request_op::Request::RequestDeleteRange(r)) => auth_delete(c, r)?,
+            Some(request_op::Request::RequestTxn(t)) => auth_txn(c, t)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let creds = Credentials::of(&req);
         let req = req.into_inner();
         check_range(&req)?;
+        self.node.caller(&creds)?.check(&req.key, &req.range_end, Access::Read)?;
         let view = self.node.read_view(req.serializable).await?;
         let mut resp = view.range(&req).map_err(errors::from_mvcc)?;
         self.node.fill_header(&mut resp.header);
@@ -131,22 +170,27 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let creds = Credentials::of(&req);
         let req = req.into_inner();
         check_put(&req)?;
-        let mut resp: PutResponse = self.node.propose(Command::Put(req.encode_to_vec())).await?;
+        let cmd = Command::Put(req.encode_to_vec());
+        let mut resp: PutResponse = self.node.propose_as(&creds, |c| auth_put(c, &req), cmd).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let creds = Credentials::of(&req);
         let req = req.into_inner();
         check_delete(&req)?;
-        let mut resp: DeleteRangeResponse = self.node.propose(Command::DeleteRange(req.encode_to_vec())).await?;
+        let cmd = Command::DeleteRange(req.encode_to_vec());
+        let mut resp: DeleteRangeResponse = self.node.propose_as(&creds, |c| auth_delete(c, &req), cmd).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let creds = Credentials::of(&req);
         let req = req.into_inner();
         check_txn(&req, self.node.config.max_txn_ops as i64)?;
         check_intervals(&req.success)?;
@@ -154,10 +198,12 @@ impl Kv for KvService {
         let mut resp = if mvcc::txn_is_readonly(&req) {
             // etcd serves read-only txns without a log entry; serializable only if
             // every range in it asks for it.
+            auth_txn(&self.node.caller(&creds)?, &req)?;
             let view = self.node.read_view(txn_is_serializable(&req)).await?;
             view.txn_readonly(&req).map_err(errors::from_mvcc)?
         } else {
-            self.node.propose::<TxnResponse>(Command::Txn(req.encode_to_vec())).await?
+            let cmd = Command::Txn(req.encode_to_vec());
+            self.node.propose_as::<TxnResponse>(&creds, |c| auth_txn(c, &req), cmd).await?
         };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))

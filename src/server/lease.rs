@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::Credentials;
 use super::{errors, Node};
 use crate::consensus::Command;
 use crate::lease::{Lessor, MAX_LEASE_TTL_S};
@@ -59,8 +60,17 @@ impl Lease for LeaseService {
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let creds = Credentials::of(&req);
         let id = req.into_inner().id;
-        let mut resp: LeaseRevokeResponse = self.node.propose(Command::LeaseRevoke { id }).await?;
+        // etcd's `checkLeasePuts`: revoking deletes the attached keys, so the caller
+        // must be allowed to write every one of them.
+        let keys = if self.node.caller(&creds)?.state.enabled {
+            self.node.read_view(true).await?.lease_keys(id).map_err(errors::from_mvcc)?
+        } else {
+            Vec::new()
+        };
+        let check = |c: &super::auth::Caller| keys.iter().try_for_each(|k| c.check(k, &[], crate::auth::Access::Write));
+        let mut resp: LeaseRevokeResponse = self.node.propose_as(&creds, check, Command::LeaseRevoke { id }).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

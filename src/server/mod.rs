@@ -12,6 +12,7 @@
 //! 4. if the Raft group stops (storage failure, panicked core), exit non-zero —
 //!    a member must never keep answering from a dead group.
 
+pub mod auth;
 pub mod cluster;
 pub mod cluster_view;
 pub mod compactor;
@@ -23,6 +24,7 @@ pub mod kv;
 pub mod lease;
 pub mod metrics;
 pub mod recipes;
+pub mod tls;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -36,6 +38,7 @@ use crate::consensus::members::{cluster_id, member_id, MemberChange};
 use crate::consensus::network::PeerService;
 use crate::consensus::{Command, CommandResult, Group, GroupConfig, MemberId, PeerInfo};
 use crate::mvcc::ReadView;
+use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::lease_server::LeaseServer;
@@ -56,6 +59,10 @@ const GRPC_OVERHEAD_BYTES: u64 = 512 * 1024;
 /// Peer messages carry whole snapshots, which the quota bounds; this margin covers
 /// framing and log batches. A peer cannot make a member buffer more than this.
 const PEER_MESSAGE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Peer connections served at once per peer listener (a cluster has a handful
+/// of members, each holding one or two connections).
+const MAX_PEER_CONNECTIONS: usize = 256;
 
 /// What a data dir remembers about its member, written once at bootstrap.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,7 +109,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// by `MemberAdd`) and the cluster ID from a running peer, matching its own
 /// `--initial-advertise-peer-urls` against the member registry, as etcd does.
 async fn join_identity(config: &Config) -> Result<Identity, BoxError> {
-    let pool = crate::consensus::network::PeerPool::new(1024 * 1024, None, Duration::from_secs(2));
+    let pool = crate::consensus::network::PeerPool::new(1024 * 1024, None, Duration::from_secs(2), peer_tls(config)?);
     let mine: std::collections::BTreeSet<&String> = config.initial_advertise_peer_urls.iter().collect();
     let peers: Vec<&String> =
         config.initial_cluster.iter().flat_map(|(_, urls)| urls).filter(|u| !mine.contains(u)).collect();
@@ -168,6 +175,8 @@ pub struct Node {
     pub db_in_use_bytes: std::sync::atomic::AtomicU64,
     /// Request and proposal counters, the per-second history and event timeline.
     pub stats: Arc<metrics::ServerStats>,
+    /// Token provider and auth-store cache (see [`auth`]).
+    pub auth: auth::AuthContext,
 }
 
 /// How often the quota's size sample is refreshed: writes can overshoot the quota
@@ -263,9 +272,9 @@ impl Node {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Resolves an `http://host:port` URL to one socket address to bind.
+/// Resolves an `http(s)://host:port` URL to one socket address to bind.
 async fn bind_addr(url: &str) -> Result<SocketAddr, BoxError> {
-    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+    let hostport = url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
     let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(hostport).await?.collect();
     addrs.sort_by_key(|a| !a.is_ipv4());
     addrs.first().copied().ok_or_else(|| format!("{url} resolves to no address").into())
@@ -275,6 +284,46 @@ async fn bind_addr(url: &str) -> Result<SocketAddr, BoxError> {
 /// heartbeats) must not wait for Nagle's algorithm (tens of ms per round trip).
 fn incoming(l: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
+}
+
+/// The hosts of `urls`, for the names of an auto-TLS certificate.
+fn url_hosts(urls: &[String]) -> Vec<String> {
+    urls.iter()
+        .filter_map(|u| u.split_once("://").map(|(_, rest)| rest.trim_end_matches('/')))
+        .filter_map(|hp| hp.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()))
+        .collect()
+}
+
+/// The TLS client configuration for dialling peers, when any peer URL is https.
+fn peer_tls(config: &Config) -> Result<Option<crate::consensus::network::PeerTls>, BoxError> {
+    let any_https = config
+        .listen_peer_urls
+        .iter()
+        .chain(config.initial_cluster.iter().flat_map(|(_, u)| u))
+        .any(|u| u.starts_with("https://"));
+    if !any_https && !config.peer_tls.enabled() {
+        return Ok(None);
+    }
+    let fixtures = config.data_dir.join("fixtures").join("peer");
+    let hosts = url_hosts(&config.initial_advertise_peer_urls);
+    Ok(Some(Arc::new(config.peer_tls.peer_client_config(&fixtures, &hosts)?)))
+}
+
+/// Serves `router` on `l`: TLS when the listen URL is https (with `tls`), plain
+/// otherwise; each connection holds one of `slots` while open.
+async fn serve_listener(
+    router: tonic::transport::server::Router,
+    l: TcpListener,
+    url: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    slots: Arc<tokio::sync::Semaphore>,
+) -> Result<(), String> {
+    let result = match (url.starts_with("https://"), tls) {
+        (true, Some(cfg)) => router.serve_with_incoming(tls::accept_tls(l, slots, cfg)).await,
+        (true, None) => return Err(format!("{url}: no TLS certificate configured")),
+        (false, _) => router.serve_with_incoming(tls::accept_plain(l, slots)).await,
+    };
+    result.map_err(|e| format!("server on {url}: {e}"))
 }
 
 /// Runs a member until it is stopped by a signal (Ok) or its Raft group dies (Err).
@@ -287,12 +336,31 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         snapshot_count: config.snapshot_count,
         snapshot_catchup_entries: config.snapshot_catchup_entries,
         max_peer_message_bytes,
+        auth_token_ttl: config.auth_token_ttl,
+        peer_tls: peer_tls(&config)?,
+    };
+    let jwt = match &config.auth_token {
+        crate::auth::tokens::TokenConfig::Simple => None,
+        crate::auth::tokens::TokenConfig::Jwt(j) => Some(crate::auth::tokens::JwtTokens::load(j)?),
+    };
+    let peer_server_tls = if config.listen_peer_urls.iter().any(|u| u.starts_with("https://")) {
+        let fixtures = config.data_dir.join("fixtures").join("peer");
+        Some(config.peer_tls.server_config(&fixtures, &url_hosts(&config.initial_advertise_peer_urls), &[b"h2"])?)
+    } else {
+        None
+    };
+    let client_server_tls = if config.listen_client_urls.iter().any(|u| u.starts_with("https://")) {
+        let fixtures = config.data_dir.join("fixtures").join("client");
+        let hosts = url_hosts(&config.advertise_client_urls);
+        Some(config.client_tls.server_config(&fixtures, &hosts, &[b"h2", b"http/1.1"])?)
+    } else {
+        None
     };
     // Bind before starting Raft so a port conflict fails fast and cleanly.
     let mut peer_listeners = Vec::new();
     for u in &config.listen_peer_urls {
         let addr = bind_addr(u).await?;
-        peer_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+        peer_listeners.push((u.clone(), TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?));
     }
     let mut metrics_listeners = Vec::new();
     for u in &config.listen_metrics_urls {
@@ -302,7 +370,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let mut client_listeners = Vec::new();
     for u in &config.listen_client_urls {
         let addr = bind_addr(u).await?;
-        client_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+        client_listeners.push((u.clone(), TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?));
     }
 
     std::fs::create_dir_all(&member_dir)?;
@@ -341,26 +409,25 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         cluster_id: identity.cluster_id,
         db_in_use_bytes: std::sync::atomic::AtomicU64::new(0),
         stats: Arc::default(),
+        auth: auth::AuthContext::new(jwt),
     });
     tokio::spawn(metrics::run_monitor(node.clone()));
     tokio::spawn(sample_db_size(node.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
-    for l in peer_listeners {
-        let svc = PeerService::server(group.clone(), max_peer_message_bytes);
-        tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming(l))
-                .await
-                .map_err(|e| format!("peer server: {e}"))
-        });
+    for (url, l) in peer_listeners {
+        let router =
+            tonic::transport::Server::builder().add_service(PeerService::server(group.clone(), max_peer_message_bytes));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+        let tls = peer_server_tls.clone();
+        tasks.spawn(async move { serve_listener(router, l, &url, tls, slots).await });
     }
+    let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_client_connections));
     let lessor = crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms);
     tokio::spawn(lessor.clone().run());
     let event_cache = watch::EventCache::start(node.clone());
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
-    for l in client_listeners {
+    for (url, l) in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
         let watch = WatchServer::new(watch::WatchService {
             node: node.clone(),
@@ -373,9 +440,11 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let cl = ClusterServer::new(cluster::ClusterService { node: node.clone() }).max_decoding_message_size(max_recv);
         let mt = MaintenanceServer::new(cluster::MaintenanceService { node: node.clone() })
             .max_decoding_message_size(max_recv);
-        let lock = LockServer::new(recipes::LockService { node: node.clone() }).max_decoding_message_size(max_recv);
-        let election =
-            ElectionServer::new(recipes::ElectionService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let lock = LockServer::new(recipes::LockService { node: node.clone(), lessor: lessor.clone() })
+            .max_decoding_message_size(max_recv);
+        let election = ElectionServer::new(recipes::ElectionService { node: node.clone(), lessor: lessor.clone() })
+            .max_decoding_message_size(max_recv);
+        let auth = AuthServer::new(auth::AuthService { node: node.clone() }).max_decoding_message_size(max_recv);
         let max_streams = config.max_concurrent_streams;
         let routes = tonic::service::Routes::new(kv)
             .add_service(watch)
@@ -384,19 +453,17 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .add_service(mt)
             .add_service(lock)
             .add_service(election)
+            .add_service(auth)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(node.clone(), http::grpc_stats))
             .merge(http::routes(node.clone()));
-        tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .max_concurrent_streams(max_streams)
-                // HTTP/1.1 for /health and /metrics; gRPC stays on HTTP/2.
-                .accept_http1(true)
-                .add_routes(tonic::service::Routes::from(routes))
-                .serve_with_incoming(incoming(l))
-                .await
-                .map_err(|e| format!("client server: {e}"))
-        });
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(max_streams)
+            // HTTP/1.1 for /health and /metrics; gRPC stays on HTTP/2.
+            .accept_http1(true)
+            .add_routes(tonic::service::Routes::from(routes));
+        let (tls, slots) = (client_server_tls.clone(), client_slots.clone());
+        tasks.spawn(async move { serve_listener(router, l, &url, tls, slots).await });
     }
     for l in metrics_listeners {
         let app = http::routes(node.clone());

@@ -17,8 +17,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::Credentials;
 use super::{errors, Node};
+use crate::auth::Access;
 use crate::consensus::Command;
+use crate::lease::Lessor;
 use crate::mvcc::Rev;
 use crate::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
@@ -171,15 +174,48 @@ fn queue_key(name: &[u8], lease: i64) -> (Vec<u8>, Vec<u8>) {
     (prefix, key)
 }
 
+/// A lock or campaign writes its own key and reads the whole queue: the caller
+/// needs both (etcd's recipes run as the caller's own KV requests).
+fn check_queue(node: &Node, creds: &Credentials, prefix: &[u8], key: &[u8]) -> Result<(), Status> {
+    let caller = node.caller(creds)?;
+    caller.check(key, &[], Access::Write).map_err(as_recipe_error)?;
+    caller.check(prefix, &prefix_end(prefix), Access::Read).map_err(as_recipe_error)
+}
+
+/// etcd's lock and election services call the KV API as a client and return its
+/// errors with code `Unknown`; clients see exactly that.
+fn as_recipe_error(s: Status) -> Status {
+    Status::unknown(s.message().to_string())
+}
+
+/// Lifetime of the lease a lock or campaign gets when the request names none:
+/// etcd runs them in a `concurrency.Session`, which then grants a lease of the
+/// default session TTL and never keeps it alive (the session is orphaned).
+const SESSION_TTL_S: i64 = 60;
+
+async fn session_lease(node: &Node, lessor: &Lessor, lease: i64) -> Result<i64, Status> {
+    if lease != 0 {
+        return Ok(lease);
+    }
+    let id = lessor.next_id();
+    let ttl_s = SESSION_TTL_S.max(lessor.min_ttl_s());
+    let _: crate::proto::etcdserverpb::LeaseGrantResponse = node.propose(Command::LeaseGrant { id, ttl_s }).await?;
+    Ok(id)
+}
+
 pub struct LockService {
     pub node: Arc<Node>,
+    pub lessor: Arc<Lessor>,
 }
 
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let req = req.into_inner();
+        let creds = Credentials::of(&req);
+        let mut req = req.into_inner();
+        req.lease = session_lease(&self.node, &self.lessor, req.lease).await?;
         let (prefix, key) = queue_key(&req.name, req.lease);
+        check_queue(&self.node, &creds, &prefix, &key)?;
         let (my_rev, _) = enqueue(&self.node, &key, b"", req.lease).await?;
         let mut guard = Abandon { node: self.node.clone(), key: Some(key.clone()) };
         wait_turn(&self.node, &prefix, my_rev).await?;
@@ -191,7 +227,9 @@ impl Lock for LockService {
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let creds = Credentials::of(&req);
         let del = DeleteRangeRequest { key: req.into_inner().key, ..Default::default() };
+        self.node.caller(&creds)?.check(&del.key, &[], Access::Write).map_err(as_recipe_error)?;
         let resp: crate::proto::etcdserverpb::DeleteRangeResponse =
             self.node.propose(Command::DeleteRange(prost::Message::encode_to_vec(&del))).await?;
         let mut header = resp.header;
@@ -202,6 +240,7 @@ impl Lock for LockService {
 
 pub struct ElectionService {
     pub node: Arc<Node>,
+    pub lessor: Arc<Lessor>,
 }
 
 fn not_leader() -> Status {
@@ -233,8 +272,11 @@ async fn proclaim(node: &Node, leader: &LeaderKey, value: &[u8]) -> Result<TxnRe
 #[tonic::async_trait]
 impl Election for ElectionService {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
-        let req = req.into_inner();
+        let creds = Credentials::of(&req);
+        let mut req = req.into_inner();
+        req.lease = session_lease(&self.node, &self.lessor, req.lease).await?;
         let (prefix, key) = queue_key(&req.name, req.lease);
+        check_queue(&self.node, &creds, &prefix, &key)?;
         let (rev, existing) = enqueue(&self.node, &key, &req.value, req.lease).await?;
         let leader = LeaderKey { name: req.name.clone(), key: key.clone(), rev, lease: req.lease };
         if existing.is_some_and(|kv| kv.value != req.value) {
@@ -250,15 +292,19 @@ impl Election for ElectionService {
     }
 
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
+        let creds = Credentials::of(&req);
         let req = req.into_inner();
         let leader = req.leader.ok_or_else(missing_leader)?;
+        self.node.caller(&creds)?.check(&leader.key, &[], Access::Write).map_err(as_recipe_error)?;
         let mut header = proclaim(&self.node, &leader, &req.value).await?.header;
         self.node.fill_header(&mut header);
         Ok(Response::new(ProclaimResponse { header }))
     }
 
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
+        let creds = Credentials::of(&req);
         let (prefix, _) = queue_key(&req.into_inner().name, 0);
+        self.node.caller(&creds)?.check(&prefix, &prefix_end(&prefix), Access::Read).map_err(as_recipe_error)?;
         let kv = first_created(&self.node, &prefix).await?.ok_or_else(|| Status::unknown("election: no leader"))?;
         let mut header = None;
         self.node.fill_header(&mut header);
@@ -268,7 +314,9 @@ impl Election for ElectionService {
     type ObserveStream = ReceiverStream<Result<LeaderResponse, Status>>;
 
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        let creds = Credentials::of(&req);
         let (prefix, _) = queue_key(&req.into_inner().name, 0);
+        self.node.caller(&creds)?.check(&prefix, &prefix_end(&prefix), Access::Read).map_err(as_recipe_error)?;
         let (tx, rx) = mpsc::channel(OBSERVE_STREAM_BUFFER);
         let node = self.node.clone();
         tokio::spawn(async move {
@@ -304,7 +352,9 @@ impl Election for ElectionService {
     }
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        let creds = Credentials::of(&req);
         let leader = req.into_inner().leader.ok_or_else(missing_leader)?;
+        self.node.caller(&creds)?.check(&leader.key, &[], Access::Write).map_err(as_recipe_error)?;
         let del = DeleteRangeRequest { key: leader.key.clone(), ..Default::default() };
         let mut header = txn(
             &self.node,

@@ -52,6 +52,9 @@ pub const MAX_WATCHERS_PER_STREAM: usize = 100_000;
 /// Recent events kept in memory for synced watchers (older ones come from storage).
 pub const EVENT_CACHE_EVENTS: usize = 20_000;
 
+/// How etcd words a watch refused for lack of read permission (the gRPC error
+/// rendered as text, which clients print).
+const PERMISSION_DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 const COMPACTED_REASON: &str = "etcdserver: mvcc: required revision has been compacted";
 
 type Tx = mpsc::Sender<Result<WatchResponse, Status>>;
@@ -78,7 +81,15 @@ impl Watch for WatchService {
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
         self.node.stats.watch_queues.lock().expect("stats lock poisoned").push(tx.downgrade());
-        tokio::spawn(serve_stream(self.node.clone(), self.cache.clone(), self.progress_interval, req.into_inner(), tx));
+        let creds = super::auth::Credentials::of(&req);
+        tokio::spawn(serve_stream(
+            self.node.clone(),
+            self.cache.clone(),
+            self.progress_interval,
+            creds,
+            req.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -205,6 +216,7 @@ async fn serve_stream(
     node: Arc<Node>,
     cache: Arc<EventCache>,
     progress: Duration,
+    creds: super::auth::Credentials,
     mut inbound: Streaming<WatchRequest>,
     tx: Tx,
 ) {
@@ -237,7 +249,12 @@ async fn serve_stream(
                 } else if watchers.len() >= MAX_WATCHERS_PER_STREAM {
                     Some(format!("concord: more than {MAX_WATCHERS_PER_STREAM} watchers on one stream"))
                 } else {
-                    None
+                    // etcd's `isWatchPermitted`: read on the whole watched range; a
+                    // refused watch is created and canceled at once.
+                    let permitted = node
+                        .caller(&creds)
+                        .and_then(|caller| caller.check(&c.key, &c.range_end, crate::auth::Access::Read));
+                    permitted.err().map(|_| PERMISSION_DENIED_REASON.to_string())
                 };
                 let created = WatchResponse {
                     header: header(&node, rev),
