@@ -74,12 +74,14 @@ pub struct Member {
     pub joining: bool,
     /// Flags for this member only, after the cluster-wide ones.
     pub extra_args: Vec<String>,
+    /// "https" when the cluster serves clients over TLS.
+    pub client_scheme: &'static str,
     child: Option<Child>,
 }
 
 impl Member {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.client_scheme, self.client_port)
     }
 
     pub fn is_running(&self) -> bool {
@@ -97,11 +99,21 @@ pub struct ClusterOptions {
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub extra_args: Vec<String>,
+    /// Serve clients over TLS (`https://` client URLs; certificates go in `extra_args`).
+    pub client_tls: bool,
+    /// Talk to peers over TLS (`https://` peer URLs).
+    pub peer_tls: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { heartbeat_ms: 50, election_timeout_ms: 500, extra_args: Vec::new() }
+        ClusterOptions {
+            heartbeat_ms: 50,
+            election_timeout_ms: 500,
+            extra_args: Vec::new(),
+            client_tls: false,
+            peer_tls: false,
+        }
     }
 }
 
@@ -126,6 +138,7 @@ impl ProcessCluster {
     /// (to seed data dirs first, e.g. from a snapshot); start each with `restart`.
     pub fn prepare(bin: &Path, n: usize, options: ClusterOptions) -> ProcessCluster {
         let dir = tempfile::tempdir().expect("temp dir");
+        let scheme = if options.client_tls { "https" } else { "http" };
         let members: Vec<Member> = (0..n)
             .map(|i| {
                 let name = format!("m{i}");
@@ -137,6 +150,7 @@ impl ProcessCluster {
                     peer_port: free_port(),
                     joining: false,
                     extra_args: Vec::new(),
+                    client_scheme: scheme,
                     child: None,
                 }
             })
@@ -150,6 +164,7 @@ impl ProcessCluster {
     pub fn add_member(&mut self) -> usize {
         let i = self.members.len();
         let name = format!("m{i}");
+        let scheme = if self.options.client_tls { "https" } else { "http" };
         self.members.push(Member {
             data_dir: self.dir.path().join(format!("{name}.data")),
             log_path: self.dir.path().join(format!("{name}.log")),
@@ -158,6 +173,7 @@ impl ProcessCluster {
             peer_port: free_port(),
             joining: true,
             extra_args: Vec::new(),
+            client_scheme: scheme,
             child: None,
         });
         i
@@ -169,8 +185,16 @@ impl ProcessCluster {
     }
 
     /// Member `i`'s peer URL.
+    fn peer_scheme(&self) -> &'static str {
+        if self.options.peer_tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn peer_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].peer_port)
+        format!("{}://127.0.0.1:{}", self.peer_scheme(), self.members[i].peer_port)
     }
 
     /// Waits up to `timeout` for member `i`'s process to exit by itself; returns
@@ -197,7 +221,7 @@ impl ProcessCluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}://127.0.0.1:{}", m.name, self.peer_scheme(), m.peer_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -215,9 +239,9 @@ impl ProcessCluster {
             "--advertise-client-urls",
             &m.endpoint(),
             "--listen-peer-urls",
-            &format!("http://127.0.0.1:{}", m.peer_port),
+            &format!("{}://127.0.0.1:{}", self.peer_scheme(), m.peer_port),
             "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{}", m.peer_port),
+            &format!("{}://127.0.0.1:{}", self.peer_scheme(), m.peer_port),
             "--initial-cluster",
             &self.initial_cluster(),
             "--initial-cluster-state",
@@ -337,7 +361,10 @@ impl ProcessCluster {
             let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), c.member_list()).await else { continue };
             let mm = list.members().iter().find(|mm| mm.id() == id)?;
             let url = mm.peer_urls().first()?;
-            return self.members.iter().position(|x| *url == format!("http://127.0.0.1:{}", x.peer_port));
+            return self
+                .members
+                .iter()
+                .position(|x| *url == format!("{}://127.0.0.1:{}", self.peer_scheme(), x.peer_port));
         }
         None
     }
