@@ -28,7 +28,7 @@ pub struct LeaseService {
 
 /// One keep-alive: renews through Raft unless the lease is unknown or already
 /// expired here, in which case the answer is TTL 0 (etcd's "lease not found").
-async fn keep_alive(node: &Node, lessor: &Lessor, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+pub async fn keep_alive(node: &Node, lessor: &Lessor, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
     let view = node.read_view(true).await?;
     let alive = view.lease(id).map_err(errors::from_mvcc)?.is_some_and(|rec| !lessor.is_expired(&rec));
     drop(view);

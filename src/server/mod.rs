@@ -19,6 +19,7 @@ pub mod compactor;
 pub mod config;
 pub mod corruption;
 pub mod errors;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod lease;
@@ -456,7 +457,8 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .add_service(auth)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(node.clone(), http::grpc_stats))
-            .merge(http::routes(node.clone()));
+            .merge(http::routes(node.clone()))
+            .merge(gateway::routes(json_gateway(&node, &lessor, &event_cache), max_recv));
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(max_streams)
             // HTTP/1.1 for /health and /metrics; gRPC stays on HTTP/2.
@@ -508,6 +510,28 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         crate::storage::write_checksummed(&member_dir.join(LOG_END_FILE), &last.to_be_bytes())?;
     }
     outcome
+}
+
+/// The JSON gateway's own handles on the client services.
+fn json_gateway(
+    node: &Arc<Node>,
+    lessor: &Arc<crate::lease::Lessor>,
+    cache: &Arc<watch::EventCache>,
+) -> Arc<gateway::Gateway> {
+    Arc::new(gateway::Gateway {
+        kv: kv::KvService { node: node.clone() },
+        watch: watch::WatchService {
+            node: node.clone(),
+            cache: cache.clone(),
+            progress_interval: node.config.watch_progress_notify_interval,
+        },
+        lease: lease::LeaseService { node: node.clone(), lessor: lessor.clone() },
+        cluster: cluster::ClusterService { node: node.clone() },
+        maintenance: cluster::MaintenanceService { node: node.clone() },
+        auth: auth::AuthService { node: node.clone() },
+        lock: recipes::LockService { node: node.clone(), lessor: lessor.clone() },
+        election: recipes::ElectionService { node: node.clone(), lessor: lessor.clone() },
+    })
 }
 
 /// Written at a clean shutdown: the last Raft log index, which was durable then.

@@ -79,18 +79,21 @@ impl Watch for WatchService {
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let creds = super::auth::Credentials::of(&req);
+        Ok(Response::new(self.open(creds, req.into_inner())))
+    }
+}
+
+impl WatchService {
+    /// Serves one watch stream fed by `inbound` (gRPC or the JSON gateway).
+    pub fn open<S>(&self, creds: super::auth::Credentials, inbound: S) -> ReceiverStream<Result<WatchResponse, Status>>
+    where
+        S: futures::Stream<Item = Result<WatchRequest, Status>> + Unpin + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
         self.node.stats.watch_queues.lock().expect("stats lock poisoned").push(tx.downgrade());
-        let creds = super::auth::Credentials::of(&req);
-        tokio::spawn(serve_stream(
-            self.node.clone(),
-            self.cache.clone(),
-            self.progress_interval,
-            creds,
-            req.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tokio::spawn(serve_stream(self.node.clone(), self.cache.clone(), self.progress_interval, creds, inbound, tx));
+        ReceiverStream::new(rx)
     }
 }
 
@@ -212,20 +215,22 @@ impl EventCache {
     }
 }
 
-async fn serve_stream(
+async fn serve_stream<S>(
     node: Arc<Node>,
     cache: Arc<EventCache>,
     progress: Duration,
     creds: super::auth::Credentials,
-    mut inbound: Streaming<WatchRequest>,
+    mut inbound: S,
     tx: Tx,
-) {
+) where
+    S: futures::Stream<Item = Result<WatchRequest, Status>> + Unpin,
+{
     let _stream = super::metrics::GaugeGuard::new(node.stats.clone(), |s| &s.watch_streams);
     let mut watchers: HashMap<i64, WatcherHandle> = HashMap::new();
     let mut next_id: i64 = 0;
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = futures::StreamExt::next(&mut inbound) => m.transpose(),
             _ = tx.closed() => break,
         };
         let req = match msg {
