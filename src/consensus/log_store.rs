@@ -86,6 +86,12 @@ fn unseal<'a>(what: &str, rec: &'a [u8]) -> io::Result<&'a [u8]> {
     Ok(payload)
 }
 
+/// Decodes one stored log record (`crc32 ‖ bincode(entry)`), refusing a
+/// truncated or corrupted one.
+pub fn decode_entry(rec: &[u8]) -> io::Result<EntryOf<C>> {
+    decode(unseal("log entry", rec)?)
+}
+
 impl LogStore {
     /// Opens the journal at `dir` for `group`, starting its syncer thread.
     pub fn open(dir: &Path, group: u64, stats: Arc<crate::stats::GroupStats>) -> io::Result<LogStore> {
@@ -133,7 +139,7 @@ impl LogStore {
             None => Ok(None),
             Some(guard) => {
                 let v = guard.value().map_err(io_err)?;
-                let entry: EntryOf<C> = decode(unseal("log entry", &v)?)?;
+                let entry = decode_entry(&v)?;
                 Ok(Some(entry.log_id))
             }
         }
@@ -154,7 +160,7 @@ impl LogStore {
         let mut expect: Option<u64> = None;
         for guard in self.inner.log.range(lo..=hi) {
             let (k, v) = guard.into_inner().map_err(io_err)?;
-            let entry: EntryOf<C> = decode(unseal("log entry", &v)?)?;
+            let entry = decode_entry(&v)?;
             let index = k
                 .get(8..16)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -219,7 +225,7 @@ impl RaftLogReader<C> for LogStore {
         let mut out = Vec::new();
         for guard in self.inner.log.range((Bound::Included(self.log_key(start)), end)) {
             let v = guard.value().map_err(io_err)?;
-            out.push(decode(unseal("log entry", &v)?)?);
+            out.push(decode_entry(&v)?);
         }
         Ok(out)
     }

@@ -25,14 +25,14 @@ pub struct KvService {
     pub node: Arc<Node>,
 }
 
-fn check_range(r: &RangeRequest) -> Result<(), Status> {
+pub fn check_range(r: &RangeRequest) -> Result<(), Status> {
     if r.key.is_empty() {
         return Err(errors::empty_key());
     }
     Ok(())
 }
 
-fn check_put(r: &PutRequest) -> Result<(), Status> {
+pub fn check_put(r: &PutRequest) -> Result<(), Status> {
     if r.key.is_empty() {
         return Err(errors::empty_key());
     }
@@ -45,7 +45,7 @@ fn check_put(r: &PutRequest) -> Result<(), Status> {
     Ok(())
 }
 
-fn check_delete(r: &DeleteRangeRequest) -> Result<(), Status> {
+pub fn check_delete(r: &DeleteRangeRequest) -> Result<(), Status> {
     if r.key.is_empty() {
         return Err(errors::empty_key());
     }
@@ -65,7 +65,7 @@ fn check_op(op: &RequestOp, max_ops: i64) -> Result<(), Status> {
 
 /// etcd `checkTxnRequest`: the widest of compares/success/failure counts against the
 /// limit; nested txns get the remaining budget.
-fn check_txn(t: &TxnRequest, max_ops: i64) -> Result<(), Status> {
+pub fn check_txn(t: &TxnRequest, max_ops: i64) -> Result<(), Status> {
     let width = t.compare.len().max(t.success.len()).max(t.failure.len()) as i64;
     if width > max_ops {
         return Err(errors::too_many_ops());
@@ -81,7 +81,7 @@ fn check_txn(t: &TxnRequest, max_ops: i64) -> Result<(), Status> {
 
 /// etcd `checkIntervals`: within one branch (including nested txns), no key may be
 /// put twice or put inside a deleted range. Returns (puts, deleted ranges).
-fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>), Status> {
+pub fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>), Status> {
     let mut dels: Vec<KeyRange> = ops
         .iter()
         .filter_map(|op| match &op.request {
@@ -140,7 +140,7 @@ fn auth_delete(c: &Caller, r: &DeleteRangeRequest) -> Result<(), Status> {
 
 /// etcd's `checkTxnAuth`: read on every compared key, and every op of both
 /// branches (recursively), whichever branch runs.
-fn auth_txn(c: &Caller, t: &TxnRequest) -> Result<(), Status> {
+pub fn auth_txn(c: &Caller, t: &TxnRequest) -> Result<(), Status> {
     for cmp in &t.compare {
         c.check(&cmp.key, &cmp.range_end, Access::Read)?;
     }
