@@ -6,6 +6,7 @@
 //!   foreign CA, the connection is refused.
 //! - A member whose peer certificate comes from a foreign CA cannot join.
 //! - With auth on, a client certificate's Common Name is the user (no password).
+//! - Certificate files replaced on disk are served without a restart.
 //! - `--auto-tls` / `--peer-auto-tls`: self-signed, encrypted, and etcdctl works
 //!   with `--insecure-skip-tls-verify`.
 
@@ -148,6 +149,17 @@ fn client_and_peer_tls_with_certificate_auth() {
     eventually_ok(&eps[2], &good, &["put", "cn", "root-by-certificate"]);
     let (ok, text) = etcdctl(&eps[2], &flags(&ca_file, &other_cert, &other_key), &["get", "cn"]);
     assert!(!ok && text.contains("permission denied"), "CN someone has no role: {text}");
+
+    // A renewed certificate is picked up without a restart: member 0's files are
+    // replaced by a certificate from a new CA, which clients then verify against.
+    let renewed = new_ca("renewed CA");
+    let renewed_ca = d.join("renewed-ca.pem");
+    std::fs::write(&renewed_ca, &renewed.cert_pem).unwrap();
+    let (new_cert, new_key) = issue(&renewed, d, "renewed", "server");
+    std::fs::copy(&new_key, &server_key).unwrap();
+    std::fs::copy(&new_cert, &server_cert).unwrap();
+    let with_new_ca = flags(&renewed_ca, &client_cert, &client_key);
+    assert!(eventually_ok(&eps[0], &with_new_ca, &["get", "cn"]).contains("root-by-certificate"));
 }
 
 #[test]
