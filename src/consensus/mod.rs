@@ -85,6 +85,16 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command itself, without an [`Command::Authed`] wrapper.
+    pub fn inner(&self) -> &Command {
+        match self {
+            Command::Authed { cmd, .. } => cmd.inner(),
+            other => other,
+        }
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

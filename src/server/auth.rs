@@ -95,12 +95,10 @@ impl Caller {
     }
 
     /// The command to propose: tagged with the auth revision it was checked at.
+    /// Always tagged, also while auth looks disabled here: this member may not
+    /// have applied an `AuthEnable` that already committed.
     pub fn wrap(&self, cmd: Command) -> Command {
-        if self.state.enabled {
-            Command::Authed { auth_revision: self.state.revision, cmd: Box::new(cmd) }
-        } else {
-            cmd
-        }
+        Command::Authed { auth_revision: self.state.revision, cmd: Box::new(cmd) }
     }
 }
 
@@ -140,7 +138,7 @@ impl Node {
 
     /// Checks a write with `check` and proposes it as the caller; re-checks and
     /// re-proposes if the auth store changed in between (the write was refused
-    /// at apply, so nothing happened).
+    /// at apply, so nothing happened), after catching up with the leader.
     pub async fn propose_as<Resp: prost::Message + Default>(
         &self,
         creds: &Credentials,
@@ -153,7 +151,9 @@ impl Node {
             let caller = self.caller(creds)?;
             check(&caller)?;
             match self.propose(caller.wrap(cmd.clone())).await {
-                Err(e) if attempt < AUTH_RETRIES && e.message() == AuthError::AuthOldRevision.to_string() => continue,
+                Err(e) if attempt < AUTH_RETRIES && e.message() == AuthError::AuthOldRevision.to_string() => {
+                    self.group.read_barrier(self.config.request_timeout()).await.map_err(errors::from_consensus)?;
+                }
                 other => return other,
             }
         }

@@ -188,14 +188,14 @@ impl Node {
     /// Proposes a command and decodes its applied etcd response. Enforces
     /// `--max-request-bytes` on the encoded request first.
     pub async fn propose<Resp: prost::Message + Default>(&self, cmd: Command) -> Result<Resp, tonic::Status> {
-        let size = match &cmd {
+        let size = match cmd.inner() {
             Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
             _ => 0,
         };
         if size as u64 > self.config.max_request_bytes {
             return Err(errors::request_too_large());
         }
-        let grows = matches!(cmd, Command::Put(_) | Command::Txn(_) | Command::LeaseGrant { .. });
+        let grows = matches!(cmd.inner(), Command::Put(_) | Command::Txn(_) | Command::LeaseGrant { .. });
         if grows && self.over_quota(size as u64).await {
             // etcd's quota check: refuse and raise NOSPACE cluster-wide.
             let alarm = Command::Alarm {
