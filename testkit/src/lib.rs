@@ -4,6 +4,9 @@
 //! down on drop, including when a test panics. Ports come from [`free_port`], which
 //! reserves them across test processes so parallel tests do not collide. Member logs go to `<dir>/<name>.log` and are
 //! printed by [`ProcessCluster::dump_logs`] when a test wants to show them.
+//! [`linearizability`] checks recorded client histories.
+
+pub mod linearizability;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
