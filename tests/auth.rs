@@ -8,10 +8,10 @@
 //! - JWT tokens (`--auth-token jwt,...`) with a key pair generated in the test.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use concord_testkit::{free_port, ClusterOptions, ProcessCluster};
+use concord_testkit::{free_port, single_member_command, ClusterOptions, ProcessCluster};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LockOptions, Permission, PutOptions, Txn,
     TxnOp, WatchOptions,
@@ -32,19 +32,10 @@ impl Drop for Etcd {
 
 fn start_etcd(dir: &Path) -> (Etcd, String) {
     let (client, peer) = (free_port(), free_port());
-    let c = format!("http://127.0.0.1:{client}");
-    let p = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "m", "--data-dir"])
-        .arg(dir)
-        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-        .args(["--initial-cluster", &format!("m={p}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = single_member_command(Path::new("etcd"), "m", dir, client, peer)
         .spawn()
         .expect("etcd 3.4 must be installed (apt-get install etcd-server)");
-    (Etcd(child), c)
+    (Etcd(child), format!("http://127.0.0.1:{client}"))
 }
 
 async fn connect(endpoint: &str, user: Option<(&str, &str)>) -> Result<Client, etcd_client::Error> {

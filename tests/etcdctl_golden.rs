@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use concord_testkit::free_port;
+use concord_testkit::{free_port, single_member_command};
 
 struct Server {
     child: Child,
@@ -25,16 +25,7 @@ impl Drop for Server {
 }
 
 fn start(bin: &Path, dir: &Path, client: u16, peer: u16) -> Server {
-    let c = format!("http://127.0.0.1:{client}");
-    let p = format!("http://127.0.0.1:{peer}");
-    let child = Command::new(bin)
-        .args(["--name", "golden", "--data-dir"])
-        .arg(dir)
-        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-        .args(["--initial-cluster", &format!("golden={p}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = single_member_command(bin, "golden", dir, client, peer)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e} (apt-get install etcd-server etcd-client)", bin.display()));
     let server = Server { child };

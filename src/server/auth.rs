@@ -46,11 +46,6 @@ impl Credentials {
             req.peer_certs().and_then(|certs| certs.first().and_then(|c| crate::server::tls::common_name(c)));
         Credentials { token, common_name }
     }
-
-    /// Credentials carrying only a token (the JSON gateway's `Authorization`).
-    pub fn from_token(token: Option<String>) -> Credentials {
-        Credentials { token, common_name: None }
-    }
 }
 
 /// The auth side of a member: the token provider and a cache of the store.
@@ -103,6 +98,16 @@ impl Caller {
 }
 
 impl Node {
+    /// Refuses `req` unless its caller may administer the cluster (root).
+    pub fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.caller(&Credentials::of(req))?.check_admin()
+    }
+
+    /// As [`Node::require_admin`], with the maintenance services' error form.
+    pub fn require_admin_maintenance<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.caller(&Credentials::of(req))?.check_admin_maintenance()
+    }
+
     /// The auth store as of now (cached per auth revision).
     pub fn auth_state(&self) -> Result<Arc<AuthState>, Status> {
         let txn = self.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;

@@ -2,7 +2,6 @@
 //! the replicated member registry, see `consensus::members`), status, alarms,
 //! hashes, snapshots, defragmentation and leader transfer.
 
-use super::auth::Credentials;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -89,7 +88,7 @@ fn valid_peer_urls(urls: &[String]) -> bool {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin()?;
+        self.node.require_admin(&req)?;
         let req = req.into_inner();
         if !valid_peer_urls(&req.peer_ur_ls) {
             return Err(super::errors::member_bad_urls());
@@ -106,7 +105,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin()?;
+        self.node.require_admin(&req)?;
         let id = req.into_inner().id;
         let target = self.find(id)?;
         let voters_left = ClusterService::members(&self.node)?.iter().filter(|m| !m.is_learner && m.id != id).count();
@@ -126,7 +125,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin()?;
+        self.node.require_admin(&req)?;
         let req = req.into_inner();
         if !valid_peer_urls(&req.peer_ur_ls) {
             return Err(super::errors::member_bad_urls());
@@ -150,7 +149,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin()?;
+        self.node.require_admin(&req)?;
         let id = req.into_inner().id;
         if !self.find(id)?.is_learner {
             return Err(super::errors::member_not_learner());
@@ -226,7 +225,7 @@ impl Maintenance for MaintenanceService {
     /// Streams a consistent snapshot of this member's state (one read transaction)
     /// in `SNAPSHOT_CHUNK_BYTES` pieces; the data carries its own checksum.
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin_maintenance()?;
+        self.node.require_admin_maintenance(&req)?;
         let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
         let data = crate::storage::Backend::snapshot_bytes(&txn).map_err(|e| Status::internal(e.to_string()))?;
         drop(txn);
@@ -252,7 +251,7 @@ impl Maintenance for MaintenanceService {
     /// etcd's `Hash`: a CRC over the whole replicated state (data, leases, member
     /// registry, alarms), equal on members that applied the same log prefix.
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin_maintenance()?;
+        self.node.require_admin_maintenance(&req)?;
         let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
         let hash = crate::storage::Backend::state_hash(&txn).map_err(|e| Status::internal(e.to_string()))?;
         let rev = crate::mvcc::read_revisions(&txn).map_err(|e| Status::internal(e.to_string()))?.0;
@@ -268,7 +267,7 @@ impl Maintenance for MaintenanceService {
     /// Rewrites this member's state file densely; reads and writes keep being
     /// served meanwhile (etcd blocks them for the whole defragmentation).
     async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin_maintenance()?;
+        self.node.require_admin_maintenance(&req)?;
         let started = std::time::Instant::now();
         let before = self.node.group.backend.file_size().map_err(|e| Status::internal(e.to_string()))?;
         self.node.group.defragment().await.map_err(|e| Status::internal(format!("etcdserver: defragment: {e}")))?;
@@ -301,7 +300,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?.check_admin_maintenance()?;
+        self.node.require_admin_maintenance(&req)?;
         let view = self.node.read_view(true).await?;
         let (hash, compact_revision) = view.hash_kv(req.into_inner().revision).map_err(super::errors::from_mvcc)?;
         let mut resp = HashKvResponse { header: None, hash, compact_revision };

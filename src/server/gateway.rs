@@ -86,11 +86,6 @@ fn error(s: Status) -> Response {
     json(http_status(s.code()), &error_body(&s))
 }
 
-fn credentials(headers: &HeaderMap) -> Credentials {
-    let token = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-    Credentials::from_token(token)
-}
-
 /// Decodes a JSON request (an empty body is the empty message) carrying the
 /// caller's token as gRPC metadata.
 fn decode<T: DeserializeOwned + Default>(headers: &HeaderMap, body: &[u8]) -> Result<tonic::Request<T>, Status> {
@@ -99,13 +94,19 @@ fn decode<T: DeserializeOwned + Default>(headers: &HeaderMap, body: &[u8]) -> Re
     } else {
         serde_json::from_slice(body).map_err(|e| Status::invalid_argument(e.to_string()))?
     };
+    Ok(with_token(headers, msg))
+}
+
+/// `msg` as a gRPC request carrying the HTTP `Authorization` header as metadata,
+/// where the services read the caller's token from.
+fn with_token<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     if let Some(Ok(v)) = headers.get("authorization").map(|v| v.to_str()) {
         if let Ok(v) = v.parse() {
             req.metadata_mut().insert("authorization", v);
         }
     }
-    Ok(req)
+    req
 }
 
 fn respond<T: Serialize>(r: Result<tonic::Response<T>, Status>) -> Response {
@@ -230,7 +231,7 @@ async fn watch(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -
         Err(s) => return error(s),
     };
     let inbound = futures::stream::iter(requests.into_iter().map(Ok)).chain(futures::stream::pending());
-    ndjson(g.watch.open(credentials(&headers), Box::pin(inbound)))
+    ndjson(g.watch.open(Credentials::of(&with_token(&headers, ())), Box::pin(inbound)))
 }
 
 async fn keepalive(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {

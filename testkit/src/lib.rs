@@ -66,6 +66,22 @@ fn reserve_port(path: &Path) -> bool {
     stale && std::fs::remove_file(path).is_ok() && create()
 }
 
+/// The command line of a one-member cluster named `name` on loopback ports, for
+/// `bin` = `etcd` or concord (same flags), with its output discarded.
+pub fn single_member_command(bin: &Path, name: &str, data_dir: &Path, client_port: u16, peer_port: u16) -> Command {
+    let c = format!("http://127.0.0.1:{client_port}");
+    let p = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = Command::new(bin);
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+        .args(["--initial-cluster", &format!("{name}={p}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
 /// One member's fixed identity and its current process, if running.
 pub struct Member {
     pub name: String,
