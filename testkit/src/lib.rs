@@ -4,9 +4,14 @@
 //! down on drop, including when a test panics. Ports come from [`free_port`], which
 //! reserves them across test processes so parallel tests do not collide. Member logs go to `<dir>/<name>.log` and are
 //! printed by [`ProcessCluster::dump_logs`] when a test wants to show them.
-//! [`linearizability`] checks recorded client histories.
+//! [`linearizability`] checks recorded client histories. With
+//! [`ClusterOptions::netns`] every member runs in its own network namespace
+//! ([`netns`]) so a test can cut, slow or lose the traffic between members.
 
 pub mod linearizability;
+pub mod nemesis;
+pub mod netns;
+pub mod workload;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -85,6 +90,10 @@ pub fn single_member_command(bin: &Path, name: &str, data_dir: &Path, client_por
 /// One member's fixed identity and its current process, if running.
 pub struct Member {
     pub name: String,
+    /// Address the member listens on: 127.0.0.1, or its namespace's address.
+    pub host: String,
+    /// The network namespace it runs in, with [`ClusterOptions::netns`].
+    pub netns: Option<String>,
     pub client_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
@@ -100,7 +109,7 @@ pub struct Member {
 
 impl Member {
     pub fn endpoint(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.client_scheme, self.client_port)
+        format!("{}://{}:{}", self.client_scheme, self.host, self.client_port)
     }
 
     pub fn is_running(&self) -> bool {
@@ -122,6 +131,9 @@ pub struct ClusterOptions {
     pub client_tls: bool,
     /// Talk to peers over TLS (`https://` peer URLs).
     pub peer_tls: bool,
+    /// Run each member in its own network namespace ([`netns::Network`]), so the
+    /// test can partition them; needs root (see [`netns::unavailable`]).
+    pub netns: bool,
 }
 
 impl Default for ClusterOptions {
@@ -132,6 +144,7 @@ impl Default for ClusterOptions {
             extra_args: Vec::new(),
             client_tls: false,
             peer_tls: false,
+            netns: false,
         }
     }
 }
@@ -141,6 +154,8 @@ pub struct ProcessCluster {
     dir: tempfile::TempDir,
     options: ClusterOptions,
     pub members: Vec<Member>,
+    /// The members' network when they run in namespaces; dropped after them.
+    pub network: Option<netns::Network>,
 }
 
 impl ProcessCluster {
@@ -158,10 +173,13 @@ impl ProcessCluster {
     pub fn prepare(bin: &Path, n: usize, options: ClusterOptions) -> ProcessCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let scheme = if options.client_tls { "https" } else { "http" };
+        let network = options.netns.then(|| netns::Network::create(n).expect("create the test network"));
         let members: Vec<Member> = (0..n)
             .map(|i| {
                 let name = format!("m{i}");
                 Member {
+                    host: network.as_ref().map_or_else(|| "127.0.0.1".to_string(), |net| net.ip(i).to_string()),
+                    netns: network.as_ref().map(|net| net.namespace(i)),
                     data_dir: dir.path().join(format!("{name}.data")),
                     log_path: dir.path().join(format!("{name}.log")),
                     name,
@@ -174,7 +192,7 @@ impl ProcessCluster {
                 }
             })
             .collect();
-        ProcessCluster { bin: bin.to_path_buf(), dir, options, members }
+        ProcessCluster { bin: bin.to_path_buf(), dir, options, members, network }
     }
 
     /// Allocates a new member that will join the running cluster (state
@@ -182,9 +200,12 @@ impl ProcessCluster {
     /// it with `restart`. Returns its index.
     pub fn add_member(&mut self) -> usize {
         let i = self.members.len();
+        assert!(self.network.is_none(), "a namespaced cluster has a fixed set of hosts");
         let name = format!("m{i}");
         let scheme = if self.options.client_tls { "https" } else { "http" };
         self.members.push(Member {
+            host: "127.0.0.1".to_string(),
+            netns: None,
             data_dir: self.dir.path().join(format!("{name}.data")),
             log_path: self.dir.path().join(format!("{name}.log")),
             name,
@@ -213,7 +234,7 @@ impl ProcessCluster {
     }
 
     pub fn peer_url(&self, i: usize) -> String {
-        format!("{}://127.0.0.1:{}", self.peer_scheme(), self.members[i].peer_port)
+        format!("{}://{}:{}", self.peer_scheme(), self.members[i].host, self.members[i].peer_port)
     }
 
     /// Waits up to `timeout` for member `i`'s process to exit by itself; returns
@@ -240,7 +261,7 @@ impl ProcessCluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}={}://127.0.0.1:{}", m.name, self.peer_scheme(), m.peer_port))
+            .map(|m| format!("{}={}://{}:{}", m.name, self.peer_scheme(), m.host, m.peer_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -258,9 +279,9 @@ impl ProcessCluster {
             "--advertise-client-urls",
             &m.endpoint(),
             "--listen-peer-urls",
-            &format!("{}://127.0.0.1:{}", self.peer_scheme(), m.peer_port),
+            &self.peer_url(i),
             "--initial-advertise-peer-urls",
-            &format!("{}://127.0.0.1:{}", self.peer_scheme(), m.peer_port),
+            &self.peer_url(i),
             "--initial-cluster",
             &self.initial_cluster(),
             "--initial-cluster-state",
@@ -283,7 +304,16 @@ impl ProcessCluster {
         let args = self.args(i);
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log_path).expect("member log file");
-        let child = Command::new(&self.bin)
+        let mut command = match &m.netns {
+            Some(ns) => {
+                // `ip netns exec` execs the binary: the child's pid is the member's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -318,6 +348,26 @@ impl ProcessCluster {
                 return c.wait().ok();
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGSTOP: the process stays alive but does nothing (a long GC pause, a
+    /// frozen VM); peers and clients see timeouts, not refused connections.
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`ProcessCluster::pause`].
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: i32) {
+        if let Some(pid) = self.members[i].pid() {
+            // SAFETY: plain kill(2) on a child pid we own and have not reaped.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
         }
     }
 
@@ -370,6 +420,22 @@ impl ProcessCluster {
         }
     }
 
+    /// The member the running members agree is leader, if they do (one query
+    /// round, no waiting).
+    pub async fn leader_index(&self) -> Option<usize> {
+        let mut leader = None;
+        for (i, m) in self.members.iter().enumerate() {
+            if m.is_running() {
+                let l = self.status(i).await?.0;
+                if l == 0 || leader.is_some_and(|x| x != l) {
+                    return None;
+                }
+                leader = Some(l);
+            }
+        }
+        self.member_index(leader?).await
+    }
+
     /// Maps a member ID to its index via any running member's member list.
     async fn member_index(&self, id: u64) -> Option<usize> {
         for (i, m) in self.members.iter().enumerate() {
@@ -380,10 +446,7 @@ impl ProcessCluster {
             let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), c.member_list()).await else { continue };
             let mm = list.members().iter().find(|mm| mm.id() == id)?;
             let url = mm.peer_urls().first()?;
-            return self
-                .members
-                .iter()
-                .position(|x| *url == format!("{}://127.0.0.1:{}", self.peer_scheme(), x.peer_port));
+            return (0..self.members.len()).position(|x| *url == self.peer_url(x));
         }
         None
     }

@@ -49,6 +49,10 @@ pub struct Event {
     pub outcome: Outcome,
     pub invoked: u64,
     pub completed: u64,
+    /// The revision in the response header (etcd's store revision when the
+    /// operation was served; for a write that took effect, the write's own);
+    /// 0 when unknown.
+    pub revision: u64,
 }
 
 impl Event {
@@ -90,6 +94,37 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
         events.sort_by_key(|e| (e.invoked, e.end()));
         if !linearizable(&events) {
             return Err(Violation { key: key.to_string(), events });
+        }
+    }
+    Ok(())
+}
+
+/// Real time must agree with revision order across all keys: an operation
+/// invoked after another completed was served at a revision at least as high, and
+/// strictly higher if it is a write that took effect (a put, a swap that
+/// succeeded). Every etcd response carries its revision, so this catches stale
+/// reads and lost ordering even where one key's register history cannot.
+/// Events with revision 0 or no answer are skipped.
+pub fn check_revisions(history: &[Event]) -> Result<(), String> {
+    let mut known: Vec<&Event> = history.iter().filter(|e| e.revision != 0 && e.outcome != Outcome::Unknown).collect();
+    let mut by_end = known.clone();
+    by_end.sort_by_key(|e| e.completed);
+    known.sort_by_key(|e| e.invoked);
+    let mut latest: Option<&Event> = None;
+    let mut ended = by_end.iter().peekable();
+    for e in known {
+        while let Some(done) = ended.next_if(|d| d.completed < e.invoked) {
+            if latest.is_none_or(|l| done.revision > l.revision) {
+                latest = Some(done);
+            }
+        }
+        let Some(before) = latest else { continue };
+        let wrote = matches!(e.outcome, Outcome::Written | Outcome::Swapped(true));
+        if e.revision < before.revision || (wrote && e.revision == before.revision) {
+            return Err(format!(
+                "revision order violated: {before:?} completed at revision {} before {e:?} was invoked, which was served at revision {}",
+                before.revision, e.revision
+            ));
         }
     }
     Ok(())
@@ -151,10 +186,30 @@ mod tests {
     use super::*;
 
     fn ev(client: usize, op: Op, outcome: Outcome, invoked: u64, completed: u64) -> Event {
-        Event { client, key: "k".into(), op, outcome, invoked, completed }
+        Event { client, key: "k".into(), op, outcome, invoked, completed, revision: 0 }
     }
     use Op::*;
     use Outcome::*;
+
+    #[test]
+    fn revisions_must_follow_real_time() {
+        let at =
+            |op, outcome, invoked, completed, revision| Event { revision, ..ev(0, op, outcome, invoked, completed) };
+        let ok = vec![
+            at(Write(1), Written, 0, 1, 2),
+            at(Read, Value(Some(1)), 2, 3, 2),
+            at(Write(2), Written, 4, 5, 3),
+            // Concurrent with the write above: may be served before it.
+            at(Read, Value(Some(1)), 4, 6, 2),
+        ];
+        assert!(check_revisions(&ok).is_ok());
+        // A read served at an older revision than a write that completed before it began.
+        let stale = vec![at(Write(1), Written, 0, 1, 5), at(Read, Value(None), 2, 3, 4)];
+        assert!(check_revisions(&stale).is_err());
+        // A later write reusing an earlier write's revision.
+        let dup = vec![at(Write(1), Written, 0, 1, 5), at(Write(2), Written, 2, 3, 5)];
+        assert!(check_revisions(&dup).unwrap_err().contains("revision order"));
+    }
 
     #[test]
     fn sequential_history_is_linearizable() {
@@ -258,6 +313,7 @@ mod tests {
                 outcome: Written,
                 invoked: c,
                 completed: 100 + c,
+                revision: 0,
             });
             h.push(Event {
                 client: c as usize,
@@ -266,6 +322,7 @@ mod tests {
                 outcome: Value(Some(c)),
                 invoked: 200 + c,
                 completed: 300 + c,
+                revision: 0,
             });
         }
         for c in 0..12u64 {
@@ -276,6 +333,7 @@ mod tests {
                 outcome: Written,
                 invoked: c,
                 completed: 1000 - c,
+                revision: 0,
             });
         }
         h.push(Event {
@@ -285,6 +343,7 @@ mod tests {
             outcome: Value(Some(7)),
             invoked: 2000,
             completed: 2001,
+            revision: 0,
         });
         assert!(check(&h).is_ok());
     }
