@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use concord_testkit::etcd_client::GetOptions;
 use concord_testkit::{ClusterOptions, ProcessCluster};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const WRITERS: usize = 6;
 
 /// A small xorshift generator; the seed is printed so a failing run can be replayed.
@@ -111,4 +111,64 @@ async fn kill_all_members_mid_write_loses_no_acknowledged_write() {
         cluster.dump_logs();
         panic!("acknowledged writes lost (seed {seed}):\n{}", missing.join("\n"));
     }
+}
+
+/// A member whose log fsync fails (EIO) must stop rather than go on
+/// acknowledging: it cannot know what reached the disk. The others keep serving,
+/// and once the disk is healthy again the member restarts and catches up with
+/// every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_failure_stops_the_member() {
+    use concord_testkit::faults::{eio_shim, EIO_TRIGGER_ENV};
+    let mut cluster =
+        ProcessCluster::prepare(&PathBuf::from(env!("CARGO_BIN_EXE_concord")), 3, ClusterOptions::default());
+    let shim = eio_shim(cluster.dir()).expect("build the EIO shim (needs cc)");
+    let trigger = cluster.dir().join("fail-fsync-now");
+    cluster.set_env(2, "LD_PRELOAD", &shim.display().to_string());
+    cluster.set_env(2, EIO_TRIGGER_ENV, &trigger.display().to_string());
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let writer = if leader == 2 { 0 } else { leader };
+    let mut client = cluster.client(writer).await;
+    client.put("before", "1", None).await.expect("put before the fault");
+    std::fs::write(&trigger, b"").expect("arm the shim");
+    // Writes replicate to member 2, whose log append now cannot be made durable.
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        if client.put(format!("after/{i}"), "v", None).await.is_ok() {
+            acked.push(format!("after/{i}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = cluster.wait_exit(2, Duration::from_secs(20));
+    let log = cluster.log_text(2);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "member 2 kept running after fsync failed (status {status:?}); log:\n{log}"
+    );
+    assert!(log.contains("fsync failed"), "member 2's log does not say why it stopped:\n{log}");
+    // The two healthy members are a majority and keep serving.
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let mut client = cluster.client(leader).await;
+    client.put("while-down", "1", None).await.expect("the majority serves without member 2");
+    acked.push("while-down".into());
+    std::fs::remove_file(&trigger).expect("disarm the shim");
+    cluster.restart(2);
+    let mut c2 = cluster.client(2).await;
+    let caught_up = concord_testkit::eventually(Duration::from_secs(20), || {
+        let mut c2 = c2.clone();
+        async move { c2.get("while-down", None).await.ok()?.kvs().first().map(|_| ()) }
+    })
+    .await;
+    assert!(caught_up.is_some(), "member 2 did not catch up after the disk recovered");
+    for k in &acked {
+        let r = c2.get(k.as_str(), None).await.expect("read on member 2");
+        assert_eq!(r.kvs().len(), 1, "member 2 lacks acknowledged key {k}");
+    }
+    println!(
+        "fsync EIO: member 2 stopped with {status:?}; {} acknowledged writes all present after restart",
+        acked.len()
+    );
 }

@@ -8,6 +8,7 @@
 //! [`ClusterOptions::netns`] every member runs in its own network namespace
 //! ([`netns`]) so a test can cut, slow or lose the traffic between members.
 
+pub mod faults;
 pub mod linearizability;
 pub mod nemesis;
 pub mod netns;
@@ -102,6 +103,8 @@ pub struct Member {
     pub joining: bool,
     /// Flags for this member only, after the cluster-wide ones.
     pub extra_args: Vec<String>,
+    /// Environment variables for this member only (e.g. `LD_PRELOAD` of a fault shim).
+    pub env: Vec<(String, String)>,
     /// "https" when the cluster serves clients over TLS.
     pub client_scheme: &'static str,
     child: Option<Child>,
@@ -187,6 +190,7 @@ impl ProcessCluster {
                     peer_port: free_port(),
                     joining: false,
                     extra_args: Vec::new(),
+                    env: Vec::new(),
                     client_scheme: scheme,
                     child: None,
                 }
@@ -213,6 +217,7 @@ impl ProcessCluster {
             peer_port: free_port(),
             joining: true,
             extra_args: Vec::new(),
+            env: Vec::new(),
             client_scheme: scheme,
             child: None,
         });
@@ -222,6 +227,11 @@ impl ProcessCluster {
     /// Gives member `i` flags of its own (applied from its next start).
     pub fn set_extra_args(&mut self, i: usize, args: Vec<String>) {
         self.members[i].extra_args = args;
+    }
+
+    /// Sets an environment variable for member `i` (applied from its next start).
+    pub fn set_env(&mut self, i: usize, key: &str, value: &str) {
+        self.members[i].env.push((key.to_string(), value.to_string()));
     }
 
     /// Member `i`'s peer URL.
@@ -315,6 +325,7 @@ impl ProcessCluster {
         };
         let child = command
             .args(&args)
+            .envs(m.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -65,17 +65,26 @@ impl Event {
     }
 }
 
-/// A key whose operations admit no linearization: the operations, by
-/// invocation time, to print with the seed of the run.
+/// A key whose operations admit no linearization, to print with the seed of the
+/// run: a minimal subset of its operations (by invocation time) that is already
+/// not linearizable: dropping any one of them would make it linearizable.
 #[derive(Debug, Clone)]
 pub struct Violation {
     pub key: String,
     pub events: Vec<Event>,
+    /// Operations on the key in the whole history.
+    pub total: usize,
 }
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "history of key {:?} is not linearizable ({} operations):", self.key, self.events.len())?;
+        writeln!(
+            f,
+            "history of key {:?} is not linearizable; {} of its {} operations suffice to show it:",
+            self.key,
+            self.events.len(),
+            self.total
+        )?;
         for e in &self.events {
             let end = if e.outcome == Outcome::Unknown { "?".to_string() } else { e.completed.to_string() };
             writeln!(f, "  client {:>3} [{:>12} .. {:>12}] {:?} -> {:?}", e.client, e.invoked, end, e.op, e.outcome)?;
@@ -93,7 +102,8 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
     for (key, mut events) in by_key {
         events.sort_by_key(|e| (e.invoked, e.end()));
         if !linearizable(&events) {
-            return Err(Violation { key: key.to_string(), events });
+            let total = events.len();
+            return Err(Violation { key: key.to_string(), events: minimize(events), total });
         }
     }
     Ok(())
@@ -128,6 +138,50 @@ pub fn check_revisions(history: &[Event]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Shrinks a non-linearizable history to a 1-minimal one: removes chunks of
+/// operations, halving the chunk size, as long as what remains still fails. A
+/// write whose value a remaining operation observes stays: otherwise every read
+/// would shrink to the misleading "read a value nobody wrote".
+fn minimize(mut events: Vec<Event>) -> Vec<Event> {
+    let writes = |h: &[Event]| -> HashSet<u64> {
+        h.iter()
+            .filter_map(|e| match e.op {
+                Op::Write(v) | Op::Cas { new: v, .. } => Some(v),
+                Op::Read => None,
+            })
+            .collect()
+    };
+    let all_written = writes(&events);
+    let keeps_writers = |h: &[Event]| {
+        let written = writes(h);
+        h.iter().all(|e| {
+            let observed = match (e.op, e.outcome) {
+                (Op::Read, Outcome::Value(Some(v))) => Some(v),
+                (Op::Cas { expect, .. }, Outcome::Swapped(true)) => Some(expect),
+                _ => None,
+            };
+            observed.is_none_or(|v| !all_written.contains(&v) || written.contains(&v))
+        })
+    };
+    let mut chunk = events.len().div_ceil(2).max(1);
+    loop {
+        let mut start = 0;
+        while start < events.len() {
+            let mut trial = events.clone();
+            trial.drain(start..(start + chunk).min(events.len()));
+            if !trial.is_empty() && keeps_writers(&trial) && !linearizable(&trial) {
+                events = trial;
+            } else {
+                start += chunk;
+            }
+        }
+        if chunk == 1 {
+            return events;
+        }
+        chunk = chunk.div_ceil(2);
+    }
 }
 
 /// The register's answer to `op` in state `value`, and the state after it.
@@ -249,7 +303,9 @@ mod tests {
             ev(2, Read, Value(None), 4, 5),
         ];
         let v = check(&h).unwrap_err();
-        assert_eq!(v.events.len(), 3);
+        // The read of 1 is not needed to show the violation.
+        assert_eq!(v.events.len(), 2);
+        assert_eq!(v.total, 3);
         assert!(v.to_string().contains("not linearizable"), "{v}");
     }
 
