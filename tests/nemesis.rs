@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use concord_testkit::linearizability::{check, check_revisions, Outcome};
 use concord_testkit::nemesis;
-use concord_testkit::workload::{register, seed_from_env, RegisterConfig};
+use concord_testkit::workload::{check_watches, register, seed_from_env, RegisterConfig, Watchers};
 use concord_testkit::{netns, ClusterOptions, ProcessCluster};
 
 fn namespaced_cluster(n: usize) -> ProcessCluster {
@@ -36,17 +36,29 @@ async fn register_workload_under_mixed_nemesis_is_linearizable() {
     let duration = Duration::from_secs(nemesis_secs());
     let epoch = Instant::now();
     let config = RegisterConfig { clients: 6, duration, ..RegisterConfig::default() };
+    // One watcher per member on the workload's keys, resuming through every fault.
+    let watchers = Watchers::start(&cluster.endpoints(), "reg/", 1);
     let workload = tokio::spawn(register(cluster.endpoints(), config, seed, epoch));
     let report = nemesis::run(&mut cluster, seed, duration, epoch).await;
     let history = workload.await.expect("workload task");
     // After the last fault is undone the cluster must recover.
-    cluster.wait_leader(Duration::from_secs(30)).await;
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let final_revision = {
+        let mut c = cluster.client(leader).await;
+        let r = c.get("reg/", None).await.expect("read the final revision");
+        r.header().expect("response header").revision() as u64
+    };
+    let watch_check = match watchers.finish(final_revision, Duration::from_secs(30)).await {
+        Ok(streams) => check_watches(&streams).and_then(|()| watched_all_writes(&streams[0], &history, final_revision)),
+        Err(stuck) => Err(stuck),
+    };
     let unknown = history.iter().filter(|e| e.outcome == Outcome::Unknown).count();
     let register_check = check(&history);
     let revision_check = check_revisions(&history);
-    let violations = usize::from(register_check.is_err()) + usize::from(revision_check.is_err());
+    let violations =
+        usize::from(register_check.is_err()) + usize::from(revision_check.is_err()) + usize::from(watch_check.is_err());
     println!(
-        "nemesis: runs 1, operations {} ({unknown} indeterminate), faults {}, violations {violations}",
+        "nemesis: runs 1, operations {} ({unknown} indeterminate), faults {}, watchers 3 up to revision {final_revision}, violations {violations}",
         history.len(),
         report.faults.len()
     );
@@ -60,6 +72,37 @@ async fn register_workload_under_mixed_nemesis_is_linearizable() {
         cluster.dump_logs();
         panic!("seed {seed}: {v}");
     }
+    if let Err(v) = watch_check {
+        cluster.dump_logs();
+        panic!("seed {seed}: watch: {v}");
+    }
+}
+
+/// The watched events are gap-free (every revision from 2 to the last, since the
+/// workload is the only writer) and include every acknowledged write at its
+/// revision with its value.
+fn watched_all_writes(
+    events: &[concord_testkit::workload::WatchedEvent],
+    history: &[concord_testkit::linearizability::Event],
+    final_revision: u64,
+) -> Result<(), String> {
+    use concord_testkit::linearizability::Op;
+    let revs: Vec<u64> = events.iter().map(|e| e.0).collect();
+    if revs != (2..=final_revision).collect::<Vec<_>>() {
+        let missing = (2..=final_revision).find(|r| !revs.contains(r));
+        return Err(format!("events are not gap-free up to {final_revision}: first missing revision {missing:?}"));
+    }
+    for e in history {
+        let value = match (e.op, e.outcome) {
+            (Op::Write(v), Outcome::Written) | (Op::Cas { new: v, .. }, Outcome::Swapped(true)) => v,
+            _ => continue,
+        };
+        let seen = events.get((e.revision as usize).wrapping_sub(2));
+        if seen != Some(&(e.revision, e.key.clone(), Some(value.to_string()))) {
+            return Err(format!("acknowledged write {e:?} is not the watched event at its revision: {seen:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// The negative control: serializable reads are served from a member's local

@@ -190,3 +190,171 @@ async fn one_op(
         }
     }
 }
+
+/// One event as a watcher saw it: (mod revision, key, value; `None` for a delete).
+pub type WatchedEvent = (u64, String, Option<String>);
+
+/// Watchers on a key prefix, each bound to one member, that resume after every
+/// broken stream from the revision after the last one they saw; see
+/// [`Watchers::finish`] and [`check_watches`].
+pub struct Watchers {
+    tasks: Vec<(usize, tokio::task::JoinHandle<Vec<WatchedEvent>>)>,
+    target: tokio::sync::watch::Sender<u64>,
+}
+
+impl Watchers {
+    /// Starts `per_endpoint` watchers on each endpoint, watching `prefix` from
+    /// revision 1.
+    pub fn start(endpoints: &[String], prefix: &str, per_endpoint: usize) -> Watchers {
+        let (target, target_rx) = tokio::sync::watch::channel(u64::MAX);
+        let mut tasks = Vec::new();
+        for (m, endpoint) in endpoints.iter().enumerate() {
+            for _ in 0..per_endpoint {
+                let task = tokio::spawn(watch_one(endpoint.clone(), prefix.to_string(), target_rx.clone()));
+                tasks.push((m, task));
+            }
+        }
+        Watchers { tasks, target }
+    }
+
+    /// Lets every watcher run until it has seen `revision`, for at most `timeout`;
+    /// returns each watcher's events, or which watchers (by member) fell short.
+    pub async fn finish(self, revision: u64, timeout: Duration) -> Result<Vec<Vec<WatchedEvent>>, String> {
+        self.target.send_replace(revision);
+        let mut out = Vec::new();
+        let mut stuck = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        for (m, mut task) in self.tasks {
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                // Only up to the target: a straggling write may land later, seen by some.
+                Ok(Ok(mut events)) => {
+                    events.retain(|e| e.0 <= revision);
+                    out.push(events);
+                }
+                Ok(Err(e)) => stuck.push(format!("watcher on member {m} failed: {e}")),
+                Err(_) => {
+                    task.abort();
+                    stuck.push(format!("watcher on member {m} did not reach revision {revision}"));
+                }
+            }
+        }
+        if stuck.is_empty() {
+            Ok(out)
+        } else {
+            Err(stuck.join("; "))
+        }
+    }
+}
+
+/// One watcher: (re)connects, resumes, and returns once it has seen the target.
+async fn watch_one(
+    endpoint: String,
+    prefix: String,
+    mut target: tokio::sync::watch::Receiver<u64>,
+) -> Vec<WatchedEvent> {
+    let mut events: Vec<WatchedEvent> = Vec::new();
+    let mut next: u64 = 1;
+    loop {
+        if next > *target.borrow_and_update() {
+            return events;
+        }
+        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        let Ok(mut client) = Client::connect([endpoint.as_str()], Some(opts)).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let wopts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(next as i64);
+        let Ok(Ok((_watcher, mut stream))) =
+            tokio::time::timeout(Duration::from_secs(3), client.watch(prefix.as_str(), Some(wopts))).await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        loop {
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(resp)) if !resp.canceled() => {
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let value = match ev.event_type() {
+                                etcd_client::EventType::Put => Some(String::from_utf8_lossy(kv.value()).into_owned()),
+                                etcd_client::EventType::Delete => None,
+                            };
+                            let rev = kv.mod_revision() as u64;
+                            events.push((rev, String::from_utf8_lossy(kv.key()).into_owned(), value));
+                            next = next.max(rev + 1);
+                        }
+                        if next > *target.borrow() {
+                            return events;
+                        }
+                    }
+                    // Canceled, ended or broken: resume on a new stream.
+                    _ => break,
+                },
+                changed = target.changed() => {
+                    if changed.is_err() || next > *target.borrow_and_update() {
+                        return events;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every watcher must have seen the same events in the same order: revisions
+/// never go back, no event twice, none missing compared with the others.
+pub fn check_watches(streams: &[Vec<WatchedEvent>]) -> Result<(), String> {
+    for (w, s) in streams.iter().enumerate() {
+        if let Some(pair) = s.windows(2).find(|p| (p[1].0, &p[1].1) <= (p[0].0, &p[0].1)) {
+            return Err(format!("watcher {w}: {:?} after {:?} (out of order or repeated)", pair[1], pair[0]));
+        }
+    }
+    let Some(first) = streams.first() else { return Ok(()) };
+    for (w, s) in streams.iter().enumerate().skip(1) {
+        if s != first {
+            let at = s.iter().zip(first).position(|(a, b)| a != b).unwrap_or(s.len().min(first.len()));
+            return Err(format!(
+                "watcher {w} differs from watcher 0 at event {at}: {:?} vs {:?} ({} vs {} events)",
+                s.get(at),
+                first.get(at),
+                s.len(),
+                first.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(rev: u64, key: &str) -> WatchedEvent {
+        (rev, key.to_string(), Some(format!("v{rev}")))
+    }
+
+    #[test]
+    fn watchers_must_agree_on_ordered_complete_events() {
+        let a = vec![ev(2, "a"), ev(3, "b"), ev(3, "c"), ev(4, "a")];
+        assert!(check_watches(&[a.clone(), a.clone()]).is_ok());
+        let mut gap = a.clone();
+        gap.remove(1);
+        assert!(check_watches(&[a.clone(), gap]).unwrap_err().contains("differs"));
+        let mut dup = a.clone();
+        dup.insert(1, ev(2, "a"));
+        assert!(check_watches(&[dup]).unwrap_err().contains("out of order or repeated"));
+        let back = vec![ev(3, "b"), ev(2, "a")];
+        assert!(check_watches(&[back]).is_err());
+    }
+
+    #[test]
+    fn seeded_rng_replays() {
+        let mut a = SeededRng::new(42);
+        let mut b = SeededRng::new(42);
+        let xs: Vec<u64> = (0..5).map(|_| a.below(1000)).collect();
+        let ys: Vec<u64> = (0..5).map(|_| b.below(1000)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().all(|&x| x < 1000));
+    }
+}
