@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use concord_testkit::linearizability::{check, check_revisions, Outcome};
 use concord_testkit::nemesis;
-use concord_testkit::workload::{check_watches, register, seed_from_env, RegisterConfig, Watchers};
+use concord_testkit::workload::{
+    check_fencing, check_watches, locks, register, seed_from_env, RegisterConfig, Watchers,
+};
 use concord_testkit::{netns, ClusterOptions, ProcessCluster};
 
 fn namespaced_cluster(n: usize) -> ProcessCluster {
@@ -103,6 +105,35 @@ fn watched_all_writes(
         }
     }
     Ok(())
+}
+
+/// Lock clients on every member under the nemesis: the fenced writes they make
+/// while holding the lock must never interleave between holders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_holders_are_mutually_exclusive_under_nemesis() {
+    let seed = seed_from_env();
+    println!("seed {seed} (CONCORD_TEST_SEED={seed} replays the nemesis schedule)");
+    let mut cluster = namespaced_cluster(3);
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let duration = Duration::from_secs(40);
+    let epoch = Instant::now();
+    let workload = tokio::spawn(locks(cluster.endpoints(), 6, "lock/res", duration));
+    let report = nemesis::run(&mut cluster, seed, duration, epoch).await;
+    let run = workload.await.expect("lock workload");
+    let verdict = check_fencing(&run.writes);
+    println!(
+        "locks: runs 1, acquisitions {}, fenced writes {}, fenced off {}, faults {}, violations {}",
+        run.acquired,
+        run.writes.len(),
+        run.fenced_off,
+        report.faults.len(),
+        usize::from(verdict.is_err())
+    );
+    assert!(run.acquired >= 20, "too few lock acquisitions: {}", run.acquired);
+    if let Err(v) = verdict {
+        cluster.dump_logs();
+        panic!("seed {seed}: {v}");
+    }
 }
 
 /// The negative control: serializable reads are served from a member's local

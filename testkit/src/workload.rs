@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LockOptions, Txn, TxnOp};
 
 use crate::linearizability::{Event, Op, Outcome};
 
@@ -326,6 +326,112 @@ pub fn check_watches(streams: &[Vec<WatchedEvent>]) -> Result<(), String> {
     Ok(())
 }
 
+/// A write to the shared resource made while holding the lock, guarded by the
+/// lock key: it only takes effect if the key still exists with the creation
+/// revision the holder was granted (its fencing token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FencedWrite {
+    pub client: usize,
+    /// The lock key's create revision: etcd's fencing token for this holder.
+    pub token: u64,
+    /// Revision of the write.
+    pub revision: u64,
+}
+
+/// What a [`locks`] run did.
+#[derive(Clone, Debug, Default)]
+pub struct LockRun {
+    /// Fenced writes that took effect.
+    pub writes: Vec<FencedWrite>,
+    /// Times a client was granted the lock.
+    pub acquired: usize,
+    /// Fenced writes refused because the holder had lost the lock.
+    pub fenced_off: usize,
+}
+
+/// Lock workload: `clients` clients (spread over `endpoints`) repeatedly take the
+/// lock `name` on a short lease, write the resource twice under the fence and
+/// unlock. Holders write twice so that two simultaneous holders would interleave.
+/// The resource is `<name>.resource`, outside the lock's queue prefix `<name>/`
+/// (a key under it would queue ahead of every waiter forever).
+pub async fn locks(endpoints: Vec<String>, clients: usize, name: &str, duration: Duration) -> LockRun {
+    let run: Arc<Mutex<LockRun>> = Arc::default();
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let endpoint = endpoints[c % endpoints.len()].clone();
+        let (run, name) = (run.clone(), name.to_string());
+        tasks.push(tokio::spawn(async move {
+            let t = Duration::from_secs(3);
+            let opts = ConnectOptions::new().with_connect_timeout(t).with_timeout(t);
+            while Instant::now() < deadline {
+                let Ok(mut client) = Client::connect([endpoint.as_str()], Some(opts.clone())).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                hold_once(&mut client, c, &name, &run).await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let r = run.lock().expect("lock run");
+    r.clone()
+}
+
+/// One lease, one lock acquisition, two fenced writes, unlock; any failure ends it.
+async fn hold_once(client: &mut Client, c: usize, name: &str, run: &Mutex<LockRun>) -> Option<()> {
+    let t = Duration::from_secs(5);
+    let lease = tokio::time::timeout(t, client.lease_grant(2, None)).await.ok()?.ok()?.id();
+    let acquired = tokio::time::timeout(t, client.lock(name, Some(LockOptions::new().with_lease(lease)))).await;
+    let Ok(Ok(lock)) = acquired else {
+        let _ = tokio::time::timeout(t, client.lease_revoke(lease)).await;
+        return None;
+    };
+    let key = lock.key().to_vec();
+    run.lock().expect("lock run").acquired += 1;
+    let token =
+        tokio::time::timeout(t, client.get(key.clone(), None)).await.ok()?.ok()?.kvs().first()?.create_revision();
+    for _ in 0..2 {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, token)])
+            .and_then([TxnOp::put(format!("{name}.resource"), format!("{c}:{token}"), None)]);
+        let resp = tokio::time::timeout(t, client.txn(txn)).await.ok()?.ok()?;
+        {
+            let mut r = run.lock().expect("lock run");
+            if resp.succeeded() {
+                let revision = resp.header().map_or(0, |h| h.revision() as u64);
+                r.writes.push(FencedWrite { client: c, token: token as u64, revision });
+            } else {
+                r.fenced_off += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(t, client.unlock(key)).await;
+    let _ = tokio::time::timeout(t, client.lease_revoke(lease)).await;
+    Some(())
+}
+
+/// Mutual exclusion through fencing: in revision order, the tokens of the
+/// writes that took effect never go back (once a later holder wrote, no
+/// earlier holder writes again), and one token belongs to one client.
+pub fn check_fencing(writes: &[FencedWrite]) -> Result<(), String> {
+    let mut sorted = writes.to_vec();
+    sorted.sort_by_key(|w| w.revision);
+    if let Some(p) = sorted.windows(2).find(|p| p[1].token < p[0].token || p[1].revision == p[0].revision) {
+        return Err(format!("lock held twice at once: {:?} after {:?}", p[1], p[0]));
+    }
+    let mut owner: HashMap<u64, usize> = HashMap::new();
+    for w in &sorted {
+        if *owner.entry(w.token).or_insert(w.client) != w.client {
+            return Err(format!("token {} used by clients {} and {}", w.token, owner[&w.token], w.client));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +452,15 @@ mod tests {
         assert!(check_watches(&[dup]).unwrap_err().contains("out of order or repeated"));
         let back = vec![ev(3, "b"), ev(2, "a")];
         assert!(check_watches(&[back]).is_err());
+    }
+
+    #[test]
+    fn fenced_writes_must_not_go_back_to_an_earlier_holder() {
+        let w = |client, token, revision| FencedWrite { client, token, revision };
+        assert!(check_fencing(&[w(0, 5, 6), w(0, 5, 7), w(1, 8, 9), w(1, 8, 10)]).is_ok());
+        // Holder 5 writes again after holder 8 did: both held the lock at once.
+        assert!(check_fencing(&[w(0, 5, 6), w(1, 8, 9), w(0, 5, 10)]).is_err());
+        assert!(check_fencing(&[w(0, 5, 6), w(1, 5, 7)]).unwrap_err().contains("token 5"));
     }
 
     #[test]
