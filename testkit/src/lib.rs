@@ -264,6 +264,18 @@ impl ProcessCluster {
         }
     }
 
+    /// Members whose process has exited although no test stopped it (a crash, a
+    /// fatal error), with their exit status.
+    pub fn crashed(&mut self) -> Vec<(usize, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for (i, m) in self.members.iter_mut().enumerate() {
+            if let Some(Ok(Some(status))) = m.child.as_mut().map(Child::try_wait) {
+                out.push((i, status));
+            }
+        }
+        out
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
