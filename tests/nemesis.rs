@@ -1,6 +1,7 @@
 //! Jepsen-style fault tests: members in their own network namespaces, a seeded
 //! nemesis (partitions, one-way blocks, packet loss, SIGSTOP pauses, kill -9 and
-//! restart) and client histories checked for linearizability.
+//! restart, members removed and added back empty) and client histories checked
+//! for linearizability.
 //!
 //! Every test prints its seed (`CONCORD_TEST_SEED` replays the nemesis schedule
 //! and the clients' choices) and a count line: runs, operations, faults,
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use concord_testkit::linearizability::{check, check_revisions, Outcome};
-use concord_testkit::nemesis;
+use concord_testkit::nemesis::{self, Options};
 use concord_testkit::workload::{
     check_fencing, check_watches, locks, register, seed_from_env, RegisterConfig, Watchers,
 };
@@ -47,7 +48,8 @@ async fn register_workload_under_mixed_nemesis_is_linearizable() {
     // One watcher per member on the workload's keys, resuming through every fault.
     let watchers = Watchers::start(&cluster.endpoints(), "reg/", 1);
     let workload = tokio::spawn(register(cluster.endpoints(), config, seed, epoch));
-    let report = nemesis::run(&mut cluster, seed, duration, epoch).await;
+    let options = Options { membership: true };
+    let report = nemesis::run(&mut cluster, seed, duration, epoch, &options).await;
     let history = workload.await.expect("workload task");
     assert_no_crash(&mut cluster, seed);
     // After the last fault is undone the cluster must recover.
@@ -135,7 +137,7 @@ async fn lock_holders_are_mutually_exclusive_under_nemesis() {
     let duration = Duration::from_secs(40);
     let epoch = Instant::now();
     let workload = tokio::spawn(locks(cluster.endpoints(), 6, "lock/res", duration));
-    let report = nemesis::run(&mut cluster, seed, duration, epoch).await;
+    let report = nemesis::run(&mut cluster, seed, duration, epoch, &Options::default()).await;
     let run = workload.await.expect("lock workload");
     assert_no_crash(&mut cluster, seed);
     let verdict = check_fencing(&run.writes);

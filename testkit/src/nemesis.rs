@@ -2,7 +2,8 @@
 //! schedule, while a workload runs.
 //!
 //! Each step picks one fault, holds it for 2–4 s, undoes it (heal the network,
-//! SIGCONT, restart) and lets the cluster settle for 1–2 s. Network faults need
+//! SIGCONT, restart, add the member back) and lets the cluster settle for 1–2 s.
+//! Membership faults are drawn only with [`Options::membership`]. Network faults need
 //! the cluster to run in namespaces ([`ClusterOptions::netns`](crate::ClusterOptions));
 //! without one only process faults are drawn. Every fault is undone before
 //! [`run`] returns, also when the schedule ends mid-step.
@@ -27,6 +28,17 @@ pub enum Fault {
     Pause { member: usize },
     /// SIGKILL, later a restart on the same data dir.
     Kill { member: usize },
+    /// `MemberRemove` (the member stops by itself), its data dir wiped; later
+    /// `MemberAdd` of the same peer URL and a start as a new, empty member.
+    Replace { member: usize },
+}
+
+/// Which faults a run may draw.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Also remove members and add them back empty (the register and watch
+    /// checks do not depend on which members exist).
+    pub membership: bool,
 }
 
 /// What a nemesis run did: every fault with its start (ms since the epoch).
@@ -36,32 +48,44 @@ pub struct Report {
 }
 
 /// Injects faults into `cluster` until `duration` has passed; returns what it did.
-pub async fn run(cluster: &mut ProcessCluster, seed: u64, duration: Duration, epoch: Instant) -> Report {
+pub async fn run(
+    cluster: &mut ProcessCluster,
+    seed: u64,
+    duration: Duration,
+    epoch: Instant,
+    options: &Options,
+) -> Report {
     let mut rng = SeededRng::new(seed);
     let mut report = Report::default();
     let deadline = Instant::now() + duration;
     let n = cluster.members.len();
     while Instant::now() < deadline {
-        let fault = pick(cluster, &mut rng, n).await;
+        let fault = pick(cluster, &mut rng, n, options).await;
         let at_ms = epoch.elapsed().as_millis() as u64;
         eprintln!("nemesis @{at_ms} ms: {fault:?}");
-        apply(cluster, &fault);
+        apply(cluster, &fault).await;
         report.faults.push((at_ms, fault.clone()));
         tokio::time::sleep(Duration::from_millis(2000 + rng.below(2000))).await;
-        undo(cluster, &fault);
+        undo(cluster, &fault).await;
         eprintln!("nemesis @{} ms: healed", epoch.elapsed().as_millis());
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(1000))).await;
     }
     report
 }
 
-async fn pick(cluster: &ProcessCluster, rng: &mut SeededRng, n: usize) -> Fault {
-    let networked = cluster.network.is_some();
-    let kinds = if networked { 6 } else { 2 };
+async fn pick(cluster: &ProcessCluster, rng: &mut SeededRng, n: usize, options: &Options) -> Fault {
+    let mut kinds = vec![0, 1];
+    if options.membership {
+        kinds.push(6);
+    }
+    if cluster.network.is_some() {
+        kinds.extend([2, 3, 4, 5]);
+    }
     let random_member = |rng: &mut SeededRng| rng.below(n as u64) as usize;
-    match rng.below(kinds) {
+    match kinds[rng.below(kinds.len() as u64) as usize] {
         0 => Fault::Pause { member: random_member(rng) },
         1 => Fault::Kill { member: random_member(rng) },
+        6 => Fault::Replace { member: random_member(rng) },
         2 => {
             let mut members: Vec<usize> = (0..n).collect();
             for i in (1..n).rev() {
@@ -84,7 +108,7 @@ async fn pick(cluster: &ProcessCluster, rng: &mut SeededRng, n: usize) -> Fault 
     }
 }
 
-fn apply(cluster: &mut ProcessCluster, fault: &Fault) {
+async fn apply(cluster: &mut ProcessCluster, fault: &Fault) {
     let n = cluster.members.len();
     let net = || cluster.network.as_ref().expect("network faults need ClusterOptions::netns");
     let applied = match fault {
@@ -106,14 +130,83 @@ fn apply(cluster: &mut ProcessCluster, fault: &Fault) {
             cluster.kill(*member);
             Ok(())
         }
+        Fault::Replace { member } => remove_member(cluster, *member).await,
     };
     applied.unwrap_or_else(|e| panic!("inject {fault:?}: {e}"));
 }
 
-fn undo(cluster: &mut ProcessCluster, fault: &Fault) {
+/// A client of some running member other than `not`, retried for a while (the
+/// cluster may be electing).
+async fn admin_client(cluster: &ProcessCluster, not: usize) -> std::io::Result<etcd_client::Client> {
+    for i in (0..cluster.members.len()).cycle().take(cluster.members.len() * 20) {
+        if i != not && cluster.members[i].is_running() {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_timeout(Duration::from_secs(10));
+            if let Ok(c) = etcd_client::Client::connect([cluster.members[i].endpoint()], Some(opts)).await {
+                return Ok(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(std::io::Error::other("no running member to administer the cluster through"))
+}
+
+async fn remove_member(cluster: &mut ProcessCluster, member: usize) -> std::io::Result<()> {
+    let url = cluster.peer_url(member);
+    let mut client = admin_client(cluster, member).await?;
+    let list = client.member_list().await.map_err(std::io::Error::other)?;
+    let id = list
+        .members()
+        .iter()
+        .find(|m| m.peer_urls().contains(&url))
+        .ok_or_else(|| std::io::Error::other(format!("{url} is not a member")))?
+        .id();
+    let mut removed = Err(std::io::Error::other("not tried"));
+    for _ in 0..10 {
+        removed = client.member_remove(id).await.map(|_| ()).map_err(std::io::Error::other);
+        if removed.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    removed?;
+    // A removed member stops by itself once it learns of its removal; one cut
+    // off from the others may never learn it.
+    if cluster.wait_exit(member, Duration::from_secs(10)).is_none() {
+        cluster.kill(member);
+    }
+    let dir = cluster.members[member].data_dir.clone();
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn add_member_back(cluster: &mut ProcessCluster, member: usize) -> std::io::Result<()> {
+    let url = cluster.peer_url(member);
+    let mut client = admin_client(cluster, member).await?;
+    let mut added = Err(std::io::Error::other("not tried"));
+    for _ in 0..20 {
+        added = client.member_add([url.as_str()], None).await.map(|_| ()).map_err(std::io::Error::other);
+        if added.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    added?;
+    cluster.members[member].joining = true;
+    cluster.restart(member);
+    Ok(())
+}
+
+async fn undo(cluster: &mut ProcessCluster, fault: &Fault) {
     match fault {
         Fault::Pause { member } => cluster.resume(*member),
         Fault::Kill { member } => cluster.restart(*member),
+        Fault::Replace { member } => {
+            add_member_back(cluster, *member).await.unwrap_or_else(|e| panic!("undo {fault:?}: {e}"));
+        }
         _ => {
             let net = cluster.network.as_ref().expect("network faults need ClusterOptions::netns");
             net.heal().unwrap_or_else(|e| panic!("heal after {fault:?}: {e}"));

@@ -17,9 +17,8 @@
 //!
 //! Cleanup: [`Drop`] deletes every namespace (their interfaces go with them) and
 //! the root-side interface. A test process killed before its drop runs leaves
-//! them behind; the slot's reservation file names the owning pid, and the next
-//! [`Network::create`] that finds that pid gone removes the leftovers and reuses
-//! the slot.
+//! them behind; the slot's reservation file names the owning pid, and every
+//! [`Network::create`] removes the leftovers of slots whose owner is gone.
 //!
 //! Needs root, `ip` (iproute2) and `iptables`; [`unavailable`] says what is missing.
 
@@ -73,6 +72,7 @@ impl Network {
         assert!(hosts > 0 && hosts < 100, "hosts must be in 1..100");
         let dir = std::env::temp_dir().join("concord-test-nets");
         std::fs::create_dir_all(&dir)?;
+        sweep(&dir);
         let first = (std::process::id() % u32::from(SLOTS)) as u8;
         for k in 0..SLOTS {
             let slot = ((u16::from(first) + u16::from(k)) % u16::from(SLOTS)) as u8;
@@ -201,15 +201,33 @@ impl Drop for Network {
     }
 }
 
+/// Whether the pid written in a reservation file is a live process.
+fn owner_alive(path: &Path) -> bool {
+    let owner = std::fs::read_to_string(path).unwrap_or_default();
+    owner.trim().parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes the namespaces of every slot whose owning test process has died.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let Some(slot) = entry.file_name().to_str().and_then(|n| n.parse::<u8>().ok()) else { continue };
+        // An empty file is a reservation being written right now.
+        let written = entry.metadata().is_ok_and(|m| m.len() > 0);
+        if written && !owner_alive(&entry.path()) {
+            remove_leftovers(slot);
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Takes the reservation file of a slot if it is free or its owner is dead.
 fn claim(path: &Path) -> io::Result<bool> {
     let create = || std::fs::OpenOptions::new().write(true).create_new(true).open(path);
     let mut file = match create() {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let owner = std::fs::read_to_string(path).unwrap_or_default();
-            let alive = owner.trim().parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-            if alive || std::fs::remove_file(path).is_err() {
+            if owner_alive(path) || std::fs::remove_file(path).is_err() {
                 return Ok(false);
             }
             match create() {
