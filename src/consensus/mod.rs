@@ -141,6 +141,13 @@ pub enum CommandResult {
     Err(ApplyError),
 }
 
+/// Tokio, with openraft's randomness (election timeouts, tick jitter) drawn from a
+/// seed carried by the task that starts Raft and inherited by every task Raft
+/// spawns. A member seeds it from the OS ([`Group::start`]); the deterministic
+/// simulation (`tests/simulation.rs`) seeds it from the run's seed, so one seed
+/// replays one run. Rejected: plain `TokioRuntime`, whose thread RNG cannot be seeded.
+pub type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft::TokioRuntime>;
+
 openraft::declare_raft_types!(
     /// concord's Raft type configuration.
     pub TypeConfig:
@@ -148,6 +155,7 @@ openraft::declare_raft_types!(
         R = CommandResult,
         NodeId = MemberId,
         Node = PeerInfo,
+        AsyncRuntime = Runtime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
@@ -194,7 +202,8 @@ pub struct GroupConfig {
 }
 
 impl GroupConfig {
-    fn raft_config(&self) -> Result<openraft::Config, String> {
+    /// openraft's configuration for these settings (also used by the simulation).
+    pub fn raft_config(&self) -> Result<openraft::Config, String> {
         let config = openraft::Config {
             cluster_name: "concord".to_string(),
             heartbeat_interval: self.heartbeat_ms,
@@ -277,7 +286,9 @@ impl Group {
             config.peer_tls.clone(),
         );
         let raft_config = Arc::new(config.raft_config()?);
-        let raft = openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm).await?;
+        // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
+        let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))
+            .await?;
         Ok((Group { raft, id, backend, revision, peers, apply_gate, stats, tokens }, log))
     }
 

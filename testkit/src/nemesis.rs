@@ -152,16 +152,33 @@ async fn admin_client(cluster: &ProcessCluster, not: usize) -> std::io::Result<e
     Err(std::io::Error::other("no running member to administer the cluster through"))
 }
 
+/// The member ID of the member with peer URL `url`. MemberList is served from
+/// a member's own registry (as in etcd 3.4), and a member that just joined may
+/// not list everyone yet: ask every other running member, a few times.
+async fn member_id(cluster: &ProcessCluster, member: usize, url: &str) -> std::io::Result<u64> {
+    for _ in 0..20 {
+        for i in (0..cluster.members.len()).filter(|&i| i != member && cluster.members[i].is_running()) {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_timeout(Duration::from_secs(5));
+            let Ok(mut c) = etcd_client::Client::connect([cluster.members[i].endpoint()], Some(opts)).await else {
+                continue;
+            };
+            if let Ok(list) = c.member_list().await {
+                if let Some(m) = list.members().iter().find(|m| m.peer_urls().iter().any(|u| u == url)) {
+                    return Ok(m.id());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(std::io::Error::other(format!("no member lists {url}")))
+}
+
 async fn remove_member(cluster: &mut ProcessCluster, member: usize) -> std::io::Result<()> {
     let url = cluster.peer_url(member);
+    let id = member_id(cluster, member, &url).await?;
     let mut client = admin_client(cluster, member).await?;
-    let list = client.member_list().await.map_err(std::io::Error::other)?;
-    let id = list
-        .members()
-        .iter()
-        .find(|m| m.peer_urls().contains(&url))
-        .ok_or_else(|| std::io::Error::other(format!("{url} is not a member")))?
-        .id();
     let mut removed = Err(std::io::Error::other("not tried"));
     for _ in 0..10 {
         removed = client.member_remove(id).await.map(|_| ()).map_err(std::io::Error::other);
