@@ -346,8 +346,9 @@ fn value_of(kv_value: &[u8]) -> Option<u64> {
     std::str::from_utf8(kv_value).ok()?.parse().ok()
 }
 
-/// Proposes on `via`, following ForwardToLeader hints; `None` when the request
-/// surely was not proposed anywhere.
+/// Proposes on `via`, following ForwardToLeader hints. `Err` is no answer: the
+/// command may or may not have been committed (the caller records it as
+/// indeterminate).
 async fn write(world: &Shared, mut via: MemberId, cmd: Command) -> Result<CommandResult, ()> {
     for _ in 0..5 {
         let node = lock(world).nodes.get(&via).cloned();
