@@ -10,6 +10,11 @@ use clap::Parser;
 
 use concord::server::config::{normalize_args, Config, Flags};
 
+/// mimalloc instead of glibc malloc: profiles of put and range (scripts/profile,
+/// docs/benchmarks.md) spent ~17% of the leader's CPU in glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
