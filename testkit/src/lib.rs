@@ -405,10 +405,15 @@ impl ProcessCluster {
 
     /// A client bound to member `i` only (no client-side failover).
     pub async fn client(&self, i: usize) -> Client {
+        self.try_client(i).await.expect("connect client")
+    }
+
+    /// Like [`ProcessCluster::client`], for a member that may be down.
+    pub async fn try_client(&self, i: usize) -> Result<Client, etcd_client::Error> {
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(10));
-        Client::connect([self.members[i].endpoint()], Some(opts)).await.expect("connect client")
+        Client::connect([self.members[i].endpoint()], Some(opts)).await
     }
 
     /// Status of member `i`: (leader id, raft term, applied index), if it answers.

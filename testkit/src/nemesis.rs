@@ -140,10 +140,7 @@ async fn apply(cluster: &mut ProcessCluster, fault: &Fault) {
 async fn admin_client(cluster: &ProcessCluster, not: usize) -> std::io::Result<etcd_client::Client> {
     for i in (0..cluster.members.len()).cycle().take(cluster.members.len() * 20) {
         if i != not && cluster.members[i].is_running() {
-            let opts = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(2))
-                .with_timeout(Duration::from_secs(10));
-            if let Ok(c) = etcd_client::Client::connect([cluster.members[i].endpoint()], Some(opts)).await {
+            if let Ok(c) = cluster.try_client(i).await {
                 return Ok(c);
             }
         }
@@ -158,10 +155,7 @@ async fn admin_client(cluster: &ProcessCluster, not: usize) -> std::io::Result<e
 async fn member_id(cluster: &ProcessCluster, member: usize, url: &str) -> std::io::Result<u64> {
     for _ in 0..20 {
         for i in (0..cluster.members.len()).filter(|&i| i != member && cluster.members[i].is_running()) {
-            let opts = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(2))
-                .with_timeout(Duration::from_secs(5));
-            let Ok(mut c) = etcd_client::Client::connect([cluster.members[i].endpoint()], Some(opts)).await else {
+            let Ok(mut c) = cluster.try_client(i).await else {
                 continue;
             };
             if let Ok(list) = c.member_list().await {
