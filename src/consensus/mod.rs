@@ -86,6 +86,15 @@ pub enum Command {
 }
 
 impl Command {
+    /// Bytes of the client request a KV command carries (0 for the others): what
+    /// request-size limits are checked against.
+    pub fn payload_bytes(&self) -> usize {
+        match self.inner() {
+            Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
+            _ => 0,
+        }
+    }
+
     /// The command itself, without an [`Command::Authed`] wrapper.
     pub fn inner(&self) -> &Command {
         match self {

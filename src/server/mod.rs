@@ -188,10 +188,7 @@ impl Node {
     /// Proposes a command and decodes its applied etcd response. Enforces
     /// `--max-request-bytes` on the encoded request first.
     pub async fn propose<Resp: prost::Message + Default>(&self, cmd: Command) -> Result<Resp, tonic::Status> {
-        let size = match cmd.inner() {
-            Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
-            _ => 0,
-        };
+        let size = cmd.payload_bytes();
         if size as u64 > self.config.max_request_bytes {
             return Err(errors::request_too_large());
         }
