@@ -215,17 +215,20 @@ fn apply_entries(
 ) -> io::Result<Vec<CommandResult>> {
     let mut results = Vec::with_capacity(entries.len());
     let mut membership = None;
+    let mut applier = BatchApplier::new(txn, tokens)?;
     for entry in entries {
         results.push(match &entry.payload {
             EntryPayload::Blank => CommandResult::Ok(Vec::new()),
-            EntryPayload::Normal(cmd) => apply_command(txn, cmd, tokens)?,
+            EntryPayload::Normal(cmd) => applier.apply(cmd)?,
             EntryPayload::Membership(m) => {
+                applier.close_writer()?;
                 super::members::seed_from_membership(txn, m)?;
                 membership = Some(StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone()));
                 CommandResult::Ok(Vec::new())
             }
         });
     }
+    applier.close_writer()?;
     let mut meta = txn.open_table(META).map_err(io_err)?;
     if let Some(last) = entries.last() {
         meta.insert(META_APPLIED, encode(&last.log_id)?.as_slice()).map_err(io_err)?;
@@ -236,15 +239,134 @@ fn apply_entries(
     Ok(results)
 }
 
-/// Applies one client command; request-level errors become [`ApplyError`]s, while
-/// storage errors abort the batch (and stop the group).
-fn apply_command(
-    txn: &WriteTransaction,
-    cmd: &Command,
-    tokens: Option<&crate::auth::SimpleTokens>,
-) -> io::Result<CommandResult> {
+/// Applies the client commands of one batch. Consecutive KV and lease commands
+/// share one [`Writer`] (its tables are opened once per batch, not per command:
+/// that was a tenth of a follower's CPU under puts); a command that needs other
+/// tables (alarms, members, auth) closes it first, since redb opens a table once
+/// per transaction. What every command checks (the NOSPACE alarm, the auth
+/// revision) is read once and re-read only after a command that changes it.
+struct BatchApplier<'txn> {
+    txn: &'txn WriteTransaction,
+    tokens: Option<&'txn crate::auth::SimpleTokens>,
+    writer: Option<Writer<'txn>>,
+    nospace: bool,
+    auth_revision: u64,
+}
+
+impl<'txn> BatchApplier<'txn> {
+    fn new(txn: &'txn WriteTransaction, tokens: Option<&'txn crate::auth::SimpleTokens>) -> io::Result<Self> {
+        let mut applier = BatchApplier { txn, tokens, writer: None, nospace: false, auth_revision: 0 };
+        applier.read_checks()?;
+        Ok(applier)
+    }
+
+    fn read_checks(&mut self) -> io::Result<()> {
+        let meta = self.txn.open_table(META).map_err(io_err)?;
+        self.nospace = alarms_in(&meta)?.iter().any(|(_, a)| *a == ALARM_NOSPACE);
+        self.auth_revision = crate::auth::revision_in(&meta)?;
+        Ok(())
+    }
+
+    fn writer(&mut self) -> io::Result<&mut Writer<'txn>> {
+        if self.writer.is_none() {
+            self.writer = Some(Writer::new(self.txn).map_err(io_err)?);
+        }
+        Ok(self.writer.as_mut().expect("just opened"))
+    }
+
+    /// Ends the shared writer (persisting the revision reached), if open.
+    fn close_writer(&mut self) -> io::Result<()> {
+        if let Some(w) = self.writer.take() {
+            w.finish().map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one client command; request-level errors become [`ApplyError`]s,
+    /// while storage errors abort the batch (and stop the group).
+    fn apply(&mut self, cmd: &Command) -> io::Result<CommandResult> {
+        let header = |rev| Some(ResponseHeader { revision: rev, ..Default::default() });
+        // etcd's capped applier: while NOSPACE is raised, nothing that can grow the
+        // store is applied (puts, writing txns, lease grants); deletes and compaction are.
+        let may_grow = matches!(cmd, Command::Put(_) | Command::LeaseGrant { .. } | Command::Txn(_));
+        if may_grow && self.nospace {
+            // Only decoded while NOSPACE is raised: a txn without writes still applies.
+            let grows = match cmd {
+                Command::Txn(b) => {
+                    TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false)
+                }
+                _ => true,
+            };
+            if grows {
+                return Ok(CommandResult::Err(ApplyError::NoSpace));
+            }
+        }
+        match cmd {
+            Command::Alarm { activate, member, alarm } => {
+                self.close_writer()?;
+                {
+                    let mut meta = self.txn.open_table(META).map_err(io_err)?;
+                    let key = format!("{ALARM_PREFIX}{member:016x}/{alarm}");
+                    if *activate {
+                        meta.insert(key.as_str(), [].as_slice()).map_err(io_err)?;
+                    } else {
+                        meta.remove(key.as_str()).map_err(io_err)?;
+                    }
+                }
+                self.read_checks()?;
+                Ok(CommandResult::Ok(Vec::new()))
+            }
+            Command::LeaseGrant { id, ttl_s } => self.lease(|w| {
+                let rec = w.lease_grant(*id, *ttl_s)?;
+                Ok(LeaseGrantResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s, error: String::new() })
+            }),
+            Command::LeaseRevoke { id } => self.lease(|w| {
+                w.lease_revoke(*id)?;
+                Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
+            }),
+            Command::LeaseRenew { id } => self.lease(|w| {
+                let rec = w.lease_renew(*id)?;
+                Ok(LeaseKeepAliveResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s })
+            }),
+            Command::LeaseCheckpoint(items) => self.lease(|w| {
+                for (id, version, remaining_ms) in items {
+                    w.lease_checkpoint(*id, *version, *remaining_ms)?;
+                }
+                Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
+            }),
+            Command::Put(b) => self.run(b, |w, r: &PutRequest| w.put(r)),
+            Command::DeleteRange(b) => self.run(b, |w, r: &DeleteRangeRequest| w.delete_range(r)),
+            Command::Txn(b) => self.run(b, |w, r: &TxnRequest| w.txn(r)),
+            Command::Compact(b) => self.run(b, |w, r: &CompactionRequest| w.compact(r.revision)),
+            Command::Member(change) => {
+                self.close_writer()?;
+                super::members::apply(self.txn, change)
+            }
+            Command::Auth(op) => {
+                self.close_writer()?;
+                let result = {
+                    let mut meta = self.txn.open_table(META).map_err(io_err)?;
+                    crate::auth::apply(&mut meta, op, self.tokens)?
+                };
+                self.read_checks()?;
+                Ok(match result {
+                    Ok(()) => CommandResult::Ok(Vec::new()),
+                    Err(e) => CommandResult::Err(ApplyError::Auth(e)),
+                })
+            }
+            Command::Authed { auth_revision, cmd } => {
+                // Checked against an older auth store: the permission may be gone.
+                if self.auth_revision != *auth_revision {
+                    return Ok(CommandResult::Err(ApplyError::Auth(crate::auth::AuthError::AuthOldRevision)));
+                }
+                self.apply(cmd)
+            }
+        }
+    }
+
+    /// One KV request: decoded, applied as its own revision in the shared writer.
     fn run<Req: Message + Default, Resp: Message>(
-        txn: &WriteTransaction,
+        &mut self,
         bytes: &[u8],
         f: impl FnOnce(&mut Writer, &Req) -> Result<Resp, MvccError>,
     ) -> io::Result<CommandResult> {
@@ -252,9 +374,9 @@ fn apply_command(
             Ok(r) => r,
             Err(e) => return Ok(CommandResult::Err(ApplyError::Malformed(e.to_string()))),
         };
-        let mut w = Writer::new(txn).map_err(io_err)?;
-        let out = f(&mut w, &req);
-        w.finish().map_err(io_err)?;
+        let w = self.writer()?;
+        let out = f(w, &req);
+        w.end_request();
         Ok(match out {
             Ok(resp) => CommandResult::Ok(resp.encode_to_vec()),
             Err(MvccError::Compacted) => CommandResult::Err(ApplyError::Compacted),
@@ -265,85 +387,18 @@ fn apply_command(
             Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_))) => return Err(io_err(e)),
         })
     }
-    fn lease<Resp: Message>(
-        txn: &WriteTransaction,
-        f: impl FnOnce(&mut Writer) -> Result<Resp, MvccError>,
-    ) -> io::Result<CommandResult> {
-        let mut w = Writer::new(txn).map_err(io_err)?;
-        let out = f(&mut w);
-        w.finish().map_err(io_err)?;
+
+    /// One lease command in the shared writer.
+    fn lease<Resp: Message>(&mut self, f: impl FnOnce(&mut Writer) -> Result<Resp, MvccError>) -> io::Result<CommandResult> {
+        let w = self.writer()?;
+        let out = f(w);
+        w.end_request();
         Ok(match out {
             Ok(resp) => CommandResult::Ok(resp.encode_to_vec()),
             Err(MvccError::LeaseNotFound) => CommandResult::Err(ApplyError::LeaseNotFound),
             Err(MvccError::LeaseExists) => CommandResult::Err(ApplyError::LeaseExists),
             Err(e) => return Err(io_err(e)),
         })
-    }
-    let header = |rev| Some(ResponseHeader { revision: rev, ..Default::default() });
-    // etcd's capped applier: while NOSPACE is raised, nothing that can grow the
-    // store is applied (puts, writing txns, lease grants); deletes and compaction are.
-    let may_grow = matches!(cmd, Command::Put(_) | Command::LeaseGrant { .. } | Command::Txn(_));
-    if may_grow && alarms_in(&txn.open_table(META).map_err(io_err)?)?.iter().any(|(_, a)| *a == ALARM_NOSPACE) {
-        // Only decoded while NOSPACE is raised: a txn without writes still applies.
-        let grows = match cmd {
-            Command::Txn(b) => {
-                TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false)
-            }
-            _ => true,
-        };
-        if grows {
-            return Ok(CommandResult::Err(ApplyError::NoSpace));
-        }
-    }
-    match cmd {
-        Command::Alarm { activate, member, alarm } => {
-            let mut meta = txn.open_table(META).map_err(io_err)?;
-            let key = format!("{ALARM_PREFIX}{member:016x}/{alarm}");
-            if *activate {
-                meta.insert(key.as_str(), [].as_slice()).map_err(io_err)?;
-            } else {
-                meta.remove(key.as_str()).map_err(io_err)?;
-            }
-            Ok(CommandResult::Ok(Vec::new()))
-        }
-        Command::LeaseGrant { id, ttl_s } => lease(txn, |w| {
-            let rec = w.lease_grant(*id, *ttl_s)?;
-            Ok(LeaseGrantResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s, error: String::new() })
-        }),
-        Command::LeaseRevoke { id } => lease(txn, |w| {
-            w.lease_revoke(*id)?;
-            Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
-        }),
-        Command::LeaseRenew { id } => lease(txn, |w| {
-            let rec = w.lease_renew(*id)?;
-            Ok(LeaseKeepAliveResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s })
-        }),
-        Command::LeaseCheckpoint(items) => lease(txn, |w| {
-            for (id, version, remaining_ms) in items {
-                w.lease_checkpoint(*id, *version, *remaining_ms)?;
-            }
-            Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
-        }),
-        Command::Put(b) => run(txn, b, |w, r: &PutRequest| w.put(r)),
-        Command::DeleteRange(b) => run(txn, b, |w, r: &DeleteRangeRequest| w.delete_range(r)),
-        Command::Txn(b) => run(txn, b, |w, r: &TxnRequest| w.txn(r)),
-        Command::Compact(b) => run(txn, b, |w, r: &CompactionRequest| w.compact(r.revision)),
-        Command::Member(change) => super::members::apply(txn, change),
-        Command::Auth(op) => {
-            let mut meta = txn.open_table(META).map_err(io_err)?;
-            Ok(match crate::auth::apply(&mut meta, op, tokens)? {
-                Ok(()) => CommandResult::Ok(Vec::new()),
-                Err(e) => CommandResult::Err(ApplyError::Auth(e)),
-            })
-        }
-        Command::Authed { auth_revision, cmd } => {
-            // Checked against an older auth store: the permission may be gone.
-            let current = crate::auth::revision_in(&txn.open_table(META).map_err(io_err)?)?;
-            if current != *auth_revision {
-                return Ok(CommandResult::Err(ApplyError::Auth(crate::auth::AuthError::AuthOldRevision)));
-            }
-            apply_command(txn, cmd, tokens)
-        }
     }
 }
 

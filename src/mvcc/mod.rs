@@ -435,8 +435,9 @@ impl TxnExec for ReadOnlyExec<'_> {
     }
 }
 
-/// Applies write requests inside one redb write transaction. One `Writer` is one
-/// etcd write request: it advances the revision at most once, in [`Writer::finish`].
+/// Applies write requests inside one redb write transaction. A `Writer` applies a
+/// sequence of etcd write requests (an apply batch: the tables are opened once);
+/// each request advances the revision at most once, in [`Writer::end_request`].
 pub struct Writer<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
     latest: Table<'txn, &'static [u8], &'static [u8]>,
@@ -446,8 +447,10 @@ pub struct Writer<'txn> {
     lease_keys: Table<'txn, &'static [u8], &'static [u8]>,
     begin_rev: Rev,
     compacted: Rev,
-    /// Changes made so far; also the next sub-revision.
+    /// Changes made so far by the current request; also the next sub-revision.
     sub: i64,
+    /// Whether an ended request advanced the revision (written once, in `finish`).
+    advanced: bool,
 }
 
 impl<'txn> Writer<'txn> {
@@ -464,6 +467,7 @@ impl<'txn> Writer<'txn> {
             begin_rev,
             compacted,
             sub: 0,
+            advanced: false,
         })
     }
 
@@ -595,13 +599,21 @@ impl<'txn> Writer<'txn> {
         TxnExec::rev(self)
     }
 
-    /// Ends the request: persists the advanced revision if anything changed and
-    /// returns the store's current revision.
-    pub fn finish(mut self) -> Result<Rev> {
+    /// Ends the current request: if it changed anything, the store is now at its
+    /// revision and the next request writes at the one after.
+    pub fn end_request(&mut self) {
         if self.sub > 0 {
-            let rev = self.next_rev();
-            self.meta.insert(META_REV, rev.to_be_bytes().as_slice())?;
-            return Ok(rev);
+            self.begin_rev = self.next_rev();
+            self.sub = 0;
+            self.advanced = true;
+        }
+    }
+
+    /// Ends the last request and persists the revision reached; returns it.
+    pub fn finish(mut self) -> Result<Rev> {
+        self.end_request();
+        if self.advanced {
+            self.meta.insert(META_REV, self.begin_rev.to_be_bytes().as_slice())?;
         }
         Ok(self.begin_rev)
     }
