@@ -177,7 +177,7 @@ pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 /// `NoLeader` and `NotLeader` mean the command was certainly not submitted (safe to
 /// retry); `Timeout` and `LeaderLost` mean its outcome is unknown: it may still
 /// commit, so it is never retried behind the client's back.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConsensusError {
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -257,6 +257,9 @@ pub struct Group {
     /// The store's current revision, updated after every applied batch; watchers
     /// and lock waiters wait on it instead of polling storage.
     pub revision: tokio::sync::watch::Receiver<crate::mvcc::Rev>,
+    /// The auth store's revision as of the last applied batch: lets a request
+    /// reuse the cached auth state without opening a read transaction.
+    pub auth_revision: Arc<std::sync::atomic::AtomicU64>,
     peers: network::PeerPool,
     apply_gate: Arc<state_machine::ApplyGate>,
     /// Disk and network timings for `/metrics`.
@@ -286,6 +289,7 @@ impl Group {
         let (sm, revision) =
             state_machine::StateMachine::new(backend.clone(), dir.join("snap"), stats.clone(), tokens.clone())?;
         let apply_gate = sm.gate();
+        let auth_revision = sm.auth_revision();
         // Raft RPCs get at least two election timeouts (see `PeerPool::min_rpc_timeout`).
         let min_rpc_timeout = Duration::from_millis(config.election_timeout_ms * 2);
         let peers = network::PeerPool::new(
@@ -298,7 +302,7 @@ impl Group {
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))
             .await?;
-        Ok((Group { raft, id, backend, revision, peers, apply_gate, stats, tokens }, log))
+        Ok((Group { raft, id, backend, revision, auth_revision, peers, apply_gate, stats, tokens }, log))
     }
 
     /// Proposes a command and waits for its applied result. Followers forward it to

@@ -9,6 +9,8 @@
 //! and one `Propose` RPC carries every write queued while earlier RPCs to the
 //! leader were in flight (see [`Forwarder`]). Each write in a batch is still its
 //! own log entry with its own result, so batching changes only the framing.
+//! Linearizable reads on a follower share ReadIndex requests the same way (see
+//! [`ReadIndexer`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -99,6 +101,10 @@ const MAX_FORWARD_QUEUE: usize = 8192;
 /// Bookkeeping bytes counted per forwarded write besides its request bytes.
 const FORWARD_OVERHEAD_BYTES: usize = 64;
 
+/// Reads waiting for the next ReadIndex request to one leader; a full queue
+/// makes callers wait (within their own deadline).
+const MAX_READ_INDEX_QUEUE: usize = 8192;
+
 /// The TLS client configuration peers are dialled with (`https://` peer URLs).
 pub type PeerTls = Arc<rustls::ClientConfig>;
 
@@ -113,6 +119,8 @@ pub struct PeerPool {
     stats: Option<Arc<crate::stats::GroupStats>>,
     /// One batching queue per leader peer URL, created on first use.
     forwarders: Arc<Mutex<HashMap<String, mpsc::Sender<Forwarded>>>>,
+    /// One ReadIndex queue per leader peer URL, created on first use.
+    read_indexers: Arc<Mutex<HashMap<String, mpsc::Sender<ReadWaiter>>>>,
     /// Shortest time a Raft RPC may take before it counts as failed. openraft asks
     /// for one heartbeat interval on appends; a follower whose fsync takes longer
     /// (a loaded or slow disk) would then never acknowledge, and its replication
@@ -154,7 +162,15 @@ impl PeerPool {
         min_rpc_timeout: Duration,
         tls: Option<PeerTls>,
     ) -> Self {
-        PeerPool { channels: Arc::default(), forwarders: Arc::default(), tls, max_message_bytes, stats, min_rpc_timeout }
+        PeerPool {
+            channels: Arc::default(),
+            forwarders: Arc::default(),
+            read_indexers: Arc::default(),
+            tls,
+            max_message_bytes,
+            stats,
+            min_rpc_timeout,
+        }
     }
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
@@ -276,11 +292,35 @@ impl PeerPool {
         r.map_err(|e| format!("{e:?}"))?
     }
 
-    /// Asks the leader `node` for a read index.
+    /// Asks the leader `node` for a read index, sharing the request with the
+    /// other reads waiting for one (see [`ReadIndexer`]).
     pub async fn read_index(&self, node: &PeerInfo, timeout: Duration) -> Result<u64, ConsensusError> {
-        let r: Result<ForwardReply<u64>, _> =
-            self.call(node, &(), timeout, |mut c, r| async move { c.read_index(r).await }).await;
-        forward_result(r)
+        let deadline = tokio::time::Instant::now() + timeout;
+        let queue = self.read_indexer(node)?;
+        let (reply, answer) = oneshot::channel();
+        match tokio::time::timeout_at(deadline, queue.send(ReadWaiter { deadline, reply })).await {
+            Err(_) => return Err(ConsensusError::Timeout),
+            Ok(Err(_)) => return Err(ConsensusError::Fatal("read index queue closed".into())),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(_) => Err(ConsensusError::Timeout),
+        }
+    }
+
+    /// The ReadIndex queue for `node`, starting its [`ReadIndexer`] task.
+    fn read_indexer(&self, node: &PeerInfo) -> Result<mpsc::Sender<ReadWaiter>, ConsensusError> {
+        let url = node.peer_urls.first().ok_or(ConsensusError::NoLeader)?;
+        let mut map = self.read_indexers.lock().expect("read indexer map poisoned");
+        if let Some(tx) = map.get(url).filter(|tx| !tx.is_closed()) {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = mpsc::channel(MAX_READ_INDEX_QUEUE);
+        let indexer = ReadIndexer { pool: self.clone(), node: node.clone(), queue: rx };
+        tokio::spawn(indexer.run());
+        map.insert(url.clone(), tx.clone());
+        Ok(tx)
     }
 }
 
@@ -347,6 +387,46 @@ impl Forwarder {
                 send_batch(&pool, &node, batch).await;
                 drop(slot);
             });
+        }
+    }
+}
+
+/// A linearizable read waiting for a read index.
+struct ReadWaiter {
+    deadline: tokio::time::Instant,
+    reply: oneshot::Sender<Result<u64, ConsensusError>>,
+}
+
+/// Asks one leader for read indexes on behalf of every waiting read: one request
+/// at a time, each answering all the reads queued before it was sent. That is
+/// what makes sharing safe: the leader confirms its leadership after the request
+/// arrives, so the index covers every write committed before any of those reads
+/// began (the ReadIndex rule, per read).
+struct ReadIndexer {
+    pool: PeerPool,
+    node: PeerInfo,
+    queue: mpsc::Receiver<ReadWaiter>,
+}
+
+impl ReadIndexer {
+    async fn run(mut self) {
+        loop {
+            let Some(first) = self.queue.recv().await else { return };
+            let mut waiters = vec![first];
+            while let Ok(w) = self.queue.try_recv() {
+                waiters.push(w);
+            }
+            let now = tokio::time::Instant::now();
+            waiters.retain(|w| w.deadline > now && !w.reply.is_closed());
+            let Some(timeout) = waiters.iter().map(|w| w.deadline.saturating_duration_since(now)).max() else {
+                continue;
+            };
+            let r: Result<ForwardReply<u64>, _> =
+                self.pool.call(&self.node, &(), timeout, |mut c, r| async move { c.read_index(r).await }).await;
+            let r = forward_result(r);
+            for w in waiters {
+                let _ = w.reply.send(r.clone());
+            }
         }
     }
 }

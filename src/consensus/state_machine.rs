@@ -11,6 +11,7 @@
 
 use std::io::{self, Cursor};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
@@ -94,6 +95,8 @@ pub struct StateMachine {
     applied_since_persist: u64,
     /// Publishes the current revision after each commit (see `Group::revision`).
     revision: watch::Sender<Rev>,
+    /// The auth store's revision as of the last commit (see `Group::auth_revision`).
+    auth_revision: Arc<AtomicU64>,
     defrag: Arc<ApplyGate>,
     stats: Arc<crate::stats::GroupStats>,
     /// Simple auth tokens registered by applied `Authenticate` entries.
@@ -155,6 +158,11 @@ impl StateMachine {
         self.defrag.clone()
     }
 
+    /// The auth revision this state machine publishes after every commit.
+    pub fn auth_revision(&self) -> Arc<AtomicU64> {
+        self.auth_revision.clone()
+    }
+
     pub fn new(
         backend: Arc<Backend>,
         snap_dir: PathBuf,
@@ -166,13 +174,15 @@ impl StateMachine {
         if let Some(snap) = read_snapshot_file(&snap_dir.join("current"))? {
             crate::storage::decode_snapshot(snap.snapshot.get_ref())?;
         }
-        let (revision, rx) = watch::channel(current_rev(&backend)?);
+        let (rev, auth_rev) = current_revs(&backend)?;
+        let (revision, rx) = watch::channel(rev);
         Ok((
             StateMachine {
                 backend,
                 snap_dir,
                 applied_since_persist: 0,
                 revision,
+                auth_revision: Arc::new(AtomicU64::new(auth_rev)),
                 defrag: Arc::default(),
                 stats,
                 tokens,
@@ -181,8 +191,13 @@ impl StateMachine {
         ))
     }
 
+    /// Publishes the committed KV and auth revisions. Called after every commit
+    /// and before any response is sent, so a request that starts after a client
+    /// saw a write (or an auth change) acknowledged sees its revision.
     fn publish_revision(&self) -> io::Result<()> {
-        self.revision.send_replace(current_rev(&self.backend)?);
+        let (rev, auth_rev) = current_revs(&self.backend)?;
+        self.auth_revision.store(auth_rev, Ordering::Release);
+        self.revision.send_replace(rev);
         Ok(())
     }
 
@@ -200,9 +215,12 @@ impl StateMachine {
     }
 }
 
-fn current_rev(backend: &Backend) -> io::Result<Rev> {
+/// The store's current (KV revision, auth revision).
+fn current_revs(backend: &Backend) -> io::Result<(Rev, u64)> {
     let txn = backend.begin_read()?;
-    Ok(crate::mvcc::read_revisions(&txn).map_err(io_err)?.0)
+    let rev = crate::mvcc::read_revisions(&txn).map_err(io_err)?.0;
+    let auth_rev = crate::auth::revision_in(&txn.open_table(META).map_err(io_err)?)?;
+    Ok((rev, auth_rev))
 }
 
 /// Applies a batch of log entries in `txn`, recording the last applied log id and

@@ -108,15 +108,16 @@ impl Node {
         self.caller(&Credentials::of(req))?.check_admin_maintenance()
     }
 
-    /// The auth store as of now (cached per auth revision).
+    /// The auth store as of now (cached per auth revision; storage is read only
+    /// when the applied auth revision differs from the cached one).
     pub fn auth_state(&self) -> Result<Arc<AuthState>, Status> {
-        let txn = self.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
-        let meta = txn.open_table(crate::storage::META).map_err(|e| Status::internal(e.to_string()))?;
-        let revision = crate::auth::revision_in(&meta).map_err(|e| Status::internal(e.to_string()))?;
+        let published = self.group.auth_revision.load(std::sync::atomic::Ordering::Acquire);
         let mut cache = self.auth.cache.lock().expect("auth cache poisoned");
-        if let Some(s) = cache.as_ref().filter(|s| s.revision == revision) {
+        if let Some(s) = cache.as_ref().filter(|s| s.revision == published) {
             return Ok(s.clone());
         }
+        let txn = self.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+        let meta = txn.open_table(crate::storage::META).map_err(|e| Status::internal(e.to_string()))?;
         let state = Arc::new(AuthState::load(&meta).map_err(|e| Status::internal(e.to_string()))?);
         *cache = Some(state.clone());
         Ok(state)
