@@ -37,6 +37,15 @@ type C = TypeConfig;
 /// Most callbacks one fsync acknowledges; bounds the syncer's batch memory.
 const MAX_SYNC_BATCH: usize = 4096;
 
+/// fjall's block cache (for log entries already flushed to tables; fjall's
+/// default is 32 MiB). Replication reads recent entries, which are still in
+/// the memtable.
+const LOG_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Log bytes held in memory before fjall flushes them to a table file. fjall's
+/// default, 64 MiB, kept that much of every member's log resident.
+const LOG_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+
 struct Inner {
     db: Database,
     log: Keyspace,
@@ -95,8 +104,10 @@ pub fn decode_entry(rec: &[u8]) -> io::Result<EntryOf<C>> {
 impl LogStore {
     /// Opens the journal at `dir` for `group`, starting its syncer thread.
     pub fn open(dir: &Path, group: u64, stats: Arc<crate::stats::GroupStats>) -> io::Result<LogStore> {
-        let db = Database::builder(dir).open().map_err(io_err)?;
-        let log = db.keyspace("log", KeyspaceCreateOptions::default).map_err(io_err)?;
+        let db = Database::builder(dir).cache_size(LOG_CACHE_BYTES).open().map_err(io_err)?;
+        let log = db
+            .keyspace("log", || KeyspaceCreateOptions::default().max_memtable_size(LOG_MEMTABLE_BYTES))
+            .map_err(io_err)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io_err)?;
         let (sync_tx, sync_rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
         let syncer_db = db.clone();

@@ -336,7 +336,12 @@ impl<'txn> BatchApplier<'txn> {
             }
             Command::LeaseGrant { id, ttl_s } => self.lease(|w| {
                 let rec = w.lease_grant(*id, *ttl_s)?;
-                Ok(LeaseGrantResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s, error: String::new() })
+                Ok(LeaseGrantResponse {
+                    header: header(w.current_rev()),
+                    id: rec.id,
+                    ttl: rec.ttl_s,
+                    error: String::new(),
+                })
             }),
             Command::LeaseRevoke { id } => self.lease(|w| {
                 w.lease_revoke(*id)?;
@@ -407,7 +412,10 @@ impl<'txn> BatchApplier<'txn> {
     }
 
     /// One lease command in the shared writer.
-    fn lease<Resp: Message>(&mut self, f: impl FnOnce(&mut Writer) -> Result<Resp, MvccError>) -> io::Result<CommandResult> {
+    fn lease<Resp: Message>(
+        &mut self,
+        f: impl FnOnce(&mut Writer) -> Result<Resp, MvccError>,
+    ) -> io::Result<CommandResult> {
         let w = self.writer()?;
         let out = f(w);
         w.end_request();

@@ -79,6 +79,13 @@ engine_err!(
     redb::SetDurabilityError
 );
 
+/// Memory redb may use per state file for its page cache and write buffer.
+/// redb's default is 1 GiB, which a member filled with its whole file (RSS
+/// tracked the data size: ~165 MiB after 90k puts of 256 B, vs ~95 MiB with
+/// 16 MiB). Pages past it are read from the OS page cache with a syscall; in the
+/// same run that cost ~5% of put throughput with 100k distinct keys.
+pub const STATE_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// One group's state-machine file.
 pub struct Backend {
     /// The open file. Replaced (never mutated) by [`Backend::swap_in`] after a
@@ -94,7 +101,8 @@ impl Backend {
     /// file), so a bit flip or truncation is refused at start instead of served.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let corrupt = |e: String| StorageError::CorruptFile(path.display().to_string(), e);
-        let mut db = Database::create(path).map_err(|e| corrupt(e.to_string()))?;
+        let mut db =
+            redb::Builder::new().set_cache_size(STATE_CACHE_BYTES).create(path).map_err(|e| corrupt(e.to_string()))?;
         match db.check_integrity() {
             Ok(true) => {}
             Ok(false) => {
@@ -132,7 +140,7 @@ impl Backend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::Engine(e.to_string())),
         }
-        let db = Database::create(to)?;
+        let db = redb::Builder::new().set_cache_size(STATE_CACHE_BYTES).create(to)?;
         let copy_table = |t: TableDefinition<&[u8], &[u8]>| -> Result<(), StorageError> {
             let source = txn.open_table(t)?;
             let mut rows = source.iter()?.peekable();
