@@ -337,10 +337,12 @@ struct Forwarded {
 /// else already queued (up to [`MAX_FORWARD_BATCH`] writes and half the peer
 /// message limit in bytes) into the same RPC.
 ///
-/// Txn and DeleteRange travel alone: their answers can be as large as a range
-/// (a txn's reads, a delete's `prev_kv`), and a batch's answers share one reply
+/// Txn and DeleteRange travel alone, at once and outside the slots (as every
+/// write did before batching): their answers can be as large as a range (a
+/// txn's reads, a delete's `prev_kv`), and a batch's answers share one reply
 /// bounded by the peer message limit. A put's answer is bounded by the request
-/// size limit.
+/// size limit. (Holding them to the slots made them queue: txn-put p99 went
+/// from ~0.4 s to 2.8 s under 1000 clients.)
 struct Forwarder {
     pool: PeerPool,
     node: PeerInfo,
@@ -360,11 +362,15 @@ impl Forwarder {
                     None => return,
                 },
             };
+            if !batchable(&first.cmd) {
+                let (pool, node) = (self.pool.clone(), self.node.clone());
+                tokio::spawn(async move { send_batch(&pool, &node, vec![first]).await });
+                continue;
+            }
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let mut bytes = first.cmd.payload_bytes() + FORWARD_OVERHEAD_BYTES;
-            let alone = !batchable(&first.cmd);
             let mut batch = vec![first];
-            while !alone && batch.len() < MAX_FORWARD_BATCH {
+            while batch.len() < MAX_FORWARD_BATCH {
                 let Ok(next) = self.queue.try_recv() else { break };
                 let size = next.cmd.payload_bytes() + FORWARD_OVERHEAD_BYTES;
                 if !batchable(&next.cmd) || bytes + size > max_bytes {
