@@ -263,6 +263,12 @@ impl GroupConfig {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_count),
             max_in_snapshot_log_to_keep: self.snapshot_catchup_entries,
             install_snapshot_timeout: 10_000,
+            // Entries per AppendEntries RPC (openraft's default is 300). Under 1000
+            // writers a leader's backlog exceeds 300, and every extra RPC costs an
+            // encode, an HTTP/2 round trip and a follower fsync. A/B, put 1000/100,
+            // three runs each: 9.7-10.8k -> 11.0-11.4k req/s. Bounded in bytes by
+            // the request size limit times this, far below the peer message limit.
+            max_payload_entries: 2048,
             ..Default::default()
         };
         config.validate().map_err(|e| e.to_string())
