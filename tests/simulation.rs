@@ -305,6 +305,7 @@ fn group_config() -> GroupConfig {
         snapshot_count: 40,
         snapshot_catchup_entries: 10,
         max_peer_message_bytes: 64 << 20,
+        max_request_bytes: concord::server::config::DEFAULT_MAX_REQUEST_BYTES,
         auth_token_ttl: Duration::from_secs(300),
         peer_tls: None,
     }

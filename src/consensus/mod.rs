@@ -240,13 +240,34 @@ pub struct GroupConfig {
     pub snapshot_catchup_entries: u64,
     /// Largest peer message (a whole snapshot travels in one): bounds peer memory.
     pub max_peer_message_bytes: usize,
+    /// Largest command a client can make (`--max-request-bytes`): with the peer
+    /// message limit, it bounds how many entries one AppendEntries may carry.
+    pub max_request_bytes: u64,
     /// Life of a simple auth token without use (`--auth-token-ttl`).
     pub auth_token_ttl: Duration,
     /// TLS for connections to peers (`None`: plain http).
     pub peer_tls: Option<network::PeerTls>,
 }
 
+/// Most entries one AppendEntries carries (openraft's default is 300). Under 1000
+/// writers a leader's backlog exceeds 300, and every extra RPC costs an encode, an
+/// HTTP/2 round trip and a follower fsync. A/B, put 1000/100, three runs each:
+/// 9.7-10.8k -> 11.0-11.4k req/s.
+pub const MAX_APPEND_ENTRIES: u64 = 2048;
+
+/// Per-entry bytes counted besides the command when sizing AppendEntries.
+const ENTRY_OVERHEAD_BYTES: u64 = 1024;
+
 impl GroupConfig {
+    /// Entries per AppendEntries: [`MAX_APPEND_ENTRIES`], fewer if that many
+    /// requests of the largest allowed size would not fit in one peer message
+    /// (an oversized message would fail on every retry). With etcd's default
+    /// quota and request limit that is 1,407.
+    pub fn max_payload_entries(&self) -> u64 {
+        let per_entry = self.max_request_bytes + ENTRY_OVERHEAD_BYTES;
+        (self.max_peer_message_bytes as u64 / per_entry).clamp(1, MAX_APPEND_ENTRIES)
+    }
+
     /// openraft's configuration for these settings (also used by the simulation).
     pub fn raft_config(&self) -> Result<openraft::Config, String> {
         let config = openraft::Config {
@@ -263,12 +284,7 @@ impl GroupConfig {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_count),
             max_in_snapshot_log_to_keep: self.snapshot_catchup_entries,
             install_snapshot_timeout: 10_000,
-            // Entries per AppendEntries RPC (openraft's default is 300). Under 1000
-            // writers a leader's backlog exceeds 300, and every extra RPC costs an
-            // encode, an HTTP/2 round trip and a follower fsync. A/B, put 1000/100,
-            // three runs each: 9.7-10.8k -> 11.0-11.4k req/s. Bounded in bytes by
-            // the request size limit times this, far below the peer message limit.
-            max_payload_entries: 2048,
+            max_payload_entries: self.max_payload_entries(),
             ..Default::default()
         };
         config.validate().map_err(|e| e.to_string())
@@ -511,5 +527,28 @@ mod tests {
         assert_eq!(old, new);
         let (back, _): (Command, _) = bincode::serde::decode_from_slice(&old, config).expect("decode");
         assert!(matches!(back, Command::Put(b) if b == bytes));
+    }
+
+    #[test]
+    fn append_entries_fit_in_a_peer_message() {
+        let config = |peer: usize, request: u64| GroupConfig {
+            heartbeat_ms: 100,
+            election_timeout_ms: 1000,
+            snapshot_count: 100_000,
+            snapshot_catchup_entries: 5000,
+            max_peer_message_bytes: peer,
+            max_request_bytes: request,
+            auth_token_ttl: Duration::from_secs(300),
+            peer_tls: None,
+        };
+        let default = config((2 << 30) + (64 << 20), 1_572_864);
+        assert_eq!(default.max_payload_entries(), 1407);
+        assert_eq!(config(1 << 40, 1024).max_payload_entries(), MAX_APPEND_ENTRIES);
+        assert_eq!(config(1 << 20, 8 << 20).max_payload_entries(), 1);
+        for c in [default, config(64 << 20, 1 << 20)] {
+            let worst = c.max_payload_entries() * (c.max_request_bytes + ENTRY_OVERHEAD_BYTES);
+            assert!(worst <= c.max_peer_message_bytes as u64);
+            assert_eq!(c.raft_config().expect("valid").max_payload_entries, c.max_payload_entries());
+        }
     }
 }

@@ -334,6 +334,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         snapshot_count: config.snapshot_count,
         snapshot_catchup_entries: config.snapshot_catchup_entries,
         max_peer_message_bytes,
+        max_request_bytes: config.max_request_bytes,
         auth_token_ttl: config.auth_token_ttl,
         peer_tls: peer_tls(&config)?,
     };
