@@ -234,34 +234,12 @@ impl PeerPool {
         timeout: Duration,
     ) -> Result<CommandResult, ConsensusError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let queue = self.forwarder(node)?;
-        let (reply, answer) = oneshot::channel();
-        let queued = queue.send(Forwarded { cmd: cmd.clone(), deadline, reply });
-        match tokio::time::timeout_at(deadline, queued).await {
-            // Not sent to the leader yet: nothing can have been appended.
-            Err(_) => return Err(ConsensusError::NoLeader),
-            Ok(Err(_)) => return Err(ConsensusError::Fatal("forwarding queue closed".into())),
-            Ok(Ok(())) => {}
-        }
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(r)) => r,
-            // Queued or sent: the leader may still append it.
-            Ok(Err(_)) | Err(_) => Err(ConsensusError::Timeout),
-        }
-    }
-
-    /// The batching queue for writes to `node`, starting its [`Forwarder`] task.
-    fn forwarder(&self, node: &PeerInfo) -> Result<mpsc::Sender<Forwarded>, ConsensusError> {
-        let url = node.peer_urls.first().ok_or(ConsensusError::NoLeader)?;
-        let mut map = self.forwarders.lock().expect("forwarder map poisoned");
-        if let Some(tx) = map.get(url).filter(|tx| !tx.is_closed()) {
-            return Ok(tx.clone());
-        }
-        let (tx, rx) = mpsc::channel(MAX_FORWARD_QUEUE);
-        let forwarder = Forwarder { pool: self.clone(), node: node.clone(), queue: rx };
-        tokio::spawn(forwarder.run());
-        map.insert(url.clone(), tx.clone());
-        Ok(tx)
+        let queue = queue_for(&self.forwarders, node, MAX_FORWARD_QUEUE, |queue| {
+            Forwarder { pool: self.clone(), node: node.clone(), queue }.run()
+        })?;
+        let item = |reply| Forwarded { cmd: cmd.clone(), deadline, reply };
+        // Not queued in time: never sent, so nothing can have been appended.
+        enqueue_and_wait(queue, deadline, item, ConsensusError::NoLeader).await
     }
 
     /// Asks the member at `peer_url` for its cluster ID and member registry.
@@ -296,31 +274,54 @@ impl PeerPool {
     /// other reads waiting for one (see [`ReadIndexer`]).
     pub async fn read_index(&self, node: &PeerInfo, timeout: Duration) -> Result<u64, ConsensusError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let queue = self.read_indexer(node)?;
-        let (reply, answer) = oneshot::channel();
-        match tokio::time::timeout_at(deadline, queue.send(ReadWaiter { deadline, reply })).await {
-            Err(_) => return Err(ConsensusError::Timeout),
-            Ok(Err(_)) => return Err(ConsensusError::Fatal("read index queue closed".into())),
-            Ok(Ok(())) => {}
-        }
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) | Err(_) => Err(ConsensusError::Timeout),
-        }
+        let queue = queue_for(&self.read_indexers, node, MAX_READ_INDEX_QUEUE, |queue| {
+            ReadIndexer { pool: self.clone(), node: node.clone(), queue }.run()
+        })?;
+        enqueue_and_wait(queue, deadline, |reply| ReadWaiter { deadline, reply }, ConsensusError::Timeout).await
     }
+}
 
-    /// The ReadIndex queue for `node`, starting its [`ReadIndexer`] task.
-    fn read_indexer(&self, node: &PeerInfo) -> Result<mpsc::Sender<ReadWaiter>, ConsensusError> {
-        let url = node.peer_urls.first().ok_or(ConsensusError::NoLeader)?;
-        let mut map = self.read_indexers.lock().expect("read indexer map poisoned");
-        if let Some(tx) = map.get(url).filter(|tx| !tx.is_closed()) {
-            return Ok(tx.clone());
-        }
-        let (tx, rx) = mpsc::channel(MAX_READ_INDEX_QUEUE);
-        let indexer = ReadIndexer { pool: self.clone(), node: node.clone(), queue: rx };
-        tokio::spawn(indexer.run());
-        map.insert(url.clone(), tx.clone());
-        Ok(tx)
+/// The queue to `node`'s task in `map`, starting the task (`start` with the
+/// receiving end) on first use or after it ended.
+fn queue_for<T, F>(
+    map: &Mutex<HashMap<String, mpsc::Sender<T>>>,
+    node: &PeerInfo,
+    capacity: usize,
+    start: impl FnOnce(mpsc::Receiver<T>) -> F,
+) -> Result<mpsc::Sender<T>, ConsensusError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let url = node.peer_urls.first().ok_or(ConsensusError::NoLeader)?;
+    let mut map = map.lock().expect("peer queue map poisoned");
+    if let Some(tx) = map.get(url).filter(|tx| !tx.is_closed()) {
+        return Ok(tx.clone());
+    }
+    let (tx, rx) = mpsc::channel(capacity);
+    tokio::spawn(start(rx));
+    map.insert(url.clone(), tx.clone());
+    Ok(tx)
+}
+
+/// Queues the item `make` builds around a reply channel and waits for the answer,
+/// all before `deadline`. `not_queued` is the error when the queue stayed full
+/// until then; once queued, running out of time is `Timeout` (the item may still
+/// be acted on).
+async fn enqueue_and_wait<T, R>(
+    queue: mpsc::Sender<T>,
+    deadline: tokio::time::Instant,
+    make: impl FnOnce(oneshot::Sender<Result<R, ConsensusError>>) -> T,
+    not_queued: ConsensusError,
+) -> Result<R, ConsensusError> {
+    let (reply, answer) = oneshot::channel();
+    match tokio::time::timeout_at(deadline, queue.send(make(reply))).await {
+        Err(_) => return Err(not_queued),
+        Ok(Err(_)) => return Err(ConsensusError::Fatal("peer queue closed".into())),
+        Ok(Ok(())) => {}
+    }
+    match tokio::time::timeout_at(deadline, answer).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) | Err(_) => Err(ConsensusError::Timeout),
     }
 }
 
