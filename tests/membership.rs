@@ -168,7 +168,17 @@ async fn move_leader_and_remove_the_leader() {
     let err = lc.move_leader(12345).await.expect_err("unknown transferee");
     assert!(err.to_string().contains("etcdserver: bad leader transferee"), "{err}");
     lc.move_leader(target).await.expect("move leader");
-    assert_eq!(fc.status().await.unwrap().leader(), target, "leadership moved to the target");
+    // MoveLeader returns once the old leader sees the target lead; the target's
+    // own status (Raft metrics, published in batches) may lag by a moment.
+    let mut seen = 0;
+    for _ in 0..50 {
+        seen = fc.status().await.unwrap().leader();
+        if seen == target {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, target, "leadership moved to the target");
 
     // Remove the (new) leader: it hands leadership over, leaves, and stops.
     lc.put("before", "1", None).await.expect("put");
