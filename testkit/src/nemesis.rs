@@ -174,12 +174,17 @@ async fn remove_member(cluster: &mut ProcessCluster, member: usize) -> std::io::
     let id = member_id(cluster, member, &url).await?;
     let mut client = admin_client(cluster, member).await?;
     let mut removed = Err(std::io::Error::other("not tried"));
-    for attempt in 0..10 {
+    let mut uncertain = false;
+    for _ in 0..10 {
         removed = match client.member_remove(id).await {
             Ok(_) => Ok(()),
-            // An earlier attempt that failed (e.g. timed out) took effect after all.
-            Err(e) if attempt > 0 && e.to_string().contains("member not found") => Ok(()),
-            Err(e) => Err(std::io::Error::other(e)),
+            // An earlier attempt whose outcome was unknown (e.g. it timed out)
+            // took effect after all.
+            Err(e) if uncertain && e.to_string().contains("member not found") => Ok(()),
+            Err(e) => {
+                uncertain |= !e.to_string().contains("member not found");
+                Err(std::io::Error::other(e))
+            }
         };
         if removed.is_ok() {
             break;
@@ -203,12 +208,17 @@ async fn add_member_back(cluster: &mut ProcessCluster, member: usize) -> std::io
     let url = cluster.peer_url(member);
     let mut client = admin_client(cluster, member).await?;
     let mut added = Err(std::io::Error::other("not tried"));
-    for attempt in 0..20 {
+    let mut uncertain = false;
+    for _ in 0..20 {
         added = match client.member_add([url.as_str()], None).await {
             Ok(_) => Ok(()),
-            // An earlier attempt that failed (e.g. timed out) took effect after all.
-            Err(e) if attempt > 0 && e.to_string().contains("Peer URLs already exists") => Ok(()),
-            Err(e) => Err(std::io::Error::other(e)),
+            // An earlier attempt whose outcome was unknown (e.g. it timed out)
+            // took effect after all.
+            Err(e) if uncertain && e.to_string().contains("Peer URLs already exists") => Ok(()),
+            Err(e) => {
+                uncertain |= !e.to_string().contains("Peer URLs already exists");
+                Err(std::io::Error::other(e))
+            }
         };
         if added.is_ok() {
             break;
