@@ -170,9 +170,10 @@ pub struct Node {
     pub group: Group,
     pub member_id: MemberId,
     pub cluster_id: u64,
-    /// Bytes the state machine holds in live pages, sampled every
-    /// [`QUOTA_SAMPLE_INTERVAL`] (measuring takes a write transaction, too costly
-    /// per request). Compared against `--quota-backend-bytes`.
+    /// Bytes the state machine holds in live pages (an upper bound: the file size,
+    /// while that is under half the quota), sampled every [`QUOTA_SAMPLE_INTERVAL`]
+    /// (measuring takes a write transaction, too costly per request). Compared
+    /// against `--quota-backend-bytes`.
     pub db_in_use_bytes: std::sync::atomic::AtomicU64,
     /// Request and proposal counters, the per-second history and event timeline.
     pub stats: Arc<metrics::ServerStats>,
@@ -561,7 +562,18 @@ async fn sample_db_size(node: Arc<Node>) {
     loop {
         tick.tick().await;
         let backend = node.group.backend.clone();
-        if let Ok(Ok((_, in_use))) = tokio::task::spawn_blocking(move || backend.sizes()).await {
+        let quota = node.config.quota_backend_bytes;
+        let sample = tokio::task::spawn_blocking(move || {
+            // Live bytes never exceed the file. While the file is under half the
+            // quota its size answers the quota check (conservatively) without a walk
+            // over every table, which cost ~2.5% of a member's CPU under puts.
+            let on_disk = backend.file_size()?;
+            if on_disk <= quota / 2 {
+                return Ok(on_disk);
+            }
+            backend.sizes().map(|(_, in_use)| in_use)
+        });
+        if let Ok(Ok(in_use)) = sample.await {
             node.db_in_use_bytes.store(in_use, std::sync::atomic::Ordering::Relaxed);
         }
     }
