@@ -11,6 +11,10 @@
 //! own log entry with its own result, so batching changes only the framing.
 //! Linearizable reads on a follower share ReadIndex requests the same way (see
 //! [`ReadIndexer`]).
+//!
+//! AppendEntries travel on `AppendStream` calls: one per openraft replication
+//! session (many requests) or heartbeat (one), not one call per request (see
+//! [`MAX_APPENDS_IN_FLIGHT`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,18 +24,19 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft::{OptionalSend, RaftNetworkV2, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{Command, CommandResult, ConsensusError, Group, MemberId, PeerInfo, SnapshotData, TypeConfig};
 use crate::proto::peer::peer_client::PeerClient;
@@ -219,8 +224,7 @@ impl PeerPool {
         request.set_timeout(timeout);
         match tokio::time::timeout(timeout, f(client, request)).await {
             Err(_) => Err(CallError::Network(format!("peer call timed out after {timeout:?}"))),
-            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(CallError::Unreachable(s.to_string())),
-            Ok(Err(s)) => Err(CallError::Network(s.to_string())),
+            Ok(Err(s)) => Err(status_error(s)),
             Ok(Ok(resp)) => decode(&resp.into_inner().data).map_err(CallError::Network),
         }
     }
@@ -504,6 +508,73 @@ impl CallError {
     }
 }
 
+/// AppendEntries requests a leader has in flight on one replication stream. With
+/// one, the next request is built only after the previous result, so it carries
+/// every entry appended meanwhile (up to `max_payload_entries`). Measured with 2:
+/// the same entries went out as more, smaller messages (a third more follower
+/// fsyncs, ~10% more member CPU, fewer puts/s) and single-client latency did not
+/// improve. The stream itself is what saves latency: no per-request HTTP/2
+/// stream, headers and handler task (~0.1–0.3 ms off a single client's put).
+pub const MAX_APPENDS_IN_FLIGHT: usize = 1;
+
+/// The result side of one `AppendStream` call.
+struct AppendResults {
+    resp: Streaming<Payload>,
+    /// Slots for requests in flight (see [`MAX_APPENDS_IN_FLIGHT`]).
+    window: Arc<Semaphore>,
+    /// When each unanswered request was sent, oldest first: results come in order.
+    sent: Arc<Mutex<std::collections::VecDeque<std::time::Instant>>>,
+    /// How long the oldest unanswered request may wait for its result.
+    timeout: Duration,
+    stats: Option<Arc<crate::stats::GroupStats>>,
+    target: MemberId,
+}
+
+impl AppendResults {
+    /// The next result; `None` when the follower ended the stream.
+    async fn next(&mut self) -> Option<Result<StreamAppendResult<C>, CallError>> {
+        loop {
+            let oldest = self.sent.lock().expect("append stream lock poisoned").front().copied();
+            let wait = oldest.map(|t| (t + self.timeout).saturating_duration_since(std::time::Instant::now()));
+            let msg = match wait {
+                // Nothing in flight: a follower answers only what was sent.
+                None => match tokio::time::timeout(self.timeout, self.resp.message()).await {
+                    Err(_) => continue,
+                    Ok(m) => m,
+                },
+                Some(left) => match tokio::time::timeout(left, self.resp.message()).await {
+                    Err(_) => {
+                        return Some(Err(CallError::Network(format!("no AppendEntries result in {:?}", self.timeout))))
+                    }
+                    Ok(m) => m,
+                },
+            };
+            return match msg {
+                Ok(None) => None,
+                Err(s) => Some(Err(status_error(s))),
+                Ok(Some(p)) => {
+                    let Some(sent_at) = self.sent.lock().expect("append stream lock poisoned").pop_front() else {
+                        return Some(Err(CallError::Network("AppendEntries result for no request".into())));
+                    };
+                    self.window.add_permits(1);
+                    if let Some(stats) = &self.stats {
+                        stats.observe_peer_rtt(self.target, sent_at.elapsed());
+                    }
+                    Some(decode::<StreamAppendResult<C>>(&p.data).map_err(CallError::Network))
+                }
+            };
+        }
+    }
+}
+
+fn status_error(s: Status) -> CallError {
+    if s.code() == tonic::Code::Unavailable {
+        CallError::Unreachable(s.to_string())
+    } else {
+        CallError::Network(s.to_string())
+    }
+}
+
 impl RaftNetworkFactory<C> for PeerPool {
     type Network = PeerConn;
 
@@ -544,19 +615,76 @@ impl PeerConn {
 impl RaftNetworkV2<C> for PeerConn {
     type SnapshotData = SnapshotData;
 
+    /// openraft calls only [`Self::stream_append`] (replication and heartbeats);
+    /// the trait still requires this, so it is a stream of one request.
     async fn append_entries(
         &mut self,
         req: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        let started = std::time::Instant::now();
-        let r = self
-            .raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await })
-            .await;
-        if let (Ok(_), Some(stats)) = (&r, &self.pool.stats) {
-            stats.observe_peer_rtt(self.target, started.elapsed());
+        let mut results = self.stream_append(futures::stream::once(Box::pin(async move { req })), option).await?;
+        match results.next().await {
+            Some(Ok(Ok(matching))) => Ok(AppendEntriesResponse::PartialSuccess(matching)),
+            Some(Ok(Err(StreamAppendError::Conflict(_)))) => Ok(AppendEntriesResponse::Conflict),
+            Some(Ok(Err(StreamAppendError::HigherVote(v)))) => Ok(AppendEntriesResponse::HigherVote(v)),
+            Some(Err(e)) => Err(e),
+            None => Err(RPCError::Network(NetworkError::from_string("append stream ended without a result"))),
         }
-        r
+    }
+
+    /// Replication over one `AppendStream` call per openraft stream session: up
+    /// to [`MAX_APPENDS_IN_FLIGHT`] requests are sent before their results
+    /// arrive. A result that does not come within the RPC timeout ends the
+    /// session with an error (openraft backs off and opens a new one).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let timeout = option.hard_ttl().max(self.pool.min_rpc_timeout);
+            let mut client = self.pool.client(&self.node).map_err(|e| CallError::Unreachable(e).into_rpc())?;
+            let window = Arc::new(Semaphore::new(MAX_APPENDS_IN_FLIGHT));
+            let sent = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+            let requests = futures::stream::unfold(
+                (input, window.clone(), sent.clone()),
+                |(mut input, window, sent)| async move {
+                    // The slot is given back when this request's result arrives.
+                    window.acquire().await.ok()?.forget();
+                    let req = input.next().await?;
+                    let data = match encode(&req) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::error!("cannot encode AppendEntries: {e}");
+                            return None;
+                        }
+                    };
+                    sent.lock().expect("append stream lock poisoned").push_back(std::time::Instant::now());
+                    Some((Payload { data }, (input, window, sent)))
+                },
+            );
+            let resp = match tokio::time::timeout(timeout, client.append_stream(Request::new(requests))).await {
+                Err(_) => {
+                    return Err(CallError::Network(format!("append stream not answered in {timeout:?}")).into_rpc())
+                }
+                Ok(Err(s)) => return Err(status_error(s).into_rpc()),
+                Ok(Ok(r)) => r.into_inner(),
+            };
+            let results =
+                AppendResults { resp, window, sent, timeout, stats: self.pool.stats.clone(), target: self.target };
+            let out: BoxStream<'s, _> = Box::pin(futures::stream::unfold(Some(results), |r| async move {
+                let mut r = r?;
+                match r.next().await {
+                    None => None,
+                    Some(Ok(v)) => Some((Ok(v), Some(r))),
+                    Some(Err(e)) => Some((Err(e.into_rpc()), None)),
+                }
+            }));
+            Ok(out)
+        })
     }
 
     async fn vote(&mut self, req: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
@@ -616,8 +744,49 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<Payload>, Status> {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn append(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        reply(&self.group.raft.append_entries(arg(req)?).await)
+    type AppendStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
+
+    /// Feeds the leader's requests to openraft's streaming append and answers each
+    /// in order. A request that does not decode ends the stream (after the results
+    /// of the ones before it); the leader then opens a new one.
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<Payload>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let requests = futures::stream::unfold(req.into_inner(), |mut incoming| async move {
+            match incoming.message().await {
+                Ok(Some(p)) => match decode::<AppendEntriesRequest<C>>(&p.data) {
+                    Ok(r) => Some((r, incoming)),
+                    Err(e) => {
+                        tracing::warn!("malformed AppendEntries in a stream from the leader: {e}");
+                        None
+                    }
+                },
+                Ok(None) => None,
+                Err(s) => {
+                    tracing::debug!("append stream from the leader ended: {s}");
+                    None
+                }
+            }
+        });
+        // openraft spawns the pipeline's task, which needs the runtime's seeded
+        // scope; the results are relayed from inside it.
+        let raft = self.group.raft.clone();
+        let (tx, rx) = mpsc::channel(MAX_APPENDS_IN_FLIGHT);
+        tokio::spawn(super::Runtime::scope(rand::random(), async move {
+            let mut results = std::pin::pin!(raft.stream_append(requests));
+            while let Some(r) = results.next().await {
+                let out = match r {
+                    Ok(result) => encode(&result).map(|data| Payload { data }).map_err(Status::internal),
+                    Err(fatal) => Err(Status::unavailable(format!("raft stopped: {fatal}"))),
+                };
+                if tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        }));
+        let results = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        Ok(Response::new(Box::pin(results)))
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
