@@ -12,9 +12,9 @@
 //! Linearizable reads on a follower share ReadIndex requests the same way (see
 //! [`ReadIndexer`]).
 //!
-//! AppendEntries travel on `AppendStream` calls: one per openraft replication
-//! session (many requests) or heartbeat (one), not one call per request (see
-//! [`MAX_APPENDS_IN_FLIGHT`]).
+//! Replicated entries travel on `AppendStream` calls, one per openraft
+//! replication session, not one call per AppendEntries (see
+//! [`MAX_APPENDS_IN_FLIGHT`]); heartbeats are single `Append` calls.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,8 +28,8 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, StreamAppendResult,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft::{OptionalSend, RaftNetworkV2, Snapshot};
@@ -615,27 +615,29 @@ impl PeerConn {
 impl RaftNetworkV2<C> for PeerConn {
     type SnapshotData = SnapshotData;
 
-    /// openraft calls only [`Self::stream_append`] (replication and heartbeats);
-    /// the trait still requires this, so it is a stream of one request.
+    /// One AppendEntries as one `Append` call (see [`Self::stream_append`]).
     async fn append_entries(
         &mut self,
         req: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        let mut results = self.stream_append(futures::stream::once(Box::pin(async move { req })), option).await?;
-        match results.next().await {
-            Some(Ok(Ok(matching))) => Ok(AppendEntriesResponse::PartialSuccess(matching)),
-            Some(Ok(Err(StreamAppendError::Conflict(_)))) => Ok(AppendEntriesResponse::Conflict),
-            Some(Ok(Err(StreamAppendError::HigherVote(v)))) => Ok(AppendEntriesResponse::HigherVote(v)),
-            Some(Err(e)) => Err(e),
-            None => Err(RPCError::Network(NetworkError::from_string("append stream ended without a result"))),
+        let started = std::time::Instant::now();
+        let r = self
+            .raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await })
+            .await;
+        if let (Ok(_), Some(stats)) = (&r, &self.pool.stats) {
+            stats.observe_peer_rtt(self.target, started.elapsed());
         }
+        r
     }
 
     /// Replication over one `AppendStream` call per openraft stream session: up
     /// to [`MAX_APPENDS_IN_FLIGHT`] requests are sent before their results
     /// arrive. A result that does not come within the RPC timeout ends the
-    /// session with an error (openraft backs off and opens a new one).
+    /// session with an error (openraft backs off and opens a new one). An input
+    /// of exactly one request (openraft's heartbeats, which confirm leadership
+    /// for every linearizable read) is one `Append` call instead: opening a
+    /// stream costs a follower two more tasks than answering a call.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -645,6 +647,25 @@ impl RaftNetworkV2<C> for PeerConn {
         S: futures::Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                return Ok(Box::pin(futures::stream::empty()) as BoxStream<'s, _>);
+            };
+            // Whether more requests follow is known only if the input answers at
+            // once: a replication session's input waits for new entries.
+            let head = match futures::FutureExt::now_or_never(input.next()) {
+                Some(None) => {
+                    return openraft::network::stream_append_sequential(
+                        self,
+                        futures::stream::once(Box::pin(async { first })),
+                        option,
+                    )
+                    .await
+                }
+                Some(Some(second)) => vec![first, second],
+                None => vec![first],
+            };
+            let input = futures::stream::iter(head).chain(input);
             let timeout = option.hard_ttl().max(self.pool.min_rpc_timeout);
             let mut client = self.pool.client(&self.node).map_err(|e| CallError::Unreachable(e).into_rpc())?;
             let window = Arc::new(Semaphore::new(MAX_APPENDS_IN_FLIGHT));
@@ -749,6 +770,10 @@ impl Peer for PeerService {
     /// Feeds the leader's requests to openraft's streaming append and answers each
     /// in order. A request that does not decode ends the stream (after the results
     /// of the ones before it); the leader then opens a new one.
+    async fn append(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        reply(&self.group.raft.append_entries(arg(req)?).await)
+    }
+
     async fn append_stream(
         &self,
         req: Request<Streaming<Payload>>,
