@@ -170,15 +170,12 @@ async fn move_leader_and_remove_the_leader() {
     lc.move_leader(target).await.expect("move leader");
     // MoveLeader returns once the old leader sees the target lead; the target's
     // own status (Raft metrics, published in batches) may lag by a moment.
-    let mut seen = 0;
-    for _ in 0..50 {
-        seen = fc.status().await.unwrap().leader();
-        if seen == target {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(seen, target, "leadership moved to the target");
+    eventually(Duration::from_secs(1), || {
+        let mut fc = fc.clone();
+        async move { (fc.status().await.ok()?.leader() == target).then_some(()) }
+    })
+    .await;
+    assert_eq!(fc.status().await.unwrap().leader(), target, "leadership moved to the target");
 
     // Remove the (new) leader: it hands leadership over, leaves, and stops.
     lc.put("before", "1", None).await.expect("put");

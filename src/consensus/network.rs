@@ -767,13 +767,13 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<Payload>, Status> {
 impl Peer for PeerService {
     type AppendStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
 
-    /// Feeds the leader's requests to openraft's streaming append and answers each
-    /// in order. A request that does not decode ends the stream (after the results
-    /// of the ones before it); the leader then opens a new one.
     async fn append(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         reply(&self.group.raft.append_entries(arg(req)?).await)
     }
 
+    /// Feeds the leader's requests to openraft's streaming append and answers each
+    /// in order. A request that does not decode ends the stream (after the results
+    /// of the ones before it); the leader then opens a new one.
     async fn append_stream(
         &self,
         req: Request<Streaming<Payload>>,

@@ -169,29 +169,39 @@ async fn member_id(cluster: &ProcessCluster, member: usize, url: &str) -> std::i
     Err(std::io::Error::other(format!("no member lists {url}")))
 }
 
-async fn remove_member(cluster: &mut ProcessCluster, member: usize) -> std::io::Result<()> {
-    let url = cluster.peer_url(member);
-    let id = member_id(cluster, member, &url).await?;
-    let mut client = admin_client(cluster, member).await?;
-    let mut removed = Err(std::io::Error::other("not tried"));
+/// Makes a membership change, up to `attempts` tries 500 ms apart. The refusal
+/// `done` (e.g. "member not found" for a removal) counts as success only after an
+/// attempt whose outcome was unknown (e.g. it timed out): that attempt took effect.
+async fn change_membership<F, Fut>(attempts: usize, done: &str, mut call: F) -> std::io::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), etcd_client::Error>>,
+{
+    let mut last = Err(std::io::Error::other("not tried"));
     let mut uncertain = false;
-    for _ in 0..10 {
-        removed = match client.member_remove(id).await {
-            Ok(_) => Ok(()),
-            // An earlier attempt whose outcome was unknown (e.g. it timed out)
-            // took effect after all.
-            Err(e) if uncertain && e.to_string().contains("member not found") => Ok(()),
+    for _ in 0..attempts {
+        last = match call().await {
+            Ok(()) => return Ok(()),
+            Err(e) if uncertain && e.to_string().contains(done) => return Ok(()),
             Err(e) => {
-                uncertain |= !e.to_string().contains("member not found");
+                uncertain |= !e.to_string().contains(done);
                 Err(std::io::Error::other(e))
             }
         };
-        if removed.is_ok() {
-            break;
-        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    removed?;
+    last
+}
+
+async fn remove_member(cluster: &mut ProcessCluster, member: usize) -> std::io::Result<()> {
+    let url = cluster.peer_url(member);
+    let id = member_id(cluster, member, &url).await?;
+    let client = admin_client(cluster, member).await?;
+    change_membership(10, "member not found", || {
+        let mut c = client.clone();
+        async move { c.member_remove(id).await.map(|_| ()) }
+    })
+    .await?;
     // A removed member stops by itself once it learns of its removal; one cut
     // off from the others may never learn it.
     if cluster.wait_exit(member, Duration::from_secs(10)).is_none() {
@@ -206,26 +216,12 @@ async fn remove_member(cluster: &mut ProcessCluster, member: usize) -> std::io::
 
 async fn add_member_back(cluster: &mut ProcessCluster, member: usize) -> std::io::Result<()> {
     let url = cluster.peer_url(member);
-    let mut client = admin_client(cluster, member).await?;
-    let mut added = Err(std::io::Error::other("not tried"));
-    let mut uncertain = false;
-    for _ in 0..20 {
-        added = match client.member_add([url.as_str()], None).await {
-            Ok(_) => Ok(()),
-            // An earlier attempt whose outcome was unknown (e.g. it timed out)
-            // took effect after all.
-            Err(e) if uncertain && e.to_string().contains("Peer URLs already exists") => Ok(()),
-            Err(e) => {
-                uncertain |= !e.to_string().contains("Peer URLs already exists");
-                Err(std::io::Error::other(e))
-            }
-        };
-        if added.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    added?;
+    let client = admin_client(cluster, member).await?;
+    change_membership(20, "Peer URLs already exists", || {
+        let (mut c, url) = (client.clone(), url.clone());
+        async move { c.member_add([url.as_str()], None).await.map(|_| ()) }
+    })
+    .await?;
     cluster.members[member].joining = true;
     cluster.restart(member);
     Ok(())
