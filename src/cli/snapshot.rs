@@ -63,6 +63,7 @@ pub fn restore(path: &Path, config: &Config) -> Result<(), String> {
     std::fs::create_dir_all(&group_dir).map_err(|e| format!("cannot create {}: {e}", group_dir.display()))?;
     let backend = Backend::open(&group_dir.join("state.redb")).map_err(|e| e.to_string())?;
     backend.install_snapshot(snapshot).map_err(|e| e.to_string())?;
+    crate::mvcc::upgrade::upgrade_layout(&backend).map_err(|e| e.to_string())?;
     reset_raft_state(&backend).map_err(|e| e.to_string())?;
     crate::server::write_bootstrap_identity(config).map_err(|e| e.to_string())?;
     Ok(())

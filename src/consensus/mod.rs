@@ -341,6 +341,9 @@ impl Group {
             _ => {}
         }
         let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
+        if crate::mvcc::upgrade::upgrade_layout(&backend)? {
+            tracing::info!(dir = %dir.display(), "converted the state file to the revision-keyed history layout");
+        }
         let stats = Arc::new(crate::stats::GroupStats::default());
         let log = log_store::LogStore::open(&dir.join("log"), 1, stats.clone())?;
         let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));

@@ -490,6 +490,7 @@ impl RaftStateMachine<C> for StateMachine {
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
             *rec = None;
             self.backend.install_snapshot(&data)?;
+            crate::mvcc::upgrade::upgrade_layout(&self.backend).map_err(io_err)?;
         }
         let installed = self.applied_state().await?;
         if installed.0 != meta.last_log_id {

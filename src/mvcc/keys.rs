@@ -1,9 +1,6 @@
-//! Byte encodings of the MVCC tables' keys.
-//!
-//! History keys must sort by (user key, main, sub) under plain byte order, for keys
-//! of any content and length. The user key is escaped (`00` -> `00 FF`) and ended
-//! with `00 01`, which sorts below any escaped continuation, so "a" < "a\0" < "b"
-//! is preserved; big-endian revisions follow.
+//! Byte encodings of the MVCC tables' keys: key ranges as etcd requests express
+//! them, and revision keys (`main ‖ sub`, big-endian, so byte order is revision
+//! order) for the history table.
 
 use super::Rev;
 
@@ -39,63 +36,6 @@ impl KeyRange {
     }
 }
 
-fn escape_into(out: &mut Vec<u8>, key: &[u8]) {
-    for &b in key {
-        out.push(b);
-        if b == 0 {
-            out.push(0xFF);
-        }
-    }
-    out.extend_from_slice(&[0, 1]);
-}
-
-/// The smallest history key of `user_key`: a scan bound.
-pub fn history_bound(user_key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(user_key.len() + 2);
-    escape_into(&mut out, user_key);
-    out
-}
-
-pub fn history_key(user_key: &[u8], main: Rev, sub: i64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(user_key.len() + 18);
-    escape_into(&mut out, user_key);
-    out.extend_from_slice(&main.to_be_bytes());
-    out.extend_from_slice(&sub.to_be_bytes());
-    out
-}
-
-/// Inverse of [`history_key`]; an error names what is malformed.
-pub fn decode_history_key(b: &[u8]) -> Result<(Vec<u8>, Rev, i64), String> {
-    let mut key = Vec::with_capacity(b.len());
-    let mut i = 0;
-    loop {
-        match (b.get(i), b.get(i + 1)) {
-            (Some(0), Some(0xFF)) => {
-                key.push(0);
-                i += 2;
-            }
-            (Some(0), Some(1)) => {
-                i += 2;
-                break;
-            }
-            (Some(&c), _) if c != 0 => {
-                key.push(c);
-                i += 1;
-            }
-            _ => return Err(format!("history key without terminator ({} bytes)", b.len())),
-        }
-    }
-    let rest = &b[i..];
-    if rest.len() != 16 {
-        return Err(format!("history key revision has {} bytes", rest.len()));
-    }
-    let mut m = [0u8; 8];
-    let mut s = [0u8; 8];
-    m.copy_from_slice(&rest[..8]);
-    s.copy_from_slice(&rest[8..]);
-    Ok((key, i64::from_be_bytes(m), i64::from_be_bytes(s)))
-}
-
 pub fn rev_key(main: Rev, sub: i64) -> [u8; 16] {
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&main.to_be_bytes());
@@ -103,30 +43,30 @@ pub fn rev_key(main: Rev, sub: i64) -> [u8; 16] {
     out
 }
 
+/// Inverse of [`rev_key`]; an error says what is malformed.
+pub fn decode_rev_key(b: &[u8]) -> Result<(Rev, i64), String> {
+    let part = |r: std::ops::Range<usize>| b.get(r).and_then(|x| <[u8; 8]>::try_from(x).ok()).map(i64::from_be_bytes);
+    match (b.len(), part(0..8), part(8..16)) {
+        (16, Some(main), Some(sub)) => Ok((main, sub)),
+        (n, _, _) => Err(format!("revision key of {n} bytes")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn history_keys_sort_like_their_parts() {
-        let keys: [&[u8]; 6] = [b"", b"\0", b"\0\0", b"a", b"a\0", b"b"];
-        let mut encoded = Vec::new();
-        for k in keys {
-            for main in [1, 2, 300] {
-                for sub in [0, 1] {
-                    encoded.push((history_key(k, main, sub), (k.to_vec(), main, sub)));
-                }
-            }
-        }
+    fn revision_keys_sort_like_revisions_and_decode() {
+        let revs = [(1, 0), (1, 1), (2, 0), (256, 0), (256, 7), (i64::MAX, 0)];
+        let encoded: Vec<[u8; 16]> = revs.iter().map(|&(m, s)| rev_key(m, s)).collect();
         let mut sorted = encoded.clone();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(sorted, encoded, "byte order must equal (key, main, sub) order");
-        for (bytes, parts) in &encoded {
-            assert_eq!(&decode_history_key(bytes).unwrap(), parts);
-            assert!(history_bound(&parts.0) <= *bytes);
+        sorted.sort();
+        assert_eq!(sorted, encoded, "byte order must equal (main, sub) order");
+        for (bytes, rev) in encoded.iter().zip(revs) {
+            assert_eq!(decode_rev_key(bytes), Ok(rev));
         }
-        assert!(decode_history_key(b"abc").is_err());
-        assert!(decode_history_key(&[b'a', 0, 1, 0]).is_err());
+        assert!(decode_rev_key(b"short").is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use redb::ReadableTable;
 
-use super::{decode_kv, DeleteRangeRequest, MvccError, ReadView, Result, TxnExec, Writer};
+use super::{DeleteRangeRequest, MvccError, ReadView, Result, TxnExec, Writer};
 
 /// A lease as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,7 @@ impl ReadView {
     /// The live key-value of `key`, if any.
     pub fn get(&self, key: &[u8]) -> Result<Option<crate::proto::mvccpb::KeyValue>> {
         match self.latest.get(key)? {
-            Some(v) => Ok(Some(decode_kv(v.value())?)),
+            Some(v) => Ok(Some(super::records::decode_live(v.value())?.1)),
             None => Ok(None),
         }
     }

@@ -14,16 +14,22 @@
 //!   any member produces byte-identical state. The revision of a write is produced
 //!   in one place, [`Writer::next_rev`].
 //!
-//! Layout: `LATEST` holds live keys (the hot path for reads at the current revision);
-//! `HISTORY` holds every retained version keyed by (escaped key, main, sub) so a
-//! historical range is one ordered scan; `REVS` maps (main, sub) to the key for
-//! compaction and watch replay.
+//! Layout: `LATEST` holds live keys (the hot path for reads at the current
+//! revision); `HISTORY` holds every retained change keyed by (main, sub), so an
+//! apply transaction appends at the end of it and watch replay is one ordered scan.
+//! Each change names the version it replaced ([`records`]), which is how reads at an
+//! older revision, `prev_kv` and compaction find a key's earlier versions. A read
+//! at revision R costs the changes made after R plus the live keys of the range
+//! (etcd keeps an in-memory index per key instead; this costs no memory and no
+//! rebuild at start).
 
 pub mod events;
 pub mod keys;
 pub mod lease;
+pub mod records;
+pub mod upgrade;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashSet};
 
 use prost::Message;
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
@@ -34,17 +40,15 @@ use crate::proto::etcdserverpb::{
     TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
-use crate::storage::{StorageError, HISTORY, LATEST, LEASES, LEASE_KEYS, META, REVS};
-use keys::{decode_history_key, history_bound, history_key, rev_key, KeyRange};
+use crate::storage::{StorageError, HISTORY, LATEST, LEASES, LEASE_KEYS, META};
+use keys::{decode_rev_key, rev_key, KeyRange};
+use records::{decode_change, decode_live, encode_change, encode_live, RevPtr};
 
 /// A main revision.
 pub type Rev = i64;
 
 const META_REV: &str = "mvcc/rev";
 const META_COMPACT: &str = "mvcc/compact";
-
-pub(crate) const TAG_PUT: u8 = 0;
-pub(crate) const TAG_TOMBSTONE: u8 = 1;
 
 /// Failures a client request can cause. The server maps each to etcd's gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +78,7 @@ macro_rules! storage_err {
         }
     )*};
 }
-storage_err!(redb::StorageError, redb::TableError);
+storage_err!(redb::StorageError, redb::TableError, redb::CommitError);
 
 type Result<T> = std::result::Result<T, MvccError>;
 
@@ -108,8 +112,36 @@ struct Fetched {
     count: i64,
 }
 
-/// Reads live keys of `range` at revision `rev`. `limit` (0 = none) bounds how many
-/// records are decoded; `count` is always the full number of keys.
+/// The rows of `latest` whose keys fall in `range` (which must not be empty).
+fn live_rows<'a, L>(latest: &'a L, range: &KeyRange) -> Result<redb::Range<'a, &'static [u8], &'static [u8]>>
+where
+    L: ReadableTable<&'static [u8], &'static [u8]>,
+{
+    let start = range.start.as_slice();
+    Ok(match &range.end {
+        None => latest.range::<&[u8]>(start..=start)?,
+        Some(end) if end.is_empty() => latest.range::<&[u8]>(start..)?,
+        Some(end) => latest.range::<&[u8]>(start..end.as_slice())?,
+    })
+}
+
+/// The version stored at `at` in `history`, which must be a put: change
+/// records point only at versions that were live.
+fn stored_version<H>(history: &H, at: RevPtr) -> Result<Option<KeyValue>>
+where
+    H: ReadableTable<&'static [u8], &'static [u8]>,
+{
+    let Some(v) = history.get(rev_key(at.0, at.1).as_slice())? else { return Ok(None) };
+    let change = decode_change(v.value())?;
+    if !change.put {
+        return Err(MvccError::Corrupt(format!("revision {}.{} is a deletion, not a version", at.0, at.1)));
+    }
+    Ok(Some(change.kv))
+}
+
+/// Reads live keys of `range` at revision `rev` (`compacted <= rev`). `limit`
+/// (0 = none) bounds how many records are decoded; `count` is always the full
+/// number of keys.
 fn fetch<L, H>(latest: &L, history: &H, range: &KeyRange, rev: Rev, current: Rev, limit: usize) -> Result<Fetched>
 where
     L: ReadableTable<&'static [u8], &'static [u8]>,
@@ -121,66 +153,63 @@ where
         return Ok(out);
     }
     if rev >= current {
-        let iter = match &range.end {
-            None => {
-                if let Some(v) = latest.get(range.start.as_slice())? {
-                    out.count = 1;
-                    if want(0) {
-                        out.kvs.push(decode_kv(v.value())?);
-                    }
+        if range.end.is_none() {
+            if let Some(v) = latest.get(range.start.as_slice())? {
+                out.count = 1;
+                if want(0) {
+                    out.kvs.push(decode_live(v.value())?.1);
                 }
-                return Ok(out);
             }
-            Some(end) if end.is_empty() => latest.range::<&[u8]>(range.start.as_slice()..)?,
-            Some(end) => latest.range::<&[u8]>(range.start.as_slice()..end.as_slice())?,
-        };
-        for row in iter {
+            return Ok(out);
+        }
+        for row in live_rows(latest, range)? {
             let (_, v) = row?;
             if want(out.kvs.len()) {
-                out.kvs.push(decode_kv(v.value())?);
+                out.kvs.push(decode_live(v.value())?.1);
             }
             out.count += 1;
         }
         return Ok(out);
     }
-    let lo = history_bound(&range.start);
-    let hi = match &range.end {
-        None => {
-            let mut k = range.start.clone();
-            k.push(0);
-            Some(history_bound(&k))
-        }
-        Some(end) if end.is_empty() => None,
-        Some(end) => Some(history_bound(end)),
-    };
-    let iter = match &hi {
-        None => history.range::<&[u8]>(lo.as_slice()..)?,
-        Some(hi) => history.range::<&[u8]>(lo.as_slice()..hi.as_slice())?,
-    };
-    // Versions of one key are adjacent and ascending; remember the newest one <= rev.
-    let mut pending: Option<(Vec<u8>, Vec<u8>)> = None;
-    let flush = |pending: &mut Option<(Vec<u8>, Vec<u8>)>, out: &mut Fetched| -> Result<()> {
-        if let Some((_, rec)) = pending.take() {
-            if rec.first() == Some(&TAG_PUT) {
-                if want(out.kvs.len()) {
-                    out.kvs.push(decode_kv(&rec[1..])?);
-                }
-                out.count += 1;
-            }
-        }
-        Ok(())
-    };
-    for row in iter {
-        let (k, v) = row?;
-        let (user_key, main, _) = decode_history_key(k.value()).map_err(MvccError::Corrupt)?;
-        if pending.as_ref().is_some_and(|(pk, _)| *pk != user_key) {
-            flush(&mut pending, &mut out)?;
-        }
-        if main <= rev {
-            pending = Some((user_key, v.value().to_vec()));
+    // Every key of the range changed after `rev` had, at `rev`, the version its
+    // first later change replaced; every other key still has its live version.
+    let mut changed: BTreeMap<Vec<u8>, Option<RevPtr>> = BTreeMap::new();
+    for row in history.range::<&[u8]>(rev_key(rev + 1, 0).as_slice()..)? {
+        let change = decode_change(row?.1.value())?;
+        if range.contains(&change.kv.key) {
+            changed.entry(change.kv.key).or_insert(change.prev);
         }
     }
-    flush(&mut pending, &mut out)?;
+    let mut then = Vec::new();
+    for prev in changed.values().flatten() {
+        // `prev` is the newest version <= rev, which compaction (at or below rev) kept.
+        let kv = stored_version(history, *prev)?
+            .ok_or_else(|| MvccError::Corrupt(format!("version {}.{} is missing from history", prev.0, prev.1)))?;
+        then.push(kv);
+    }
+    let mut then = then.into_iter().peekable();
+    let emit = |kv: KeyValue, out: &mut Fetched| {
+        if want(out.kvs.len()) {
+            out.kvs.push(kv);
+        }
+        out.count += 1;
+    };
+    for row in live_rows(latest, range)? {
+        let (k, v) = row?;
+        if changed.contains_key(k.value()) {
+            continue;
+        }
+        while then.peek().is_some_and(|kv| kv.key.as_slice() < k.value()) {
+            emit(then.next().expect("peeked"), &mut out);
+        }
+        if want(out.kvs.len()) {
+            out.kvs.push(decode_live(v.value())?.1);
+        }
+        out.count += 1;
+    }
+    for kv in then {
+        emit(kv, &mut out);
+    }
     Ok(out)
 }
 
@@ -271,7 +300,6 @@ where
 pub struct ReadView {
     latest: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     history: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
-    revs: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     leases: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     lease_keys: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     current: Rev,
@@ -285,7 +313,6 @@ impl ReadView {
         Ok(ReadView {
             latest: txn.open_table(LATEST)?,
             history: txn.open_table(HISTORY)?,
-            revs: txn.open_table(REVS)?,
             leases: txn.open_table(LEASES)?,
             lease_keys: txn.open_table(LEASE_KEYS)?,
             current,
@@ -327,57 +354,37 @@ impl ReadView {
     /// the same history hashes the same on both servers.
     pub fn hash_kv(&self, rev: Rev) -> Result<(u32, Rev)> {
         let rev = check_rev(rev, self.current, self.compacted)?;
-        let mut crc = crc32c::crc32c(b"key");
-        for row in self.revs.iter()? {
-            let (k, user_key) = row?;
-            let k = k.value();
-            let (main, sub) = match (k.get(..8), k.get(8..16)) {
-                (Some(m), Some(s)) => (
-                    i64::from_be_bytes(m.try_into().expect("8 bytes")),
-                    i64::from_be_bytes(s.try_into().expect("8 bytes")),
-                ),
-                _ => return Err(MvccError::Corrupt("malformed revision key".into())),
-            };
-            if main > rev {
-                break;
+        // Rows at or below the compaction point are the versions it kept; a deletion
+        // of their key can only be a later row.
+        let mut deleted_later = HashSet::new();
+        for row in self.history.range::<&[u8]>(rev_key(self.compacted + 1, 0).as_slice()..)? {
+            let change = decode_change(row?.1.value())?;
+            if !change.put {
+                deleted_later.insert(change.kv.key);
             }
-            let stored = self
-                .history
-                .get(history_key(user_key.value(), main, sub).as_slice())?
-                .ok_or_else(|| MvccError::Corrupt(format!("revision {main}.{sub} has no history row")))?;
-            let stored = stored.value();
-            let tombstone = stored.first() == Some(&TAG_TOMBSTONE);
-            if main <= self.compacted && !tombstone && self.deleted_after(user_key.value(), main, sub)? {
+        }
+        let mut crc = crc32c::crc32c(b"key");
+        for row in self.history.range::<&[u8]>(..rev_key(rev + 1, 0).as_slice())? {
+            let (k, v) = row?;
+            let (main, sub) = decode_rev_key(k.value()).map_err(MvccError::Corrupt)?;
+            let change = decode_change(v.value())?;
+            if main <= self.compacted && change.put && deleted_later.contains(&change.kv.key) {
                 continue;
             }
             let mut etcd_key = Vec::with_capacity(18);
             etcd_key.extend_from_slice(&main.to_be_bytes());
             etcd_key.push(b'_');
             etcd_key.extend_from_slice(&sub.to_be_bytes());
-            let value = if tombstone {
-                etcd_key.push(b't');
-                KeyValue { key: user_key.value().to_vec(), ..Default::default() }.encode_to_vec()
+            let value = if change.put {
+                change.kv.encode_to_vec()
             } else {
-                stored[1..].to_vec()
+                etcd_key.push(b't');
+                KeyValue { key: change.kv.key, ..Default::default() }.encode_to_vec()
             };
             crc = crc32c::crc32c_append(crc, &etcd_key);
             crc = crc32c::crc32c_append(crc, &value);
         }
         Ok((crc, self.compacted))
-    }
-
-    /// Whether `key` has a deletion after revision `main.sub`.
-    fn deleted_after(&self, key: &[u8], main: Rev, sub: i64) -> Result<bool> {
-        let lo = history_key(key, main, sub + 1);
-        let mut next = key.to_vec();
-        next.push(0);
-        let hi = history_bound(&next);
-        for row in self.history.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
-            if row?.1.value().first() == Some(&TAG_TOMBSTONE) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     /// A Txn without writes, served from this view (etcd serves these without Raft).
@@ -442,7 +449,6 @@ pub struct Writer<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
     latest: Table<'txn, &'static [u8], &'static [u8]>,
     history: Table<'txn, &'static [u8], &'static [u8]>,
-    revs: Table<'txn, &'static [u8], &'static [u8]>,
     leases: Table<'txn, &'static [u8], &'static [u8]>,
     lease_keys: Table<'txn, &'static [u8], &'static [u8]>,
     begin_rev: Rev,
@@ -461,7 +467,6 @@ impl<'txn> Writer<'txn> {
             meta,
             latest: txn.open_table(LATEST)?,
             history: txn.open_table(HISTORY)?,
-            revs: txn.open_table(REVS)?,
             leases: txn.open_table(LEASES)?,
             lease_keys: txn.open_table(LEASE_KEYS)?,
             begin_rev,
@@ -477,26 +482,26 @@ impl<'txn> Writer<'txn> {
         self.begin_rev + 1
     }
 
-    fn record_change(&mut self, key: &[u8], tag: u8, kv: &KeyValue) -> Result<()> {
-        let rev = self.next_rev();
-        let mut rec = Vec::with_capacity(1 + kv.encoded_len());
-        rec.push(tag);
-        kv.encode(&mut rec).expect("encoding into a Vec cannot fail");
-        self.history.insert(history_key(key, rev, self.sub).as_slice(), rec.as_slice())?;
-        self.revs.insert(rev_key(rev, self.sub).as_slice(), key)?;
+    /// Appends one change of the current request to the history; returns its
+    /// sub-revision. `prev` is the version it replaces (`None`: the key was absent).
+    fn record_change(&mut self, put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Result<i64> {
+        let sub = self.sub;
+        let rec = encode_change(put, prev, kv);
+        self.history.insert(rev_key(self.next_rev(), sub).as_slice(), rec.as_slice())?;
         self.sub += 1;
-        Ok(())
+        Ok(sub)
     }
 
-    fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+    fn get_latest(&self, key: &[u8]) -> Result<Option<(RevPtr, KeyValue)>> {
         match self.latest.get(key)? {
-            Some(v) => Ok(Some(decode_kv(v.value())?)),
+            Some(v) => Ok(Some(decode_live(v.value())?)),
             None => Ok(None),
         }
     }
 
     fn put_unchecked(&mut self, req: &PutRequest) -> Result<PutResponse> {
-        let prev = self.get_latest(&req.key)?;
+        let live = self.get_latest(&req.key)?;
+        let (prev_at, prev) = live.unzip();
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(MvccError::KeyNotFound);
         }
@@ -521,8 +526,8 @@ impl<'txn> Writer<'txn> {
                 self.lease_keys.insert(lease::lease_key(lease, &req.key).as_slice(), [].as_slice())?;
             }
         }
-        self.latest.insert(req.key.as_slice(), kv.encode_to_vec().as_slice())?;
-        self.record_change(&req.key, TAG_PUT, &kv)?;
+        let sub = self.record_change(true, prev_at, &kv)?;
+        self.latest.insert(req.key.as_slice(), encode_live(sub, &kv).as_slice())?;
         Ok(PutResponse { header: header(rev), prev_kv: if req.prev_kv { prev } else { None } })
     }
 
@@ -558,35 +563,37 @@ impl<'txn> Writer<'txn> {
         if rev > self.begin_rev {
             return Err(MvccError::FutureRev);
         }
-        let mut touched = BTreeSet::new();
-        {
-            let lo = rev_key(self.compacted + 1, 0);
-            let hi = rev_key(rev + 1, 0);
-            for row in self.revs.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
-                let (_, k) = row?;
-                touched.insert(k.value().to_vec());
+        // Per key changed in (compacted, rev]: the version its first change there
+        // replaced (kept by the previous compaction), and its newest change there.
+        let mut keys: BTreeMap<Vec<u8>, (Option<RevPtr>, RevPtr, bool)> = BTreeMap::new();
+        let mut doomed: Vec<RevPtr> = Vec::new();
+        let (lo, hi) = (rev_key(self.compacted + 1, 0), rev_key(rev + 1, 0));
+        for row in self.history.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
+            let (k, v) = row?;
+            let at = decode_rev_key(k.value()).map_err(MvccError::Corrupt)?;
+            let change = decode_change(v.value())?;
+            match keys.entry(change.kv.key) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert((change.prev, at, change.put));
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    let (_, newest, put) = e.get_mut();
+                    doomed.push(*newest);
+                    (*newest, *put) = (at, change.put);
+                }
             }
         }
-        for key in touched {
-            let mut versions = Vec::new();
-            let lo = history_bound(&key);
-            let mut next = key.clone();
-            next.push(0);
-            let hi = history_bound(&next);
-            for row in self.history.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
-                let (k, v) = row?;
-                let (_, main, sub) = decode_history_key(k.value()).map_err(MvccError::Corrupt)?;
-                if main > rev {
-                    break;
-                }
-                versions.push((main, sub, v.value().first() == Some(&TAG_TOMBSTONE)));
+        for (replaced, newest, put) in keys.into_values() {
+            if let Some(kept) = replaced.filter(|kept| kept.0 <= self.compacted) {
+                doomed.push(kept);
             }
-            let keep_last = versions.last().is_some_and(|(_, _, tomb)| !tomb);
-            let n = versions.len() - usize::from(keep_last);
-            for (main, sub, _) in &versions[..n] {
-                self.history.remove(history_key(&key, *main, *sub).as_slice())?;
-                self.revs.remove(rev_key(*main, *sub).as_slice())?;
+            if !put {
+                doomed.push(newest);
             }
+        }
+        doomed.sort_unstable();
+        for (main, sub) in doomed {
+            self.history.remove(rev_key(main, sub).as_slice())?;
         }
         self.compacted = rev;
         self.meta.insert(META_COMPACT, rev.to_be_bytes().as_slice())?;
@@ -644,16 +651,20 @@ impl TxnExec for Writer<'_> {
     }
     fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         let range = KeyRange::new(&req.key, &req.range_end);
-        let all = RangeRequest { key: req.key.clone(), range_end: req.range_end.clone(), ..Default::default() };
-        let victims = TxnExec::range(self, &all)?.kvs;
-        debug_assert!(victims.iter().all(|kv| range.contains(&kv.key)));
+        let mut victims = Vec::new();
+        if !range.is_empty() {
+            for row in live_rows(&self.latest, &range)? {
+                victims.push(decode_live(row?.1.value())?);
+            }
+        }
         let rev = self.next_rev();
-        for kv in &victims {
+        for (at, kv) in &victims {
             self.latest.remove(kv.key.as_slice())?;
             self.detach(kv.lease, &kv.key)?;
             let tomb = KeyValue { key: kv.key.clone(), mod_revision: rev, ..Default::default() };
-            self.record_change(&kv.key, TAG_TOMBSTONE, &tomb)?;
+            self.record_change(false, Some(*at), &tomb)?;
         }
+        let victims: Vec<KeyValue> = victims.into_iter().map(|(_, kv)| kv).collect();
         let deleted = victims.len() as i64;
         Ok(DeleteRangeResponse {
             header: header(self.rev()),

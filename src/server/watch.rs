@@ -204,9 +204,8 @@ impl EventCache {
         }
         let (raw, last) =
             read_events(&view, from, view.current_rev(), MAX_EVENTS_PER_RESPONSE).map_err(|e| e.to_string())?;
-        for (rev, sub, mut ev) in raw {
-            let key = ev.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
-            ev.prev_kv = prev_kv(&view, &key, rev, sub).map_err(|e| e.to_string())?;
+        for (rev, prev, mut ev) in raw {
+            ev.prev_kv = prev_kv(&view, prev).map_err(|e| e.to_string())?;
             ring.events.push_back((rev, ev));
         }
         ring.last = last;
@@ -399,13 +398,12 @@ fn pull(node: &Node, filter: &Filter, next: Rev) -> Result<Pull, String> {
     let (raw, last) =
         read_events(&view, next, view.current_rev(), MAX_EVENTS_PER_RESPONSE).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for (rev, sub, mut ev) in raw {
+    for (_, prev, mut ev) in raw {
         if !filter.accepts(&ev) {
             continue;
         }
         if filter.prev_kv {
-            let key = ev.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
-            ev.prev_kv = prev_kv(&view, &key, rev, sub).map_err(|e| e.to_string())?;
+            ev.prev_kv = prev_kv(&view, prev).map_err(|e| e.to_string())?;
         }
         out.push(ev);
     }

@@ -20,22 +20,34 @@ use redb::{
 
 /// Small bookkeeping values: applied log id, membership, revisions, member attributes.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// Live keys at the current revision: user key -> encoded `KeyValue`.
+/// Live keys at the current revision: user key -> sub-revision ‖ encoded `KeyValue`.
 pub const LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("latest");
-/// Every retained version: escaped user key ‖ main ‖ sub -> tag ‖ encoded `KeyValue`.
-pub const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
-/// Revision index: main ‖ sub -> user key (compaction and, later, watch replay).
-pub const REVS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revs");
+/// Every retained change, in revision order: main ‖ sub -> change record (the
+/// encodings are `mvcc::records`'s).
+pub const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
+
+/// The earlier layout's history, keyed by escaped user key ‖ main ‖ sub. Read only
+/// by `mvcc::upgrade`, which converts a file or snapshot that still has it.
+pub const LEGACY_HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
+/// The earlier layout's revision index (main ‖ sub -> user key); see [`LEGACY_HISTORY`].
+pub const LEGACY_REVS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revs");
 
 /// Leases: id (big-endian i64) -> encoded lease record.
 pub const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
 /// Keys attached to leases: lease id (big-endian) ‖ user key -> empty.
 pub const LEASE_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lease_keys");
 
-/// Tables in snapshot order. The position is the table's id in the snapshot format.
-const BYTE_TABLES: [TableDefinition<&[u8], &[u8]>; 5] = [LATEST, HISTORY, REVS, LEASES, LEASE_KEYS];
+/// A table of byte-string keys and values.
+type ByteTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSNAP01";
+/// Tables in snapshot order. The position is the table's id in the snapshot format.
+const BYTE_TABLES: [ByteTable; 4] = [LATEST, HISTORY, LEASES, LEASE_KEYS];
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSNAP02";
+/// Snapshots of the earlier layout (history keyed by user key) and their tables.
+/// Installing one leaves the legacy tables for `mvcc::upgrade` to convert.
+const LEGACY_SNAPSHOT_MAGIC: &[u8; 8] = b"CCSNAP01";
+const LEGACY_BYTE_TABLES: [ByteTable; 5] = [LATEST, LEGACY_HISTORY, LEGACY_REVS, LEASES, LEASE_KEYS];
 
 /// Errors of the storage engine. Disk and corruption problems are values, not panics:
 /// the caller decides whether the member can keep serving.
@@ -195,6 +207,14 @@ impl Backend {
         Ok(())
     }
 
+    /// A write transaction that is durable when it commits (one fsync).
+    pub fn begin_durable(&self) -> Result<WriteTransaction, StorageError> {
+        let mut txn = self.db().begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.set_quick_repair(true);
+        Ok(txn)
+    }
+
     /// A write transaction for one apply batch: no fsync (see module docs).
     pub fn begin_apply(&self) -> Result<WriteTransaction, StorageError> {
         let mut txn = self.db().begin_write()?;
@@ -282,15 +302,16 @@ impl Backend {
     }
 
     /// Replaces the whole state with a snapshot, durably, in one transaction.
-    /// The snapshot is fully validated before anything is changed.
+    /// The snapshot is fully validated before anything is changed. A snapshot of
+    /// the earlier layout lands in the legacy tables: the caller converts them
+    /// (`mvcc::upgrade`) before reading.
     pub fn install_snapshot(&self, data: &[u8]) -> Result<(), StorageError> {
         let tables = decode_snapshot(data)?;
-        let mut txn = self.db().begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.set_quick_repair(true);
+        let defs = snapshot_tables(data)?;
+        let txn = self.begin_durable()?;
         txn.delete_table(META)?;
-        for t in BYTE_TABLES {
-            txn.delete_table(t)?;
+        for t in BYTE_TABLES.iter().chain(&LEGACY_BYTE_TABLES) {
+            txn.delete_table(*t)?;
         }
         {
             let mut meta = txn.open_table(META)?;
@@ -298,7 +319,7 @@ impl Backend {
                 let k = std::str::from_utf8(k).map_err(|_| StorageError::CorruptSnapshot("meta key"))?;
                 meta.insert(k, v.as_slice())?;
             }
-            for (i, t) in BYTE_TABLES.iter().enumerate() {
+            for (i, t) in defs.iter().enumerate() {
                 let mut table = txn.open_table(*t)?;
                 for (k, v) in &tables[i + 1] {
                     table.insert(k.as_slice(), v.as_slice())?;
@@ -384,9 +405,20 @@ pub fn decode_snapshot_file(file: &[u8]) -> Result<&[u8], StorageError> {
     Ok(snapshot)
 }
 
-/// Parses and verifies a snapshot produced by [`Backend::snapshot_bytes`].
+/// The tables of a snapshot, by its magic: this layout's or the earlier one's.
+fn snapshot_tables(data: &[u8]) -> Result<&'static [ByteTable], StorageError> {
+    match data.get(..SNAPSHOT_MAGIC.len()) {
+        Some(m) if m == SNAPSHOT_MAGIC => Ok(&BYTE_TABLES),
+        Some(m) if m == LEGACY_SNAPSHOT_MAGIC => Ok(&LEGACY_BYTE_TABLES),
+        _ => Err(StorageError::CorruptSnapshot("bad magic or too short")),
+    }
+}
+
+/// Parses and verifies a snapshot produced by [`Backend::snapshot_bytes`] (or by
+/// the earlier layout's): META's rows, then each table's in [`snapshot_tables`] order.
 pub fn decode_snapshot(data: &[u8]) -> Result<Vec<Rows>, StorageError> {
-    if data.len() < SNAPSHOT_MAGIC.len() + 4 || &data[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
+    let defs = snapshot_tables(data)?;
+    if data.len() < SNAPSHOT_MAGIC.len() + 4 {
         return Err(StorageError::CorruptSnapshot("bad magic or too short"));
     }
     let (body, crc) = data.split_at(data.len() - 4);
@@ -395,8 +427,8 @@ pub fn decode_snapshot(data: &[u8]) -> Result<Vec<Rows>, StorageError> {
         return Err(StorageError::CorruptSnapshot("checksum mismatch"));
     }
     let mut r = Reader { buf: &body[SNAPSHOT_MAGIC.len()..] };
-    let mut tables = Vec::with_capacity(1 + BYTE_TABLES.len());
-    for _ in 0..1 + BYTE_TABLES.len() {
+    let mut tables = Vec::with_capacity(1 + defs.len());
+    for _ in 0..1 + defs.len() {
         let n = r.u64()?;
         let mut rows = Vec::new();
         for _ in 0..n {
