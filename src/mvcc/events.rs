@@ -7,7 +7,7 @@
 
 use super::keys::{decode_rev_key, rev_key};
 use super::records::{decode_change, RevPtr};
-use super::{stored_version, MvccError, ReadView, Result, Rev};
+use super::{missing_version, stored_version, MvccError, ReadView, Result, Rev};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 
 /// An event with its main revision and the version it replaced (for `prev_kv`).
@@ -45,6 +45,6 @@ pub fn prev_kv(view: &ReadView, prev: Option<RevPtr>) -> Result<Option<KeyValue>
     match stored_version(&view.history, at)? {
         Some(kv) => Ok(Some(kv)),
         None if at.0 < view.compacted => Ok(None),
-        None => Err(MvccError::Corrupt(format!("version {}.{} is missing from history", at.0, at.1))),
+        None => Err(missing_version(at)),
     }
 }

@@ -452,6 +452,11 @@ fn history_reads_match_a_model_of_every_revision() {
                     states[r as usize].range(b"b".to_vec()..b"e".to_vec()).map(|(_, kv)| kv).collect();
                 assert_eq!(one.count as usize, want.len(), "{ctx} rev {r} count");
                 assert_eq!(one.kvs.iter().collect::<Vec<_>>(), want.into_iter().take(1).collect::<Vec<_>>(), "{ctx}");
+                for k in b'a'..b'g' {
+                    let got = s.range(RangeRequest { revision: r, ..rr(&(k as char).to_string(), "") }).unwrap();
+                    assert_eq!(got.kvs.first(), states[r as usize].get(&vec![k]), "{ctx} rev {r} key {}", k as char);
+                    assert_eq!(got.count, got.kvs.len() as i64, "{ctx}");
+                }
             }
             let view = ReadView::new(&s.backend.begin_read().unwrap()).unwrap();
             let from = compacted.max(1) + 1;
