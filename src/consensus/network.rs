@@ -64,6 +64,30 @@ enum ForwardReply<T> {
     Failed(String),
 }
 
+/// A request on a follower's `Mux` call to the leader (see [`MuxLane`]).
+#[derive(Debug, Serialize, Deserialize)]
+enum MuxRequest {
+    /// A batch of forwarded client writes (at most [`MAX_FORWARD_BATCH`]).
+    Propose(Vec<Command>),
+    ReadIndex,
+}
+
+/// The leader's answer to a [`MuxRequest`] of the same variant.
+#[derive(Debug, Serialize, Deserialize)]
+enum MuxReply {
+    Propose(Vec<ForwardReply<CommandResult>>),
+    ReadIndex(ForwardReply<u64>),
+    /// The request broke a limit; nothing of it was appended.
+    Refused(String),
+}
+
+/// A `Mux` message: the sequence number pairs an answer with its request.
+#[derive(Debug, Serialize, Deserialize)]
+struct MuxFrame<T> {
+    seq: u64,
+    body: T,
+}
+
 /// Member-to-member administration (the `Admin` peer RPC).
 #[derive(Debug, Serialize, Deserialize)]
 enum AdminRequest {
@@ -110,6 +134,14 @@ const FORWARD_OVERHEAD_BYTES: usize = 64;
 /// makes callers wait (within their own deadline).
 const MAX_READ_INDEX_QUEUE: usize = 8192;
 
+/// Requests a leader works on at once for one follower's `Mux` call; more wait
+/// in the call's flow control. A follower has at most [`MAX_FORWARD_INFLIGHT`]
+/// write batches and one read-index request out.
+const MAX_MUX_IN_FLIGHT: usize = 16;
+
+/// Requests waiting for a follower's [`MuxLane`] to one leader.
+const MAX_MUX_QUEUE: usize = 16;
+
 /// Single AppendEntries (heartbeats) waiting for a peer's lane (see [`Lane`]); a
 /// full queue makes openraft's caller wait, as a slow call would.
 const MAX_LANE_QUEUE: usize = 64;
@@ -132,6 +164,8 @@ pub struct PeerPool {
     read_indexers: Arc<Mutex<HashMap<String, mpsc::Sender<ReadWaiter>>>>,
     /// One heartbeat lane per follower peer URL, created on first use.
     lanes: Arc<Mutex<HashMap<String, mpsc::Sender<LaneRequest>>>>,
+    /// One `Mux` lane per leader peer URL, created on first use.
+    mux_lanes: Arc<Mutex<HashMap<String, mpsc::Sender<MuxCall>>>>,
     /// Shortest time a Raft RPC may take before it counts as failed. openraft asks
     /// for one heartbeat interval on appends; a follower whose fsync takes longer
     /// (a loaded or slow disk) would then never acknowledge, and its replication
@@ -178,6 +212,7 @@ impl PeerPool {
             forwarders: Arc::default(),
             read_indexers: Arc::default(),
             lanes: Arc::default(),
+            mux_lanes: Arc::default(),
             tls,
             max_message_bytes,
             stats,
@@ -319,6 +354,153 @@ impl PeerPool {
             Ok(Err(_)) => Err(CallError::Network("heartbeat lane dropped the request".into())),
             Err(_) => Err(CallError::Network(format!("no AppendEntries result in {timeout:?}"))),
         }
+    }
+}
+
+impl PeerPool {
+    /// Sends `req` on the leader `node`'s [`MuxLane`] and waits for the answer.
+    async fn mux_call(&self, node: &PeerInfo, req: MuxRequest, timeout: Duration) -> Result<MuxReply, CallError> {
+        let lane = queue_for(&self.mux_lanes, node, MAX_MUX_QUEUE, |queue| {
+            MuxLane { pool: self.clone(), node: node.clone(), queue }.run()
+        })
+        .map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let (reply, answer) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, lane.send(MuxCall { req, deadline, reply })).await {
+            Ok(Ok(())) => {}
+            // Not handed to the lane: never sent.
+            Ok(Err(_)) => return Err(CallError::Unreachable("cannot connect: mux lane stopped".into())),
+            Err(_) => return Err(CallError::Unreachable(format!("cannot connect: mux lane busy for {timeout:?}"))),
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CallError::Network("mux lane dropped the request".into())),
+            Err(_) => Err(CallError::Network(format!("peer call timed out after {timeout:?}"))),
+        }
+    }
+}
+
+/// One request for a [`MuxLane`] with its caller's reply channel.
+struct MuxCall {
+    req: MuxRequest,
+    deadline: tokio::time::Instant,
+    reply: oneshot::Sender<Result<MuxReply, CallError>>,
+}
+
+/// A follower's long-lived `Mux` call to one leader, carrying forwarded write
+/// batches and read-index requests. Each used to be its own unary call (a new
+/// HTTP/2 stream and handler task each way, ~0.2 ms more per hop on loopback).
+/// Answers come in any order, matched by sequence number. When the stream fails
+/// or an answer is late, every request still on it fails as "sent, outcome
+/// unknown" (a write on it may have been appended) and the next request opens a
+/// new stream; a stream that cannot be opened fails its first request as never
+/// sent.
+struct MuxLane {
+    pool: PeerPool,
+    node: PeerInfo,
+    queue: mpsc::Receiver<MuxCall>,
+}
+
+type MuxPending = HashMap<u64, MuxCall>;
+
+impl MuxLane {
+    async fn run(mut self) {
+        let mut pending = MuxPending::new();
+        let mut seq = 0u64;
+        while let Some(first) = self.queue.recv().await {
+            let mut client = match self.pool.client(&self.node) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = first.reply.send(Err(CallError::Unreachable(e)));
+                    continue;
+                }
+            };
+            let (out, requests) = mpsc::channel::<Payload>(MAX_MUX_QUEUE);
+            let deadline = first.deadline;
+            if !send_mux(&out, &mut seq, first, &mut pending).await {
+                continue;
+            }
+            let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
+            let mut results = match tokio::time::timeout_at(deadline, client.mux(requests)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) => {
+                    let e = status_error(s);
+                    for (_, c) in pending.drain() {
+                        let _ = c.reply.send(Err(e.clone()));
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    fail_mux(&mut pending, "mux call not answered in time");
+                    continue;
+                }
+            };
+            self.serve(&out, &mut seq, &mut results, &mut pending).await;
+        }
+        fail_mux(&mut pending, "mux lane closed");
+    }
+
+    /// Sends queued requests and hands out answers until the stream fails, an
+    /// answer is late, or the queue closes; then fails whatever is unanswered.
+    async fn serve(
+        &mut self,
+        out: &mpsc::Sender<Payload>,
+        seq: &mut u64,
+        results: &mut Streaming<Payload>,
+        pending: &mut MuxPending,
+    ) {
+        loop {
+            let first_deadline = pending.values().map(|c| c.deadline).min();
+            let late = async move {
+                match first_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                next = self.queue.recv() => {
+                    let Some(call) = next else { break };
+                    if !send_mux(out, seq, call, pending).await {
+                        break;
+                    }
+                }
+                msg = results.message() => {
+                    let Ok(Some(p)) = msg else { break };
+                    let Ok(frame) = decode::<MuxFrame<MuxReply>>(&p.data) else { break };
+                    if let Some(call) = pending.remove(&frame.seq) {
+                        let _ = call.reply.send(Ok(frame.body));
+                    }
+                }
+                () = late => break,
+            }
+        }
+        fail_mux(pending, "mux stream ended");
+    }
+}
+
+/// Puts `call` on the stream `out` under the next sequence number; false (and
+/// `call` answered) when the stream is gone.
+async fn send_mux(out: &mpsc::Sender<Payload>, seq: &mut u64, call: MuxCall, pending: &mut MuxPending) -> bool {
+    *seq += 1;
+    let data = match encode(&MuxFrame { seq: *seq, body: &call.req }) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = call.reply.send(Err(CallError::Network(e)));
+            return true;
+        }
+    };
+    if out.send(Payload { data }).await.is_err() {
+        let _ = call.reply.send(Err(CallError::Network("mux stream closed".into())));
+        return false;
+    }
+    pending.insert(*seq, call);
+    true
+}
+
+/// Answers every request in `pending` with "sent, outcome unknown".
+fn fail_mux(pending: &mut MuxPending, why: &str) {
+    for (_, c) in pending.drain() {
+        let _ = c.reply.send(Err(CallError::Network(why.to_string())));
     }
 }
 
@@ -580,8 +762,11 @@ impl ReadIndexer {
             let Some(timeout) = waiters.iter().map(|w| w.deadline.saturating_duration_since(now)).max() else {
                 continue;
             };
-            let r: Result<ForwardReply<u64>, _> =
-                self.pool.call(&self.node, &(), timeout, |mut c, r| async move { c.read_index(r).await }).await;
+            let r = match self.pool.mux_call(&self.node, MuxRequest::ReadIndex, timeout).await {
+                Ok(MuxReply::ReadIndex(answer)) => Ok(answer),
+                Ok(other) => Err(CallError::Network(format!("read index answered with {other:?}"))),
+                Err(e) => Err(e),
+            };
             let r = forward_result(r);
             for w in waiters {
                 let _ = w.reply.send(r.clone());
@@ -600,8 +785,12 @@ async fn send_batch(pool: &PeerPool, node: &PeerInfo, batch: Vec<Forwarded>) {
     let now = tokio::time::Instant::now();
     let timeout = batch.iter().map(|f| f.deadline.saturating_duration_since(now)).max().unwrap_or_default();
     let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|f| (f.cmd, f.reply)).unzip();
-    let r: Result<Vec<ForwardReply<CommandResult>>, CallError> =
-        pool.call(node, &cmds, timeout, |mut c, r| async move { c.propose(r).await }).await;
+    let r = match pool.mux_call(node, MuxRequest::Propose(cmds), timeout).await {
+        Ok(MuxReply::Propose(answers)) => Ok(answers),
+        Ok(MuxReply::Refused(e)) => Err(CallError::Network(e)),
+        Ok(other) => Err(CallError::Network(format!("forwarded writes answered with {other:?}"))),
+        Err(e) => Err(e),
+    };
     match r {
         Ok(answers) if answers.len() == replies.len() => {
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -914,6 +1103,7 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<Payload>, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     type AppendStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
+    type MuxStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
 
     async fn append(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         reply(&self.group.raft.append_entries(arg(req)?).await)
@@ -984,37 +1174,53 @@ impl Peer for PeerService {
         reply(&res)
     }
 
-    /// A batch of forwarded writes, submitted together; one answer per write, in
-    /// order.
-    async fn propose(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let cmds: Vec<Command> = arg(req)?;
-        if cmds.len() > MAX_FORWARD_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "{} forwarded writes in one batch (at most {MAX_FORWARD_BATCH})",
-                cmds.len()
-            )));
-        }
-        let count = cmds.len();
-        let mut out = Vec::with_capacity(count);
-        match self.group.raft.client_write_many(cmds).await {
-            Err(fatal) => out.resize_with(count, || ForwardReply::Failed(fatal.to_string())),
-            Ok(mut results) => {
-                while let Some(r) = results.next().await {
-                    out.push(match r {
-                        Ok(Ok(written)) => ForwardReply::Ok(written.response),
-                        Ok(Err(e)) => match super::client_write_error(openraft::errors::RaftError::APIError(e)) {
-                            ConsensusError::NotLeader => ForwardReply::NotLeader,
-                            ConsensusError::LeaderLost => ForwardReply::Discarded,
-                            other => ForwardReply::Failed(other.to_string()),
-                        },
-                        Err(fatal) => ForwardReply::Failed(fatal.to_string()),
-                    });
-                }
-                // Results that never came: appended or not, nobody can say.
-                out.resize_with(count, || ForwardReply::Discarded);
+    /// A follower's requests to this leader (see [`MuxLane`]): each is worked on
+    /// in its own task (up to [`MAX_MUX_IN_FLIGHT`] at once) and answered when it
+    /// finishes. A message that does not decode ends the call.
+    async fn mux(&self, req: Request<Streaming<Payload>>) -> Result<Response<Self::MuxStream>, Status> {
+        let mut incoming = req.into_inner();
+        let group = self.group.clone();
+        let (tx, rx) = mpsc::channel(MAX_MUX_IN_FLIGHT);
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(MAX_MUX_IN_FLIGHT));
+            loop {
+                let frame = match incoming.message().await {
+                    Ok(Some(p)) => match decode::<MuxFrame<MuxRequest>>(&p.data) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!("malformed request on a follower's mux call: {e}");
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(s) => {
+                        tracing::debug!("mux call from a follower ended: {s}");
+                        break;
+                    }
+                };
+                let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                let (group, tx) = (group.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let body = match frame.body {
+                        MuxRequest::Propose(cmds) if cmds.len() > MAX_FORWARD_BATCH => MuxReply::Refused(format!(
+                            "{} forwarded writes in one batch (at most {MAX_FORWARD_BATCH})",
+                            cmds.len()
+                        )),
+                        MuxRequest::Propose(cmds) => MuxReply::Propose(propose_forwarded(&group, cmds).await),
+                        MuxRequest::ReadIndex => MuxReply::ReadIndex(match group.local_read_index().await {
+                            Ok(i) => ForwardReply::Ok(i),
+                            Err(ConsensusError::Fatal(e)) => ForwardReply::Failed(e),
+                            Err(_) => ForwardReply::NotLeader,
+                        }),
+                    };
+                    let out = encode(&MuxFrame { seq: frame.seq, body }).map(|data| Payload { data });
+                    let _ = tx.send(out.map_err(Status::internal)).await;
+                    drop(slot);
+                });
             }
-        }
-        reply(&out)
+        });
+        let answers = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
@@ -1034,13 +1240,29 @@ impl Peer for PeerService {
             AdminRequest::HashKvAt(rev) => reply(&self.group.local_hash_kv_at(rev, HASH_KV_WAIT).await),
         }
     }
+}
 
-    async fn read_index(&self, _req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let out = match self.group.local_read_index().await {
-            Ok(i) => ForwardReply::Ok(i),
-            Err(ConsensusError::Fatal(e)) => ForwardReply::Failed(e),
-            Err(_) => ForwardReply::NotLeader,
-        };
-        reply(&out)
+/// Submits a batch of forwarded writes together; one answer per write, in order.
+async fn propose_forwarded(group: &Group, cmds: Vec<Command>) -> Vec<ForwardReply<CommandResult>> {
+    let count = cmds.len();
+    let mut out = Vec::with_capacity(count);
+    match group.raft.client_write_many(cmds).await {
+        Err(fatal) => out.resize_with(count, || ForwardReply::Failed(fatal.to_string())),
+        Ok(mut results) => {
+            while let Some(r) = results.next().await {
+                out.push(match r {
+                    Ok(Ok(written)) => ForwardReply::Ok(written.response),
+                    Ok(Err(e)) => match super::client_write_error(openraft::errors::RaftError::APIError(e)) {
+                        ConsensusError::NotLeader => ForwardReply::NotLeader,
+                        ConsensusError::LeaderLost => ForwardReply::Discarded,
+                        other => ForwardReply::Failed(other.to_string()),
+                    },
+                    Err(fatal) => ForwardReply::Failed(fatal.to_string()),
+                });
+            }
+            // Results that never came: appended or not, nobody can say.
+            out.resize_with(count, || ForwardReply::Discarded);
+        }
     }
+    out
 }
