@@ -450,13 +450,7 @@ impl MuxLane {
         pending: &mut MuxPending,
     ) {
         loop {
-            let first_deadline = pending.values().map(|c| c.deadline).min();
-            let late = async move {
-                match first_deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let late = sleep_until(pending.values().map(|c| c.deadline).min());
             tokio::select! {
                 next = self.queue.recv() => {
                     let Some(call) = next else { break };
@@ -495,6 +489,14 @@ async fn send_mux(out: &mpsc::Sender<Payload>, seq: &mut u64, call: MuxCall, pen
     }
     pending.insert(*seq, call);
     true
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Answers every request in `pending` with "sent, outcome unknown".
@@ -584,13 +586,7 @@ impl Lane {
         pending: &mut std::collections::VecDeque<(LaneRequest, std::time::Instant)>,
     ) {
         loop {
-            let oldest = pending.front().map(|(r, _)| r.deadline);
-            let late = async move {
-                match oldest {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let late = sleep_until(pending.front().map(|(r, _)| r.deadline));
             tokio::select! {
                 next = self.queue.recv() => {
                     let Some(req) = next else { break };
