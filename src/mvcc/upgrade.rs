@@ -148,6 +148,14 @@ mod tests {
             }
             txn.commit().unwrap();
         }
+        // A snapshot of the earlier layout installs and converts the same way.
+        let snap = Backend::legacy_snapshot_bytes(&legacy.begin_read().unwrap()).unwrap();
+        let restored = Backend::open(&dir.path().join("restored.db")).unwrap();
+        restored.install_snapshot(&snap).unwrap();
+        assert!(upgrade_layout(&restored).unwrap(), "an installed legacy snapshot is converted");
+        assert_eq!(rows(&restored, HISTORY), rows(&native, HISTORY));
+        assert_eq!(rows(&restored, LATEST), rows(&native, LATEST));
+
         assert!(upgrade_layout(&legacy).unwrap(), "the legacy tables are found");
         assert!(!upgrade_layout(&legacy).unwrap(), "and converted only once");
         assert_eq!(rows(&legacy, HISTORY), rows(&native, HISTORY));

@@ -252,27 +252,13 @@ impl Backend {
 
     /// Serialises every table into one checksummed byte string.
     pub fn snapshot_bytes(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
-        let mut out = Vec::new();
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        let meta = txn.open_table(META)?;
-        out.extend_from_slice(&meta.len()?.to_be_bytes());
-        for row in meta.iter()? {
-            let (k, v) = row?;
-            put_chunk(&mut out, k.value().as_bytes());
-            put_chunk(&mut out, v.value());
-        }
-        for t in BYTE_TABLES {
-            let table = txn.open_table(t)?;
-            out.extend_from_slice(&table.len()?.to_be_bytes());
-            for row in table.iter()? {
-                let (k, v) = row?;
-                put_chunk(&mut out, k.value());
-                put_chunk(&mut out, v.value());
-            }
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_be_bytes());
-        Ok(out)
+        encode_snapshot(txn, SNAPSHOT_MAGIC, &BYTE_TABLES)
+    }
+
+    /// A snapshot in the earlier layout's format (for tests of the conversion).
+    #[cfg(test)]
+    pub(crate) fn legacy_snapshot_bytes(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
+        encode_snapshot(txn, LEGACY_SNAPSHOT_MAGIC, &LEGACY_BYTE_TABLES)
     }
 
     /// CRC32 over every row of every table, skipping META rows under `raft/`
@@ -403,6 +389,31 @@ pub fn decode_snapshot_file(file: &[u8]) -> Result<&[u8], StorageError> {
     }
     decode_snapshot(snapshot)?;
     Ok(snapshot)
+}
+
+/// Serialises META and `tables`, in that order, after `magic`, with a CRC32 at the end.
+fn encode_snapshot(txn: &ReadTransaction, magic: &[u8; 8], tables: &[ByteTable]) -> Result<Vec<u8>, StorageError> {
+    let mut out = Vec::new();
+    out.extend_from_slice(magic);
+    let meta = txn.open_table(META)?;
+    out.extend_from_slice(&meta.len()?.to_be_bytes());
+    for row in meta.iter()? {
+        let (k, v) = row?;
+        put_chunk(&mut out, k.value().as_bytes());
+        put_chunk(&mut out, v.value());
+    }
+    for t in tables {
+        let table = txn.open_table(*t)?;
+        out.extend_from_slice(&table.len()?.to_be_bytes());
+        for row in table.iter()? {
+            let (k, v) = row?;
+            put_chunk(&mut out, k.value());
+            put_chunk(&mut out, v.value());
+        }
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    Ok(out)
 }
 
 /// The tables of a snapshot, by its magic: this layout's or the earlier one's.
