@@ -146,7 +146,7 @@ pub(crate) fn missing_version(at: RevPtr) -> MvccError {
 }
 
 /// How many versions [`walk_back`] follows before a read falls back to scanning
-/// the changes after its revision (a point lookup each; the scan reads ~1.6M
+/// the changes after its revision (a point lookup each; the scan reads ~1M
 /// changes a second here, so past this the scan is the cheaper bound).
 const MAX_WALK_VERSIONS: usize = 1024;
 
