@@ -417,7 +417,7 @@ impl MuxLane {
             };
             let (out, requests) = mpsc::channel::<Payload>(MAX_MUX_QUEUE);
             let deadline = first.deadline;
-            if !send_mux(&out, &mut seq, first, &mut pending).await {
+            if !send_mux(&out, &mut seq, first, &mut pending) {
                 continue;
             }
             let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
@@ -452,9 +452,12 @@ impl MuxLane {
         loop {
             let late = sleep_until(pending.values().map(|c| c.deadline).min());
             tokio::select! {
-                next = self.queue.recv() => {
+                // Only with room on the stream: a send that waited would stop this
+                // loop reading answers, and the leader, its answers not read, would
+                // stop reading requests.
+                next = self.queue.recv(), if out.capacity() > 0 => {
                     let Some(call) = next else { break };
-                    if !send_mux(out, seq, call, pending).await {
+                    if !send_mux(out, seq, call, pending) {
                         break;
                     }
                 }
@@ -474,7 +477,9 @@ impl MuxLane {
 
 /// Puts `call` on the stream `out` under the next sequence number; false (and
 /// `call` answered) when the stream is gone.
-async fn send_mux(out: &mpsc::Sender<Payload>, seq: &mut u64, call: MuxCall, pending: &mut MuxPending) -> bool {
+/// Never waits: the lane only calls it when `out` has room, so that it keeps
+/// reading answers (and the leader keeps reading requests) however many are out.
+fn send_mux(out: &mpsc::Sender<Payload>, seq: &mut u64, call: MuxCall, pending: &mut MuxPending) -> bool {
     *seq += 1;
     let data = match encode(&MuxFrame { seq: *seq, body: &call.req }) {
         Ok(d) => d,
@@ -483,8 +488,8 @@ async fn send_mux(out: &mpsc::Sender<Payload>, seq: &mut u64, call: MuxCall, pen
             return true;
         }
     };
-    if out.send(Payload { data }).await.is_err() {
-        let _ = call.reply.send(Err(CallError::Network("mux stream closed".into())));
+    if out.try_send(Payload { data }).is_err() {
+        let _ = call.reply.send(Err(CallError::Network("mux stream closed or full".into())));
         return false;
     }
     pending.insert(*seq, call);
@@ -588,9 +593,11 @@ impl Lane {
         loop {
             let late = sleep_until(pending.front().map(|(r, _)| r.deadline));
             tokio::select! {
-                next = self.queue.recv() => {
+                // Only with room on the stream, so that answers keep being read
+                // (see `MuxLane::serve`).
+                next = self.queue.recv(), if out.capacity() > 0 => {
                     let Some(req) = next else { break };
-                    if out.send(Payload { data: req.data.clone() }).await.is_err() {
+                    if out.try_send(Payload { data: req.data.clone() }).is_err() {
                         let _ = req.reply.send(Err(CallError::Network("heartbeat lane stream closed".into())));
                         break;
                     }
