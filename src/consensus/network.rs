@@ -565,10 +565,7 @@ impl Lane {
                 Ok(Err(s)) => {
                     let e = status_error(s);
                     for (r, _) in pending.drain(..) {
-                        let _ = r.reply.send(Err(match &e {
-                            CallError::Unreachable(m) => CallError::Unreachable(m.clone()),
-                            CallError::Network(m) => CallError::Network(m.clone()),
-                        }));
+                        let _ = r.reply.send(Err(e.clone()));
                     }
                     continue;
                 }
