@@ -43,7 +43,7 @@ use crate::proto::etcdserverpb::{
 use crate::proto::mvccpb::KeyValue;
 use crate::storage::{StorageError, HISTORY, LATEST, LEASES, LEASE_KEYS, META};
 use keys::{decode_rev_key, rev_key, KeyRange};
-use records::{decode_change, decode_live, encode_change, encode_live, RevPtr};
+use records::{decode_change, decode_live, encode_change, live_from_change, RevPtr};
 
 /// A main revision.
 pub type Rev = i64;
@@ -525,13 +525,14 @@ impl<'txn> Writer<'txn> {
     }
 
     /// Appends one change of the current request to the history; returns its
-    /// sub-revision. `prev` is the version it replaces (`None`: the key was absent).
-    fn record_change(&mut self, put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Result<i64> {
+    /// sub-revision and the record. `prev` is the version it replaces (`None`: the
+    /// key was absent).
+    fn record_change(&mut self, put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Result<(i64, Vec<u8>)> {
         let sub = self.sub;
         let rec = encode_change(put, prev, kv);
         self.history.insert(rev_key(self.next_rev(), sub).as_slice(), rec.as_slice())?;
         self.sub += 1;
-        Ok(sub)
+        Ok((sub, rec))
     }
 
     fn get_latest(&self, key: &[u8]) -> Result<Option<(RevPtr, KeyValue)>> {
@@ -568,8 +569,8 @@ impl<'txn> Writer<'txn> {
                 self.lease_keys.insert(lease::lease_key(lease, &req.key).as_slice(), [].as_slice())?;
             }
         }
-        let sub = self.record_change(true, prev_at, &kv)?;
-        self.latest.insert(req.key.as_slice(), encode_live(sub, &kv).as_slice())?;
+        let (sub, rec) = self.record_change(true, prev_at, &kv)?;
+        self.latest.insert(req.key.as_slice(), live_from_change(sub, &rec).as_slice())?;
         Ok(PutResponse { header: header(rev), prev_kv: if req.prev_kv { prev } else { None } })
     }
 

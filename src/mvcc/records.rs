@@ -55,13 +55,28 @@ pub struct Change {
     pub kv: KeyValue,
 }
 
+/// Bytes of a history record before its `KeyValue`: tag, then `prev`'s main and sub.
+const CHANGE_HEADER_BYTES: usize = 17;
+
 pub fn encode_change(put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Vec<u8> {
     let (main, sub) = prev.unwrap_or((0, 0));
-    let mut out = Vec::with_capacity(17 + kv.encoded_len());
+    let mut out = Vec::with_capacity(CHANGE_HEADER_BYTES + kv.encoded_len());
     out.push(if put { TAG_PUT } else { TAG_TOMBSTONE });
     out.extend_from_slice(&main.to_be_bytes());
     out.extend_from_slice(&sub.to_be_bytes());
     kv.encode(&mut out).expect("encoding into a Vec cannot fail");
+    out
+}
+
+/// The `LATEST` value ([`encode_live`]) of the put that `change` (an
+/// [`encode_change`] output) records at `sub`: a copy of its encoded `KeyValue`,
+/// so a put encodes the value once for both tables.
+pub fn live_from_change(sub: i64, change: &[u8]) -> Vec<u8> {
+    assert!(change.len() >= CHANGE_HEADER_BYTES, "a change record has a header");
+    let kv = &change[CHANGE_HEADER_BYTES..];
+    let mut out = Vec::with_capacity(8 + kv.len());
+    out.extend_from_slice(&sub.to_be_bytes());
+    out.extend_from_slice(kv);
     out
 }
 
@@ -77,7 +92,7 @@ pub fn decode_change(b: &[u8]) -> Result<Change> {
         t => return Err(MvccError::Corrupt(format!("history record tag {t}"))),
     };
     let prev = (main != 0).then_some((main, sub));
-    Ok(Change { put, prev, kv: decode_kv(&b[17..])? })
+    Ok(Change { put, prev, kv: decode_kv(&b[CHANGE_HEADER_BYTES..])? })
 }
 
 #[cfg(test)]
@@ -94,6 +109,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decode_live(&encode_live(4, &kv)).unwrap(), ((9, 4), kv.clone()));
+        assert_eq!(live_from_change(4, &encode_change(true, Some((7, 2)), &kv)), encode_live(4, &kv));
         for (put, prev) in [(true, None), (true, Some((7, 2))), (false, Some((8, 0)))] {
             let c = decode_change(&encode_change(put, prev, &kv)).unwrap();
             assert_eq!(c, Change { put, prev, kv: kv.clone() });
