@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use super::Node;
+use super::{metrics, Node};
 
 /// How long `/health` waits for a linearizable read before reporting unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -164,13 +164,9 @@ pub async fn grpc_stats(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let path = req.uri().path().to_string();
+    let Some(method) = node.stats.grpc_method(req.uri().path()) else { return next.run(req).await };
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
-    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return resp };
-    if !service.contains('.') {
-        return resp;
-    }
     let took = started.elapsed();
     let code = resp
         .headers()
@@ -178,33 +174,17 @@ pub async fn grpc_stats(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map_or(tonic::Code::Ok, tonic::Code::from);
-    node.stats.record_rpc(service, method, grpc_code_name(code), took);
+    node.stats.request_latency.observe(took);
+    method.record(code, took);
     if took >= node.config.slow_request_threshold {
-        tracing::warn!(service, method, code = grpc_code_name(code), took_ms = took.as_millis() as u64, "slow request");
+        let (service, method) = (method.service.as_str(), method.method.as_str());
+        tracing::warn!(
+            service,
+            method,
+            code = metrics::grpc_code_name(code),
+            took_ms = took.as_millis() as u64,
+            "slow request"
+        );
     }
     resp
-}
-
-/// grpc-go's names for status codes (as Prometheus labels show them).
-fn grpc_code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "Canceled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
-    }
 }
