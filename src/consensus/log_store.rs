@@ -16,12 +16,22 @@
 //!   the next fsync (which precedes any acknowledgement that depends on them) covers
 //!   them. A purge lost in a crash only leaves extra entries behind.
 //! - A record whose checksum does not match is an I/O error, never an entry.
+//!
+//! Recent entries: the last appended entries are also kept decoded in memory
+//! ([`Recent`], bounded by [`MAX_RECENT_ENTRIES`] and [`MAX_RECENT_BYTES`]).
+//! Replication (once per follower) and apply read each entry right after it was
+//! appended; from memory that read skips the journal lookup, the checksum and the
+//! decode (~4% of a leader's CPU under put load). The cache only ever holds a
+//! contiguous run that ends at the last appended entry, and it changes under the
+//! same calls that change the journal (append, truncate, purge), so a read it
+//! answers returns what the journal would.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -46,6 +56,88 @@ const LOG_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// default, 64 MiB, kept that much of every member's log resident.
 const LOG_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Most entries [`Recent`] keeps: ~0.4 s of writes at 10,000 puts/s, far more
+/// than replication or apply lag behind a healthy member.
+const MAX_RECENT_ENTRIES: usize = 4096;
+
+/// Most encoded bytes [`Recent`] keeps (large entries leave it sooner).
+const MAX_RECENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// The most recently appended entries, decoded, with their encoded sizes: a
+/// contiguous run of indexes ending at the last appended entry (or empty).
+#[derive(Default)]
+struct Recent {
+    entries: VecDeque<(EntryOf<C>, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index())
+    }
+
+    fn push(&mut self, entry: EntryOf<C>, size: usize) {
+        let index = entry.log_id.index();
+        // openraft truncates a conflicting suffix before it appends over it, and
+        // purges only below what it appends next, so the run stays contiguous;
+        // these two cases are a safety net that keeps the invariant regardless.
+        self.truncate(index);
+        if self.entries.back().is_some_and(|(e, _)| e.log_id.index() + 1 != index) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > MAX_RECENT_ENTRIES || (self.bytes > MAX_RECENT_BYTES && self.entries.len() > 1) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries at `from` and after (truncation).
+    fn truncate(&mut self, from: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index() >= from) {
+            let (_, size) = self.entries.pop_back().expect("checked non-empty");
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries up to and including `upto` (purge).
+    fn purge(&mut self, upto: u64) {
+        while self.first_index().is_some_and(|i| i <= upto) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries in `start..end`, if the run holds every entry the log has from
+    /// `start` on (it ends at the last appended entry).
+    fn read(&self, start: u64, end: Bound<u64>) -> Option<Vec<EntryOf<C>>> {
+        let first = self.first_index()?;
+        if start < first {
+            return None;
+        }
+        let skip = usize::try_from(start - first).ok()?;
+        let wanted = |i: u64| match end {
+            Bound::Included(e) => i <= e,
+            Bound::Excluded(e) => i < e,
+            Bound::Unbounded => true,
+        };
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take_while(|(e, _)| wanted(e.log_id.index()))
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
 struct Inner {
     db: Database,
     log: Keyspace,
@@ -54,6 +146,8 @@ struct Inner {
     /// Hands append callbacks to the syncer thread; bounded so a slow disk pushes
     /// back on the Raft core instead of growing memory.
     sync_tx: mpsc::SyncSender<IOFlushed<C>>,
+    /// See [`Recent`]. A std mutex: held only to copy entries, never across an await.
+    recent: Mutex<Recent>,
 }
 
 /// The log store of one Raft group. Cheap to clone (shared handle).
@@ -112,7 +206,7 @@ impl LogStore {
         let (sync_tx, sync_rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
         let syncer_db = db.clone();
         std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx, stats))?;
-        Ok(LogStore { inner: Arc::new(Inner { db, log, meta, group, sync_tx }) })
+        Ok(LogStore { inner: Arc::new(Inner { db, log, meta, group, sync_tx, recent: Mutex::default() }) })
     }
 
     fn log_key(&self, index: u64) -> [u8; 16] {
@@ -139,6 +233,10 @@ impl LogStore {
         self.inner.meta.insert(self.meta_key(name), seal(&encode(v)?)).map_err(io_err)
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.inner.recent.lock().expect("recent entries lock poisoned")
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.inner.db.persist(PersistMode::SyncData).map_err(io_err)
     }
@@ -156,14 +254,14 @@ impl LogStore {
         }
     }
 
-    /// Verifies every stored record's checksum; run at startup so a corrupted log
-    /// is refused before the member serves anything.
     /// The index of the last entry the log holds or has purged (0 when empty).
     pub fn last_index(&self) -> io::Result<u64> {
         let purged: Option<LogIdOf<C>> = self.get_meta("purged")?;
         Ok(self.last_entry_log_id()?.or(purged).map_or(0, |l| l.index()))
     }
 
+    /// Verifies every stored record's checksum; run at startup so a corrupted log
+    /// is refused before the member serves anything.
     pub fn verify(&self) -> io::Result<u64> {
         let lo = self.log_key(0);
         let hi = self.log_key(u64::MAX);
@@ -228,6 +326,9 @@ impl RaftLogReader<C> for LogStore {
             Bound::Excluded(&s) => s + 1,
             Bound::Unbounded => 0,
         };
+        if let Some(entries) = self.recent().read(start, range.end_bound().cloned()) {
+            return Ok(entries);
+        }
         let end = match range.end_bound() {
             Bound::Included(&e) => Bound::Included(self.log_key(e)),
             Bound::Excluded(&e) => Bound::Excluded(self.log_key(e)),
@@ -279,16 +380,28 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = self.inner.db.batch();
+        let mut appended = Vec::new();
         for entry in entries {
-            batch.insert(&self.inner.log, self.log_key(entry.log_id.index()), seal(&encode(&entry)?));
+            let record = seal(&encode(&entry)?);
+            let size = record.len();
+            batch.insert(&self.inner.log, self.log_key(entry.log_id.index()), record);
+            appended.push((entry, size));
         }
         batch.commit().map_err(io_err)?;
+        // Only after the journal has them: a read the cache answers must not see
+        // an entry the journal could not.
+        let mut recent = self.recent();
+        for (entry, size) in appended {
+            recent.push(entry, size);
+        }
+        drop(recent);
         // Acknowledged by the syncer after the fsync that covers this batch.
         self.inner.sync_tx.send(callback).map_err(|_| io_err("log syncer stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
+        self.recent().truncate(from);
         let keys: Vec<_> = self
             .inner
             .log
@@ -306,6 +419,7 @@ impl RaftLogStorage<C> for LogStore {
         // Record the purge point first: a crash between the two steps leaves extra
         // entries below it, which are never read.
         self.put_meta("purged", &log_id)?;
+        self.recent().purge(log_id.index());
         let keys: Vec<_> = self
             .inner
             .log
@@ -317,5 +431,122 @@ impl RaftLogStorage<C> for LogStore {
             batch.remove(&self.inner.log, k);
         }
         batch.commit().map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::entry::RaftEntry;
+    use openraft::testing::common::log_id;
+    use openraft::testing::log::{StoreBuilder, Suite};
+    use openraft::type_config::TypeConfigExt;
+    use openraft::StorageError;
+
+    use super::*;
+    use crate::consensus::state_machine::StateMachine;
+    use crate::consensus::Command;
+    use crate::storage::Backend;
+
+    struct Builder;
+
+    impl StoreBuilder<C, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<C>> {
+            let fail = |e: &dyn std::fmt::Display| StorageError::read(C::err_from_string(e));
+            let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
+            let stats = Arc::new(crate::stats::GroupStats::default());
+            let log = LogStore::open(&dir.path().join("log"), 1, stats.clone()).map_err(|e| fail(&e))?;
+            let backend = Arc::new(Backend::open(&dir.path().join("state.redb")).map_err(|e| fail(&e))?);
+            let tokens = Arc::new(crate::auth::SimpleTokens::new(Duration::from_secs(60)));
+            let (sm, _) = StateMachine::new(backend, dir.path().join("snap"), stats, tokens).map_err(|e| fail(&e))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's conformance suite for log stores (and the state machine's
+    /// membership and snapshot bookkeeping).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_openrafts_storage_suite() {
+        Suite::test_all(Builder).await.expect("openraft storage suite");
+    }
+
+    fn entry(term: u64, index: u64) -> EntryOf<C> {
+        let payload = vec![(index % 251) as u8; (index % 7 * 40) as usize];
+        EntryOf::<C>::new_normal(log_id::<C>(term, 1, index), Command::Put(payload))
+    }
+
+    async fn flushed_append(log: &mut LogStore, entries: Vec<EntryOf<C>>) {
+        let (tx, rx) = C::oneshot();
+        log.append(entries, IOFlushed::signal(tx)).await.expect("append");
+        rx.await.expect("syncer answers").expect("fsync");
+    }
+
+    /// Reads answered from the recent-entry cache equal the journal's, through
+    /// appends, truncations (conflicting suffixes), purges and evictions; a
+    /// seeded random walk, checked after every step against a store whose
+    /// cache is bypassed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recent_entries_read_like_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log =
+            LogStore::open(dir.path(), 1, Arc::new(crate::stats::GroupStats::default())).expect("open log store");
+        let seed: u64 = rand::random();
+        let mut rng = seed;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n.max(1)
+        };
+        let (mut term, mut last, mut purged) = (1u64, 0u64, 0u64);
+        // Reads that the cache answered, that started below it, and with it empty.
+        let mut paths = [0u32; 3];
+        for step in 0..400 {
+            match next(20) {
+                0..=11 => {
+                    let n = 1 + next(if step % 25 == 0 { 3000 } else { 40 });
+                    flushed_append(&mut log, (last + 1..=last + n).map(|i| entry(term, i)).collect()).await;
+                    last += n;
+                }
+                12..=14 if last > purged + 1 => {
+                    // A conflicting suffix of up to 100 entries.
+                    let keep = last + 1 - 1.max(next(100.min(last - purged)));
+                    log.truncate_after(Some(log_id::<C>(term, 1, keep - 1))).await.expect("truncate");
+                    term += 1;
+                    last = keep - 1;
+                }
+                15 if last > purged + 1 => {
+                    purged += 1 + next((last - purged) / 4);
+                    log.purge(log_id::<C>(term, 1, purged)).await.expect("purge");
+                }
+                // What a restart leaves: the journal, and no recent entries.
+                16 => *log.recent() = Recent::default(),
+                _ => {}
+            }
+            let start = purged + 1 + next(last.saturating_sub(purged) + 2);
+            let end = start + next(500);
+            match log.recent().first_index() {
+                Some(first) if first <= start => paths[0] += 1,
+                Some(_) => paths[1] += 1,
+                None => paths[2] += 1,
+            }
+            let cached = log.try_get_log_entries(start..end).await.expect("read");
+            let journal = {
+                let saved = std::mem::take(&mut *log.recent());
+                let read = log.try_get_log_entries(start..end).await.expect("read");
+                *log.recent() = saved;
+                read
+            };
+            assert_eq!(
+                format!("{cached:?}"),
+                format!("{journal:?}"),
+                "seed {seed}: step {step}, read {start}..{end}, log ({purged}, {last}]"
+            );
+            let recent = log.recent();
+            assert!(recent.entries.len() <= MAX_RECENT_ENTRIES && recent.bytes <= MAX_RECENT_BYTES, "seed {seed}");
+            assert_eq!(recent.entries.back().map(|(e, _)| e.log_id.index()).unwrap_or(last), last, "seed {seed}");
+        }
+        assert!(paths.iter().all(|n| *n > 0), "seed {seed}: every read path taken: {paths:?}");
     }
 }
