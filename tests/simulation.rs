@@ -401,7 +401,9 @@ fn decode<M: Message + Default>(r: CommandResult) -> Option<M> {
 }
 
 fn put_cmd(key: &str, value: u64) -> Command {
-    Command::Put(PutRequest { key: key.into(), value: value.to_string().into(), ..Default::default() }.encode_to_vec())
+    Command::Put(
+        PutRequest { key: key.into(), value: value.to_string().into(), ..Default::default() }.encode_to_vec().into(),
+    )
 }
 
 fn cas_cmd(key: &str, expect: u64, value: u64) -> Command {
@@ -422,7 +424,7 @@ fn cas_cmd(key: &str, expect: u64, value: u64) -> Command {
         }],
         failure: vec![],
     };
-    Command::Txn(txn.encode_to_vec())
+    Command::Txn(txn.encode_to_vec().into())
 }
 
 fn range_local(backend: &Backend, key: &str) -> Option<(Option<u64>, u64)> {
