@@ -401,9 +401,7 @@ fn decode<M: Message + Default>(r: CommandResult) -> Option<M> {
 }
 
 fn put_cmd(key: &str, value: u64) -> Command {
-    Command::Put(
-        PutRequest { key: key.into(), value: value.to_string().into(), ..Default::default() }.encode_to_vec().into(),
-    )
+    Command::Put(PutRequest { key: key.into(), value: value.to_string().into(), ..Default::default() }.encode_to_vec())
 }
 
 fn cas_cmd(key: &str, expect: u64, value: u64) -> Command {
@@ -424,7 +422,7 @@ fn cas_cmd(key: &str, expect: u64, value: u64) -> Command {
         }],
         failure: vec![],
     };
-    Command::Txn(txn.encode_to_vec().into())
+    Command::Txn(txn.encode_to_vec())
 }
 
 fn range_local(backend: &Backend, key: &str) -> Option<(Option<u64>, u64)> {

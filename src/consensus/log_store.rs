@@ -473,7 +473,7 @@ mod tests {
 
     fn entry(term: u64, index: u64) -> EntryOf<C> {
         let payload = vec![(index % 251) as u8; (index % 7 * 40) as usize];
-        EntryOf::<C>::new_normal(log_id::<C>(term, 1, index), Command::Put(payload.into()))
+        EntryOf::<C>::new_normal(log_id::<C>(term, 1, index), Command::Put(payload))
     }
 
     async fn flushed_append(log: &mut LogStore, entries: Vec<EntryOf<C>>) {

@@ -24,7 +24,6 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
 use serde::{Deserialize, Serialize};
@@ -57,7 +56,7 @@ mod raw_bytes {
         s.serialize_bytes(b)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>, T: From<Vec<u8>>>(d: D) -> Result<T, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         struct Bytes;
         impl<'de> serde::de::Visitor<'de> for Bytes {
             type Value = Vec<u8>;
@@ -78,22 +77,18 @@ mod raw_bytes {
                 Ok(out)
             }
         }
-        d.deserialize_byte_buf(Bytes).map(T::from)
+        d.deserialize_byte_buf(Bytes)
     }
 }
 
 /// A replicated state-machine command. KV requests are carried in their protobuf
-/// encoding so the log holds exactly what the client sent (after validation). The
-/// encodings are shared `Bytes`: a command is cloned for every reader of a recent
-/// log entry (replication to each follower, apply) and for a proposal's retry, and
-/// each clone is a reference count, not a copy. The log format is the same as a
-/// `Vec<u8>`'s (a bincode byte string).
+/// encoding so the log holds exactly what the client sent (after validation).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
-    Put(#[serde(with = "raw_bytes")] Bytes),
-    DeleteRange(#[serde(with = "raw_bytes")] Bytes),
-    Txn(#[serde(with = "raw_bytes")] Bytes),
-    Compact(#[serde(with = "raw_bytes")] Bytes),
+    Put(#[serde(with = "raw_bytes")] Vec<u8>),
+    DeleteRange(#[serde(with = "raw_bytes")] Vec<u8>),
+    Txn(#[serde(with = "raw_bytes")] Vec<u8>),
+    Compact(#[serde(with = "raw_bytes")] Vec<u8>),
     /// A change to the member registry (see [`members`]).
     Member(members::MemberChange),
     /// The lease id is chosen by the proposing member, so every replica agrees.
@@ -531,7 +526,7 @@ mod tests {
         let bytes: Vec<u8> = (0..=255u8).chain([0, 1, 250, 251, 252, 255]).collect();
         let config = bincode::config::standard();
         let old = bincode::serde::encode_to_vec(Old::Put(bytes.clone()), config).expect("encode");
-        let new = bincode::serde::encode_to_vec(Command::Put(bytes.clone().into()), config).expect("encode");
+        let new = bincode::serde::encode_to_vec(Command::Put(bytes.clone()), config).expect("encode");
         assert_eq!(old, new);
         let (back, _): (Command, _) = bincode::serde::decode_from_slice(&old, config).expect("decode");
         assert!(matches!(back, Command::Put(b) if b == bytes));

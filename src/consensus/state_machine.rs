@@ -311,7 +311,7 @@ impl<'txn> BatchApplier<'txn> {
             // Only decoded while NOSPACE is raised: a txn without writes still applies.
             let grows = match cmd {
                 Command::Txn(b) => {
-                    TxnRequest::decode(&b[..]).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false)
+                    TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false)
                 }
                 _ => true,
             };

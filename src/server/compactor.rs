@@ -111,7 +111,7 @@ async fn compact(node: &Node, rev: i64, mode: &str) {
     }
     tracing::info!(revision = rev, mode, "starting auto-compaction");
     let req = CompactionRequest { revision: rev, physical: false };
-    match node.propose::<CompactionResponse>(Command::Compact(req.encode_to_vec().into())).await {
+    match node.propose::<CompactionResponse>(Command::Compact(req.encode_to_vec())).await {
         Ok(_) => tracing::info!(revision = rev, "completed auto-compaction"),
         Err(e) => tracing::warn!(revision = rev, "auto-compaction failed: {}", e.message()),
     }

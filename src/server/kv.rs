@@ -174,7 +174,7 @@ impl Kv for KvService {
         let creds = Credentials::of(&req);
         let req = req.into_inner();
         check_put(&req)?;
-        let cmd = Command::Put(req.encode_to_vec().into());
+        let cmd = Command::Put(req.encode_to_vec());
         let mut resp: PutResponse = self.node.propose_as(&creds, |c| auth_put(c, &req), cmd).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
@@ -184,7 +184,7 @@ impl Kv for KvService {
         let creds = Credentials::of(&req);
         let req = req.into_inner();
         check_delete(&req)?;
-        let cmd = Command::DeleteRange(req.encode_to_vec().into());
+        let cmd = Command::DeleteRange(req.encode_to_vec());
         let mut resp: DeleteRangeResponse = self.node.propose_as(&creds, |c| auth_delete(c, &req), cmd).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
@@ -203,7 +203,7 @@ impl Kv for KvService {
             auth_txn(&self.node.caller(&creds)?, &req)?;
             view.txn_readonly(&req).map_err(errors::from_mvcc)?
         } else {
-            let cmd = Command::Txn(req.encode_to_vec().into());
+            let cmd = Command::Txn(req.encode_to_vec());
             self.node.propose_as::<TxnResponse>(&creds, |c| auth_txn(c, &req), cmd).await?
         };
         self.node.fill_header(&mut resp.header);
@@ -212,7 +212,7 @@ impl Kv for KvService {
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let req = req.into_inner();
-        let mut resp: CompactionResponse = self.node.propose(Command::Compact(req.encode_to_vec().into())).await?;
+        let mut resp: CompactionResponse = self.node.propose(Command::Compact(req.encode_to_vec())).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

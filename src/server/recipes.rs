@@ -65,7 +65,7 @@ fn create_rev_is(key: &[u8], rev: Rev) -> Compare {
 }
 
 async fn txn(node: &Node, req: TxnRequest) -> Result<TxnResponse, Status> {
-    node.propose(Command::Txn(prost::Message::encode_to_vec(&req).into())).await
+    node.propose(Command::Txn(prost::Message::encode_to_vec(&req))).await
 }
 
 fn range_kvs(resp: &TxnResponse, i: usize) -> Vec<KeyValue> {
@@ -158,7 +158,7 @@ impl Drop for Abandon {
                 let del = DeleteRangeRequest { key, ..Default::default() };
                 let _ = node
                     .propose::<crate::proto::etcdserverpb::DeleteRangeResponse>(Command::DeleteRange(
-                        prost::Message::encode_to_vec(&del).into(),
+                        prost::Message::encode_to_vec(&del),
                     ))
                     .await;
             });
@@ -231,7 +231,7 @@ impl Lock for LockService {
         let del = DeleteRangeRequest { key: req.into_inner().key, ..Default::default() };
         self.node.caller(&creds)?.check(&del.key, &[], Access::Write).map_err(as_recipe_error)?;
         let resp: crate::proto::etcdserverpb::DeleteRangeResponse =
-            self.node.propose(Command::DeleteRange(prost::Message::encode_to_vec(&del).into())).await?;
+            self.node.propose(Command::DeleteRange(prost::Message::encode_to_vec(&del))).await?;
         let mut header = resp.header;
         self.node.fill_header(&mut header);
         Ok(Response::new(UnlockResponse { header }))
