@@ -9,7 +9,8 @@ use std::sync::{Arc, OnceLock};
 use prost::Message;
 
 use crate::auth::AuthState;
-use crate::mvcc::{ReadView, Writer};
+use crate::mvcc::index::KeyIndex;
+use crate::mvcc::{MvccError, ReadView, Writer};
 use crate::proto::authpb::{permission, Permission, Role, User};
 use crate::proto::etcdserverpb::{
     AuthRoleGrantPermissionRequest, CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest,
@@ -29,7 +30,8 @@ fn store() -> &'static Backend {
         let backend = Backend::open(&path).expect("open the fuzz store");
         let txn = backend.begin_apply().expect("begin");
         {
-            let mut w = Writer::new(&txn).expect("writer");
+            let index = KeyIndex::default();
+            let mut w = Writer::new(&txn, &index).expect("writer");
             for (k, v) in [("a", "1"), ("b", "2"), ("p/x", "3"), ("z", "4")] {
                 let put = PutRequest { key: k.into(), value: v.into(), ..Default::default() };
                 w.put(&put).expect("seed put");
@@ -64,7 +66,9 @@ fn caller() -> Caller {
 fn write(f: impl FnOnce(&mut Writer)) {
     let backend = store();
     let Ok(txn) = backend.begin_apply() else { return };
-    if let Ok(mut w) = Writer::new(&txn) {
+    // The write is aborted: it gets an index of its own, which it may change.
+    let Ok(index) = backend.begin_read().map_err(MvccError::from).and_then(|r| KeyIndex::open(&r)) else { return };
+    if let Ok(mut w) = Writer::new(&txn, &index) {
         f(&mut w);
     }
     let _ = txn.abort();
@@ -72,7 +76,8 @@ fn write(f: impl FnOnce(&mut Writer)) {
 
 fn read(f: impl FnOnce(&ReadView)) {
     if let Ok(txn) = store().begin_read() {
-        if let Ok(view) = ReadView::new(&txn) {
+        let Ok(index) = KeyIndex::open(&txn) else { return };
+        if let Ok(view) = ReadView::new(&txn, &Arc::new(index)) {
             f(&view);
         }
     }

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use concord::consensus::state_machine::StateMachine;
 use concord::consensus::{Command, CommandResult, GroupConfig, MemberId, PeerInfo, Runtime, SnapshotData, TypeConfig};
+use concord::mvcc::index::KeyIndex;
 use concord::mvcc::ReadView;
 use concord::proto::etcdserverpb::{
     compare, request_op, Compare, PutRequest, PutResponse, RangeRequest, RequestOp, TxnRequest, TxnResponse,
@@ -160,8 +161,8 @@ impl RaftLogStorage<C> for MemLog {
 /// Shared state of the simulated cluster: who is up, what the network does.
 struct World {
     nodes: BTreeMap<MemberId, Node>,
-    /// Each running member's state file, for client reads.
-    backends: BTreeMap<MemberId, Arc<Backend>>,
+    /// Each running member's state file and its key index, for client reads.
+    backends: BTreeMap<MemberId, StateFile>,
     rng: SeededRng,
     /// (from, to) pairs whose messages are dropped.
     blocked: HashSet<(MemberId, MemberId)>,
@@ -311,19 +312,23 @@ fn group_config() -> GroupConfig {
     }
 }
 
+/// A member's state file and the key index its state machine keeps.
+type StateFile = (Arc<Backend>, Arc<KeyIndex>);
+
 async fn start(member: &mut Member, world: &Shared, seed: u64) -> Node {
     let backend = Arc::new(Backend::open(&member.dir.join("state.redb")).expect("open state file"));
+    let index = Arc::new(KeyIndex::open(&backend.begin_read().expect("read")).expect("key index"));
     let stats = Arc::new(concord::stats::GroupStats::default());
     let tokens = Arc::new(concord::auth::SimpleTokens::new(Duration::from_secs(300)));
-    let (sm, _revision) =
-        StateMachine::new(backend.clone(), member.dir.join("snap"), stats, tokens).expect("state machine");
+    let (sm, _revision) = StateMachine::new(backend.clone(), index.clone(), member.dir.join("snap"), stats, tokens)
+        .expect("state machine");
     member.backend = Some(backend);
     let config = Arc::new(group_config().raft_config().expect("raft config"));
     let net = SimNet { from: member.id, world: world.clone() };
     let node = Runtime::scope(seed, Raft::new(member.id, config, net, member.log.clone(), sm)).await.expect("raft");
     let mut w = lock(world);
     w.nodes.insert(member.id, node.clone());
-    w.backends.insert(member.id, member.backend.clone().expect("just opened"));
+    w.backends.insert(member.id, (member.backend.clone().expect("just opened"), index));
     node
 }
 
@@ -374,7 +379,7 @@ async fn read(world: &Shared, via: MemberId, key: &str) -> Option<(Option<u64>, 
         w.stale_reads.then(|| w.backends.get(&via).cloned())
     };
     if let Some(backend) = stale {
-        return range_local(&*backend?, key);
+        return range_local(&backend?, key);
     }
     let (node, leader_node) = {
         let w = lock(world);
@@ -425,9 +430,9 @@ fn cas_cmd(key: &str, expect: u64, value: u64) -> Command {
     Command::Txn(txn.encode_to_vec())
 }
 
-fn range_local(backend: &Backend, key: &str) -> Option<(Option<u64>, u64)> {
+fn range_local((backend, index): &StateFile, key: &str) -> Option<(Option<u64>, u64)> {
     let txn = backend.begin_read().ok()?;
-    let view = ReadView::new(&txn).ok()?;
+    let view = ReadView::new(&txn, index).ok()?;
     let resp = view.range(&RangeRequest { key: key.into(), ..Default::default() }).ok()?;
     let rev = resp.header.map_or(0, |h| h.revision as u64);
     Some((resp.kvs.first().and_then(|kv| value_of(&kv.value)), rev))
@@ -669,7 +674,7 @@ async fn monitor_leaders(world: Shared, until: tokio::time::Instant) -> BTreeMap
 async fn converge(world: &Shared) -> Result<(u64, u64, u32), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (nodes, backends): (Vec<Node>, Vec<Arc<Backend>>) = {
+        let (nodes, backends): (Vec<Node>, Vec<StateFile>) = {
             let w = lock(world);
             (w.nodes.values().cloned().collect(), w.backends.values().cloned().collect())
         };
@@ -679,9 +684,9 @@ async fn converge(world: &Shared) -> Result<(u64, u64, u32), String> {
         let same = applied.windows(2).all(|p| p[0] == p[1]) && applied.first() == last_log.first();
         if same && nodes.len() == MEMBERS as usize {
             let mut states = Vec::new();
-            for b in &backends {
+            for (b, index) in &backends {
                 let txn = b.begin_read().map_err(|e| e.to_string())?;
-                let view = ReadView::new(&txn).map_err(|e| e.to_string())?;
+                let view = ReadView::new(&txn, index).map_err(|e| e.to_string())?;
                 let rev = view.current_rev();
                 let (hash, _) = view.hash_kv(rev).map_err(|e| e.to_string())?;
                 states.push((rev as u64, hash));

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::consensus::state_machine::reset_raft_state;
 use crate::server::config::{normalize_args, Config, Flags};
-use crate::storage::{decode_snapshot, decode_snapshot_file, Backend};
+use crate::storage::{decode_snapshot, decode_snapshot_file, snapshot_rows, Backend, HISTORY, RETIRED_LATEST};
 
 const USAGE: &str = "usage: concord snapshot status FILE\n       concord snapshot restore FILE [--name N] [--data-dir D] [--initial-cluster C] [--initial-cluster-token T] [--initial-advertise-peer-urls U]";
 
@@ -30,7 +30,15 @@ pub fn status(path: &Path) -> Result<SnapshotStatus, String> {
         .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
         .map(i64::from_be_bytes)
         .unwrap_or(1);
-    Ok(SnapshotStatus { hash: crc32fast::hash(&data), revision, total_keys: tables[1].len(), total_size: data.len() })
+    // Live keys. Snapshots of earlier versions list them in `latest`; this one's
+    // history tells them.
+    let listed = snapshot_rows(snapshot, &tables, RETIRED_LATEST).map_or(0, Vec::len);
+    let total_keys = match snapshot_rows(snapshot, &tables, HISTORY) {
+        Some(changes) if listed == 0 => crate::mvcc::records::live_keys(changes.iter().map(|(_, v)| v.as_slice()))
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+        _ => listed,
+    };
+    Ok(SnapshotStatus { hash: crc32fast::hash(&data), revision, total_keys, total_size: data.len() })
 }
 
 fn human_size(n: usize) -> String {

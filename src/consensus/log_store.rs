@@ -459,7 +459,10 @@ mod tests {
             let log = LogStore::open(&dir.path().join("log"), 1, stats.clone()).map_err(|e| fail(&e))?;
             let backend = Arc::new(Backend::open(&dir.path().join("state.redb")).map_err(|e| fail(&e))?);
             let tokens = Arc::new(crate::auth::SimpleTokens::new(Duration::from_secs(60)));
-            let (sm, _) = StateMachine::new(backend, dir.path().join("snap"), stats, tokens).map_err(|e| fail(&e))?;
+            let read = backend.begin_read().map_err(|e| fail(&e))?;
+            let index = Arc::new(crate::mvcc::index::KeyIndex::open(&read).map_err(|e| fail(&e))?);
+            let (sm, _) =
+                StateMachine::new(backend, index, dir.path().join("snap"), stats, tokens).map_err(|e| fail(&e))?;
             Ok((dir, log, sm))
         }
     }

@@ -312,6 +312,8 @@ pub struct Group {
     pub raft: Raft,
     pub id: MemberId,
     pub backend: Arc<Backend>,
+    /// The key index of `backend`'s file: what a [`crate::mvcc::ReadView`] needs.
+    pub index: Arc<crate::mvcc::index::KeyIndex>,
     /// The store's current revision, updated after every applied batch; watchers
     /// and lock waiters wait on it instead of polling storage.
     pub revision: tokio::sync::watch::Receiver<crate::mvcc::Rev>,
@@ -344,11 +346,17 @@ impl Group {
         if crate::mvcc::upgrade::upgrade_layout(&backend)? {
             tracing::info!(dir = %dir.display(), "converted the state file to the revision-keyed history layout");
         }
+        let index = Arc::new(crate::mvcc::index::KeyIndex::open(&backend.begin_read()?)?);
         let stats = Arc::new(crate::stats::GroupStats::default());
         let log = log_store::LogStore::open(&dir.join("log"), 1, stats.clone())?;
         let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));
-        let (sm, revision) =
-            state_machine::StateMachine::new(backend.clone(), dir.join("snap"), stats.clone(), tokens.clone())?;
+        let (sm, revision) = state_machine::StateMachine::new(
+            backend.clone(),
+            index.clone(),
+            dir.join("snap"),
+            stats.clone(),
+            tokens.clone(),
+        )?;
         let apply_gate = sm.gate();
         let auth_revision = sm.auth_revision();
         // Raft RPCs get at least two election timeouts (see `PeerPool::min_rpc_timeout`).
@@ -363,7 +371,7 @@ impl Group {
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))
             .await?;
-        Ok((Group { raft, id, backend, revision, auth_revision, peers, apply_gate, stats, tokens }, log))
+        Ok((Group { raft, id, backend, index, revision, auth_revision, peers, apply_gate, stats, tokens }, log))
     }
 
     /// Proposes a command and waits for its applied result. Followers forward it to

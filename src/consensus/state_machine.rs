@@ -23,6 +23,7 @@ use redb::{ReadableTable, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{ApplyError, Command, CommandResult, MemberId, SnapshotData, TypeConfig};
+use crate::mvcc::index::KeyIndex;
 use crate::mvcc::{MvccError, Rev, Writer};
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, TxnRequest};
 use crate::proto::etcdserverpb::{LeaseGrantResponse, LeaseKeepAliveResponse, LeaseRevokeResponse, ResponseHeader};
@@ -91,6 +92,8 @@ pub fn alarms(txn: &redb::ReadTransaction) -> io::Result<Vec<(MemberId, i32)>> {
 
 pub struct StateMachine {
     backend: Arc<Backend>,
+    /// The key index of `backend`'s file (shared with every reader of it).
+    index: Arc<KeyIndex>,
     snap_dir: PathBuf,
     applied_since_persist: u64,
     /// Publishes the current revision after each commit (see `Group::revision`).
@@ -139,8 +142,11 @@ pub fn defragment(backend: &Backend, gate: &ApplyGate) -> io::Result<()> {
         let entries = entries.ok_or_else(|| {
             io::Error::other("defragmentation abandoned: a snapshot was installed or too many writes arrived meanwhile")
         })?;
+        // The copy's own index: the live one may already have pruned versions
+        // (a compaction among the entries) that replaying them needs.
+        let index = KeyIndex::open(&redb::ReadableDatabase::begin_read(&db).map_err(io_err)?).map_err(io_err)?;
         let txn = db.begin_write().map_err(io_err)?;
-        apply_entries(&txn, &entries, None)?;
+        apply_entries(&txn, &index, &entries, None)?;
         txn.commit().map_err(io_err)?;
         backend.swap_in(db, &tmp)?;
         Ok(())
@@ -165,6 +171,7 @@ impl StateMachine {
 
     pub fn new(
         backend: Arc<Backend>,
+        index: Arc<KeyIndex>,
         snap_dir: PathBuf,
         stats: Arc<crate::stats::GroupStats>,
         tokens: Arc<crate::auth::SimpleTokens>,
@@ -179,6 +186,7 @@ impl StateMachine {
         Ok((
             StateMachine {
                 backend,
+                index,
                 snap_dir,
                 applied_since_persist: 0,
                 revision,
@@ -228,12 +236,13 @@ fn current_revs(backend: &Backend) -> io::Result<(Rev, u64)> {
 /// is `None` when entries are replayed into a copy (defragmentation).
 fn apply_entries(
     txn: &WriteTransaction,
+    index: &KeyIndex,
     entries: &[EntryOf<C>],
     tokens: Option<&crate::auth::SimpleTokens>,
 ) -> io::Result<Vec<CommandResult>> {
     let mut results = Vec::with_capacity(entries.len());
     let mut membership = None;
-    let mut applier = BatchApplier::new(txn, tokens)?;
+    let mut applier = BatchApplier::new(txn, index, tokens)?;
     for entry in entries {
         results.push(match &entry.payload {
             EntryPayload::Blank => CommandResult::Ok(Vec::new()),
@@ -265,6 +274,7 @@ fn apply_entries(
 /// revision) is read once and re-read only after a command that changes it.
 struct BatchApplier<'txn> {
     txn: &'txn WriteTransaction,
+    index: &'txn KeyIndex,
     tokens: Option<&'txn crate::auth::SimpleTokens>,
     writer: Option<Writer<'txn>>,
     nospace: bool,
@@ -272,8 +282,12 @@ struct BatchApplier<'txn> {
 }
 
 impl<'txn> BatchApplier<'txn> {
-    fn new(txn: &'txn WriteTransaction, tokens: Option<&'txn crate::auth::SimpleTokens>) -> io::Result<Self> {
-        let mut applier = BatchApplier { txn, tokens, writer: None, nospace: false, auth_revision: 0 };
+    fn new(
+        txn: &'txn WriteTransaction,
+        index: &'txn KeyIndex,
+        tokens: Option<&'txn crate::auth::SimpleTokens>,
+    ) -> io::Result<Self> {
+        let mut applier = BatchApplier { txn, index, tokens, writer: None, nospace: false, auth_revision: 0 };
         applier.read_checks()?;
         Ok(applier)
     }
@@ -287,7 +301,7 @@ impl<'txn> BatchApplier<'txn> {
 
     fn writer(&mut self) -> io::Result<&mut Writer<'txn>> {
         if self.writer.is_none() {
-            self.writer = Some(Writer::new(self.txn).map_err(io_err)?);
+            self.writer = Some(Writer::new(self.txn, self.index).map_err(io_err)?);
         }
         Ok(self.writer.as_mut().expect("just opened"))
     }
@@ -407,7 +421,8 @@ impl<'txn> BatchApplier<'txn> {
             Err(MvccError::KeyNotFound) => CommandResult::Err(ApplyError::KeyNotFound),
             Err(MvccError::LeaseNotFound) => CommandResult::Err(ApplyError::LeaseNotFound),
             Err(MvccError::LeaseExists) => CommandResult::Err(ApplyError::LeaseExists),
-            Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_))) => return Err(io_err(e)),
+            // The writer always reads the current file: `Replaced` would be a bug.
+            Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_) | MvccError::Replaced)) => return Err(io_err(e)),
         })
     }
 
@@ -451,7 +466,7 @@ impl RaftStateMachine<C> for StateMachine {
         let results = {
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
             let txn = self.backend.begin_apply()?;
-            let results = apply_entries(&txn, &batch, Some(&self.tokens))?;
+            let results = apply_entries(&txn, &self.index, &batch, Some(&self.tokens))?;
             let started = std::time::Instant::now();
             txn.commit().map_err(io_err)?;
             self.stats.backend_commit.observe(started.elapsed());
@@ -489,8 +504,12 @@ impl RaftStateMachine<C> for StateMachine {
             // Replaces everything: a running defragmentation cannot replay this.
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
             *rec = None;
+            // Readers of the old file must not be answered from the new index
+            // (or the reverse): the index is marked before the new state commits.
+            self.index.begin_replace();
             self.backend.install_snapshot(&data)?;
             crate::mvcc::upgrade::upgrade_layout(&self.backend).map_err(io_err)?;
+            self.index.replace(&self.backend.begin_read()?).map_err(io_err)?;
         }
         let installed = self.applied_state().await?;
         if installed.0 != meta.last_log_id {

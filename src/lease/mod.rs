@@ -108,7 +108,7 @@ impl Lessor {
 
     fn records(&self) -> Option<Vec<LeaseRecord>> {
         let txn = self.group.backend.begin_read().ok()?;
-        ReadView::new(&txn).ok()?.leases().ok()
+        ReadView::new(&txn, &self.group.index).ok()?.leases().ok()
     }
 
     /// Runs until the process stops.

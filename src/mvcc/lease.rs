@@ -150,16 +150,14 @@ impl ReadView {
 
     /// The live key-value of `key`, if any.
     pub fn get(&self, key: &[u8]) -> Result<Option<crate::proto::mvccpb::KeyValue>> {
-        match self.latest.get(key)? {
-            Some(v) => Ok(Some(super::records::decode_live(v.value())?.1)),
-            None => Ok(None),
-        }
+        Ok(self.keys().live(&self.history, key, self.current)?.map(|(_, kv)| kv))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mvcc::index::KeyIndex;
     use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
     use crate::storage::Backend;
 
@@ -167,10 +165,12 @@ mod tests {
     fn grant_attach_revoke_in_one_revision() {
         let dir = tempfile::tempdir().unwrap();
         let b = Backend::open(&dir.path().join("sm.db")).unwrap();
+        let index = std::sync::Arc::new(KeyIndex::open(&b.begin_read().unwrap()).unwrap());
+        let open_view = || ReadView::new(&b.begin_read().unwrap(), &index).unwrap();
         let write = |f: &mut dyn FnMut(&mut Writer) -> Result<()>| {
             let txn = b.begin_apply().unwrap();
             {
-                let mut w = Writer::new(&txn).unwrap();
+                let mut w = Writer::new(&txn, &index).unwrap();
                 f(&mut w).unwrap();
                 w.finish().unwrap();
             }
@@ -183,12 +183,12 @@ mod tests {
         write(&mut |w| w.put(&put("c", 0)).map(|_| ()));
         // Re-putting "b" without the lease detaches it.
         write(&mut |w| w.put(&put("b", 0)).map(|_| ()));
-        let view = ReadView::new(&b.begin_read().unwrap()).unwrap();
+        let view = open_view();
         assert_eq!(view.lease_keys(7).unwrap(), vec![b"a".to_vec()]);
         assert_eq!(view.current_rev(), 5);
         write(&mut |w| w.put(&put("d", 7)).map(|_| ()));
         write(&mut |w| w.lease_revoke(7));
-        let view = ReadView::new(&b.begin_read().unwrap()).unwrap();
+        let view = open_view();
         assert_eq!(view.current_rev(), 7, "revoke of two keys is one revision");
         let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
         let keys: Vec<Vec<u8>> = view.range(&all).unwrap().kvs.into_iter().map(|kv| kv.key).collect();
@@ -198,7 +198,7 @@ mod tests {
         // Unknown leases are refused and change nothing.
         let txn = b.begin_apply().unwrap();
         {
-            let mut w = Writer::new(&txn).unwrap();
+            let mut w = Writer::new(&txn, &index).unwrap();
             assert!(matches!(w.lease_revoke(7), Err(MvccError::LeaseNotFound)));
             assert!(matches!(w.put(&put("e", 7)), Err(MvccError::LeaseNotFound)));
             assert!(matches!(w.lease_renew(7), Err(MvccError::LeaseNotFound)));
@@ -209,7 +209,7 @@ mod tests {
             assert_eq!(w.finish().unwrap(), 7);
         }
         txn.commit().unwrap();
-        let view = ReadView::new(&b.begin_read().unwrap()).unwrap();
+        let view = open_view();
         let rec = view.lease(8).unwrap().unwrap();
         assert_eq!((rec.ttl_s, rec.remaining_ms, rec.version), (5, 1234, 2));
     }

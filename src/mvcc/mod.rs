@@ -14,23 +14,23 @@
 //!   any member produces byte-identical state. The revision of a write is produced
 //!   in one place, [`Writer::next_rev`].
 //!
-//! Layout: `LATEST` holds live keys (the hot path for reads at the current
-//! revision); `HISTORY` holds every retained change keyed by (main, sub), so an
-//! apply transaction appends at the end of it and watch replay is one ordered scan.
-//! Each change names the version it replaced ([`records`]), which is how reads at an
-//! older revision, `prev_kv` and compaction find a key's earlier versions. A
-//! single live key at revision R is found by walking back from its live version
-//! (one lookup per version since R); any other read at R costs the changes made
-//! after R plus the live keys of the range. etcd keeps an in-memory index per key
-//! instead; this costs no memory and no rebuild at start.
+//! Layout: `HISTORY` holds every retained change keyed by (main, sub), so an apply
+//! transaction only appends at the end of it and watch replay is one ordered scan.
+//! Each change names the version it replaced ([`records`]), which is how `prev_kv`
+//! and compaction find a key's earlier versions. Which version of a key is live at
+//! a revision comes from the in-memory [`index::KeyIndex`] (etcd's design): a read
+//! at any retained revision is an index walk plus one history lookup per returned
+//! key.
 
 pub mod events;
+pub mod index;
 pub mod keys;
 pub mod lease;
 pub mod records;
 pub mod upgrade;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use prost::Message;
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
@@ -41,9 +41,10 @@ use crate::proto::etcdserverpb::{
     TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
-use crate::storage::{StorageError, HISTORY, LATEST, LEASES, LEASE_KEYS, META};
+use crate::storage::{StorageError, HISTORY, LEASES, LEASE_KEYS, META};
+use index::KeyIndex;
 use keys::{decode_rev_key, rev_key, KeyRange};
-use records::{decode_change, decode_live, encode_change, live_from_change, RevPtr};
+use records::{decode_change, encode_change, RevPtr};
 
 /// A main revision.
 pub type Rev = i64;
@@ -64,6 +65,9 @@ pub enum MvccError {
     LeaseNotFound,
     #[error("etcdserver: lease already exists")]
     LeaseExists,
+    /// The state file was replaced (a snapshot was installed) while the request read it.
+    #[error("etcdserver: the state was replaced by a snapshot while reading; retry")]
+    Replaced,
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("stored record is corrupt: {0}")]
@@ -113,19 +117,6 @@ struct Fetched {
     count: i64,
 }
 
-/// The rows of `latest` whose keys fall in `range` (which must not be empty).
-fn live_rows<'a, L>(latest: &'a L, range: &KeyRange) -> Result<redb::Range<'a, &'static [u8], &'static [u8]>>
-where
-    L: ReadableTable<&'static [u8], &'static [u8]>,
-{
-    let start = range.start.as_slice();
-    Ok(match &range.end {
-        None => latest.range::<&[u8]>(start..=start)?,
-        Some(end) if end.is_empty() => latest.range::<&[u8]>(start..)?,
-        Some(end) => latest.range::<&[u8]>(start..end.as_slice())?,
-    })
-}
-
 /// The version stored at `at` in `history`, which must be a put: change
 /// records point only at versions that were live.
 fn stored_version<H>(history: &H, at: RevPtr) -> Result<Option<KeyValue>>
@@ -145,114 +136,39 @@ pub(crate) fn missing_version(at: RevPtr) -> MvccError {
     MvccError::Corrupt(format!("version {}.{} is missing from history", at.0, at.1))
 }
 
-/// How many versions [`walk_back`] follows before a read falls back to scanning
-/// the changes after its revision (a point lookup each; the scan reads ~1M
-/// changes a second here, so past this the scan is the cheaper bound).
-const MAX_WALK_VERSIONS: usize = 1024;
-
-/// The version `key` had at `rev`, found from its live version through each
-/// change's `prev`: `Ok(None)` when that cannot decide it — the key is not live,
-/// or it was absent just before one of its puts after `rev` (an earlier deletion
-/// is not linked), or the walk is longer than [`MAX_WALK_VERSIONS`].
-fn walk_back<L, H>(latest: &L, history: &H, key: &[u8], rev: Rev) -> Result<Option<Option<KeyValue>>>
+/// Reads the keys of `range` live at revision `rev` (`compacted <= rev`): `limit`
+/// (0 = none) bounds how many records are read; `count` is always the full number
+/// of keys.
+fn fetch<H>(keys: &IndexView<'_>, history: &H, range: &KeyRange, rev: Rev, limit: usize) -> Result<Fetched>
 where
-    L: ReadableTable<&'static [u8], &'static [u8]>,
     H: ReadableTable<&'static [u8], &'static [u8]>,
 {
-    let Some(v) = latest.get(key)? else { return Ok(None) };
-    let (mut at, kv) = decode_live(v.value())?;
-    if at.0 <= rev {
-        return Ok(Some(Some(kv)));
+    let (at, count) = keys.index.range(range, rev, limit, keys.generation)?;
+    let mut kvs = Vec::with_capacity(at.len());
+    for at in at {
+        kvs.push(stored_version(history, at)?.ok_or_else(|| missing_version(at))?);
     }
-    for _ in 0..MAX_WALK_VERSIONS {
-        let record = history.get(rev_key(at.0, at.1).as_slice())?.ok_or_else(|| missing_version(at))?;
-        let Some(prev) = decode_change(record.value())?.prev else { return Ok(None) };
-        at = prev;
-        if at.0 <= rev {
-            return Ok(Some(Some(stored_version(history, at)?.ok_or_else(|| missing_version(at))?)));
-        }
-    }
-    Ok(None)
+    Ok(Fetched { kvs, count })
 }
 
-/// Reads live keys of `range` at revision `rev` (`compacted <= rev`). `limit`
-/// (0 = none) bounds how many records are decoded; `count` is always the full
-/// number of keys.
-fn fetch<L, H>(latest: &L, history: &H, range: &KeyRange, rev: Rev, current: Rev, limit: usize) -> Result<Fetched>
-where
-    L: ReadableTable<&'static [u8], &'static [u8]>,
-    H: ReadableTable<&'static [u8], &'static [u8]>,
-{
-    let mut out = Fetched { kvs: Vec::new(), count: 0 };
-    let want = |n: usize| limit == 0 || n < limit;
-    if range.is_empty() {
-        return Ok(out);
-    }
-    if rev >= current {
-        if range.end.is_none() {
-            if let Some(v) = latest.get(range.start.as_slice())? {
-                out.count = 1;
-                if want(0) {
-                    out.kvs.push(decode_live(v.value())?.1);
-                }
-            }
-            return Ok(out);
-        }
-        for row in live_rows(latest, range)? {
-            let (_, v) = row?;
-            if want(out.kvs.len()) {
-                out.kvs.push(decode_live(v.value())?.1);
-            }
-            out.count += 1;
-        }
-        return Ok(out);
-    }
-    if range.end.is_none() {
-        if let Some(found) = walk_back(latest, history, &range.start, rev)? {
-            out.count = i64::from(found.is_some());
-            out.kvs.extend(found.filter(|_| want(0)));
-            return Ok(out);
+/// The key index as one reader sees it: the generation of the state file it reads.
+#[derive(Clone, Copy)]
+struct IndexView<'a> {
+    index: &'a KeyIndex,
+    generation: u64,
+}
+
+impl IndexView<'_> {
+    /// The live version of `key` at `rev` and its value, read from `history`.
+    fn live<H>(&self, history: &H, key: &[u8], rev: Rev) -> Result<Option<(RevPtr, KeyValue)>>
+    where
+        H: ReadableTable<&'static [u8], &'static [u8]>,
+    {
+        match self.index.get(key, rev, self.generation)? {
+            None => Ok(None),
+            Some(at) => Ok(Some((at, stored_version(history, at)?.ok_or_else(|| missing_version(at))?))),
         }
     }
-    // Every key of the range changed after `rev` had, at `rev`, the version its
-    // first later change replaced; every other key still has its live version.
-    let mut changed: BTreeMap<Vec<u8>, Option<RevPtr>> = BTreeMap::new();
-    for row in history.range::<&[u8]>(rev_key(rev + 1, 0).as_slice()..)? {
-        let change = decode_change(row?.1.value())?;
-        if range.contains(&change.kv.key) {
-            changed.entry(change.kv.key).or_insert(change.prev);
-        }
-    }
-    let mut then = Vec::new();
-    for prev in changed.values().flatten() {
-        // `prev` is the newest version <= rev, which compaction (at or below rev) kept.
-        let kv = stored_version(history, *prev)?.ok_or_else(|| missing_version(*prev))?;
-        then.push(kv);
-    }
-    let mut then = then.into_iter().peekable();
-    let emit = |kv: KeyValue, out: &mut Fetched| {
-        if want(out.kvs.len()) {
-            out.kvs.push(kv);
-        }
-        out.count += 1;
-    };
-    for row in live_rows(latest, range)? {
-        let (k, v) = row?;
-        if changed.contains_key(k.value()) {
-            continue;
-        }
-        while then.peek().is_some_and(|kv| kv.key.as_slice() < k.value()) {
-            emit(then.next().expect("peeked"), &mut out);
-        }
-        if want(out.kvs.len()) {
-            out.kvs.push(decode_live(v.value())?.1);
-        }
-        out.count += 1;
-    }
-    for kv in then {
-        emit(kv, &mut out);
-    }
-    Ok(out)
 }
 
 /// Checks a requested read revision against the store's (current, compacted) pair.
@@ -270,9 +186,14 @@ fn check_rev(rev: Rev, current: Rev, compacted: Rev) -> Result<Rev> {
 }
 
 /// etcd's Range: fetch, filter by revisions, sort, limit, strip values.
-fn range_impl<L, H>(latest: &L, history: &H, req: &RangeRequest, current: Rev, compacted: Rev) -> Result<RangeResponse>
+fn range_impl<H>(
+    keys: &IndexView<'_>,
+    history: &H,
+    req: &RangeRequest,
+    current: Rev,
+    compacted: Rev,
+) -> Result<RangeResponse>
 where
-    L: ReadableTable<&'static [u8], &'static [u8]>,
     H: ReadableTable<&'static [u8], &'static [u8]>,
 {
     let rev = check_rev(req.revision, current, compacted)?;
@@ -290,7 +211,7 @@ where
         (req.limit as usize).saturating_add(1)
     };
     let range = KeyRange::new(&req.key, &req.range_end);
-    let Fetched { mut kvs, count } = fetch(latest, history, &range, rev, current, fetch_limit)?;
+    let Fetched { mut kvs, count } = fetch(keys, history, &range, rev, fetch_limit)?;
     if req.count_only {
         kvs.clear();
     }
@@ -340,7 +261,9 @@ where
 
 /// A consistent read-only view: one redb read transaction.
 pub struct ReadView {
-    latest: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    index: Arc<KeyIndex>,
+    /// The index generation of the state file `txn` reads.
+    generation: u64,
     history: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     leases: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     lease_keys: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
@@ -349,11 +272,14 @@ pub struct ReadView {
 }
 
 impl ReadView {
-    pub fn new(txn: &ReadTransaction) -> Result<Self> {
+    /// A view of `txn`, which must have been opened on the state file `index`
+    /// indexes (and just now: a replacement since is detected from here on).
+    pub fn new(txn: &ReadTransaction, index: &Arc<KeyIndex>) -> Result<Self> {
         let meta = txn.open_table(META)?;
         let (current, compacted) = revisions(&meta)?;
         Ok(ReadView {
-            latest: txn.open_table(LATEST)?,
+            index: index.clone(),
+            generation: index.generation(),
             history: txn.open_table(HISTORY)?,
             leases: txn.open_table(LEASES)?,
             lease_keys: txn.open_table(LEASE_KEYS)?,
@@ -368,7 +294,11 @@ impl ReadView {
 
     /// Live keys (etcd's `etcd_debugging_mvcc_keys_total`).
     pub fn key_count(&self) -> Result<u64> {
-        Ok(self.latest.len()?)
+        Ok(self.index.live_keys())
+    }
+
+    fn keys(&self) -> IndexView<'_> {
+        IndexView { index: &self.index, generation: self.generation }
     }
 
     /// Granted, unexpired leases.
@@ -381,7 +311,7 @@ impl ReadView {
     }
 
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
-        range_impl(&self.latest, &self.history, req, self.current, self.compacted)
+        range_impl(&self.keys(), &self.history, req, self.current, self.compacted)
     }
 
     /// A checksum of the key-value history up to `rev` (0: current), equal on every
@@ -471,7 +401,7 @@ impl TxnExec for ReadOnlyExec<'_> {
         self.0.compacted
     }
     fn key_exists(&self, key: &[u8]) -> Result<bool> {
-        Ok(self.0.latest.get(key)?.is_some())
+        Ok(self.0.index.get(key, self.0.current, self.0.generation)?.is_some())
     }
     fn lease_exists(&self, id: i64) -> Result<bool> {
         Ok(self.0.leases.get(id.to_be_bytes().as_slice())?.is_some())
@@ -489,7 +419,9 @@ impl TxnExec for ReadOnlyExec<'_> {
 /// each request advances the revision at most once, in [`Writer::end_request`].
 pub struct Writer<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
-    latest: Table<'txn, &'static [u8], &'static [u8]>,
+    /// The index of the state file `txn` writes; every change recorded is pushed
+    /// to it (see [`index`] for why readers at committed revisions are unaffected).
+    index: &'txn KeyIndex,
     history: Table<'txn, &'static [u8], &'static [u8]>,
     leases: Table<'txn, &'static [u8], &'static [u8]>,
     lease_keys: Table<'txn, &'static [u8], &'static [u8]>,
@@ -502,12 +434,12 @@ pub struct Writer<'txn> {
 }
 
 impl<'txn> Writer<'txn> {
-    pub fn new(txn: &'txn WriteTransaction) -> Result<Self> {
+    pub fn new(txn: &'txn WriteTransaction, index: &'txn KeyIndex) -> Result<Self> {
         let meta = txn.open_table(META)?;
         let (begin_rev, compacted) = revisions(&meta)?;
         Ok(Writer {
             meta,
-            latest: txn.open_table(LATEST)?,
+            index,
             history: txn.open_table(HISTORY)?,
             leases: txn.open_table(LEASES)?,
             lease_keys: txn.open_table(LEASE_KEYS)?,
@@ -524,26 +456,29 @@ impl<'txn> Writer<'txn> {
         self.begin_rev + 1
     }
 
-    /// Appends one change of the current request to the history; returns its
-    /// sub-revision and the record. `prev` is the version it replaces (`None`: the
-    /// key was absent).
-    fn record_change(&mut self, put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Result<(i64, Vec<u8>)> {
-        let sub = self.sub;
-        let rec = encode_change(put, prev, kv);
-        self.history.insert(rev_key(self.next_rev(), sub).as_slice(), rec.as_slice())?;
+    /// Appends one change of the current request to the history and the index.
+    /// `prev` is the version it replaces (`None`: the key was absent).
+    fn record_change(&mut self, put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Result<()> {
+        let at = (self.next_rev(), self.sub);
+        self.history.insert(rev_key(at.0, at.1).as_slice(), encode_change(put, prev, kv).as_slice())?;
+        self.index.push(&kv.key, at, put);
         self.sub += 1;
-        Ok((sub, rec))
+        Ok(())
     }
 
-    fn get_latest(&self, key: &[u8]) -> Result<Option<(RevPtr, KeyValue)>> {
-        match self.latest.get(key)? {
-            Some(v) => Ok(Some(decode_live(v.value())?)),
-            None => Ok(None),
-        }
+    fn keys(&self) -> IndexView<'_> {
+        // The writer is the only one changing the index and the file: it always
+        // sees the current generation.
+        IndexView { index: self.index, generation: self.index.generation() }
+    }
+
+    /// The live version of `key` as this request sees it (its own earlier changes included).
+    fn live(&self, key: &[u8]) -> Result<Option<(RevPtr, KeyValue)>> {
+        self.keys().live(&self.history, key, self.rev())
     }
 
     fn put_unchecked(&mut self, req: &PutRequest) -> Result<PutResponse> {
-        let live = self.get_latest(&req.key)?;
+        let live = self.live(&req.key)?;
         let (prev_at, prev) = live.unzip();
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(MvccError::KeyNotFound);
@@ -569,8 +504,7 @@ impl<'txn> Writer<'txn> {
                 self.lease_keys.insert(lease::lease_key(lease, &req.key).as_slice(), [].as_slice())?;
             }
         }
-        let (sub, rec) = self.record_change(true, prev_at, &kv)?;
-        self.latest.insert(req.key.as_slice(), live_from_change(sub, &rec).as_slice())?;
+        self.record_change(true, prev_at, &kv)?;
         Ok(PutResponse { header: header(rev), prev_kv: if req.prev_kv { prev } else { None } })
     }
 
@@ -638,6 +572,7 @@ impl<'txn> Writer<'txn> {
         for (main, sub) in doomed {
             self.history.remove(rev_key(main, sub).as_slice())?;
         }
+        self.index.compact(rev);
         self.compacted = rev;
         self.meta.insert(META_COMPACT, rev.to_be_bytes().as_slice())?;
         Ok(CompactionResponse { header: header(self.begin_rev) })
@@ -671,7 +606,7 @@ impl<'txn> Writer<'txn> {
 
 impl TxnExec for Writer<'_> {
     fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
-        range_impl(&self.latest, &self.history, req, self.rev(), self.compacted)
+        range_impl(&self.keys(), &self.history, req, self.rev(), self.compacted)
     }
     fn rev(&self) -> Rev {
         if self.sub > 0 {
@@ -684,7 +619,7 @@ impl TxnExec for Writer<'_> {
         self.compacted
     }
     fn key_exists(&self, key: &[u8]) -> Result<bool> {
-        Ok(self.latest.get(key)?.is_some())
+        Ok(self.index.get(key, self.rev(), self.index.generation())?.is_some())
     }
     fn lease_exists(&self, id: i64) -> Result<bool> {
         Ok(self.leases.get(id.to_be_bytes().as_slice())?.is_some())
@@ -694,15 +629,13 @@ impl TxnExec for Writer<'_> {
     }
     fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         let range = KeyRange::new(&req.key, &req.range_end);
-        let mut victims = Vec::new();
-        if !range.is_empty() {
-            for row in live_rows(&self.latest, &range)? {
-                victims.push(decode_live(row?.1.value())?);
-            }
+        let (at, _) = self.index.range(&range, self.rev(), 0, self.index.generation())?;
+        let mut victims = Vec::with_capacity(at.len());
+        for at in at {
+            victims.push((at, stored_version(&self.history, at)?.ok_or_else(|| missing_version(at))?));
         }
         let rev = self.next_rev();
         for (at, kv) in &victims {
-            self.latest.remove(kv.key.as_slice())?;
             self.detach(kv.lease, &kv.key)?;
             let tomb = KeyValue { key: kv.key.clone(), mod_revision: rev, ..Default::default() };
             self.record_change(false, Some(*at), &tomb)?;

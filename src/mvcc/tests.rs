@@ -2,6 +2,7 @@
 //! semantics (and cross-checked end to end by the etcdctl golden test).
 
 use super::*;
+use crate::mvcc::index::KeyIndex;
 use crate::proto::etcdserverpb::{compare::CompareResult, compare::CompareTarget, compare::TargetUnion, RequestOp};
 use crate::storage::Backend;
 use redb::ReadableTableMetadata;
@@ -9,19 +10,31 @@ use redb::ReadableTableMetadata;
 struct Store {
     _dir: tempfile::TempDir,
     backend: Backend,
+    /// Kept up to date by the writes, as the state machine's is.
+    index: Arc<KeyIndex>,
 }
 
 impl Store {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let backend = Backend::open(&dir.path().join("sm.db")).unwrap();
-        Store { _dir: dir, backend }
+        let index = Arc::new(KeyIndex::open(&backend.begin_read().unwrap()).unwrap());
+        Store { _dir: dir, backend, index }
+    }
+
+    fn view(&self) -> ReadView {
+        ReadView::new(&self.backend.begin_read().unwrap(), &self.index).unwrap()
+    }
+
+    /// The index a restart would build from the file.
+    fn rebuilt_index(&self) -> Arc<KeyIndex> {
+        Arc::new(KeyIndex::open(&self.backend.begin_read().unwrap()).unwrap())
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut Writer) -> Result<T>) -> Result<T> {
         let txn = self.backend.begin_apply().unwrap();
         let out = {
-            let mut w = Writer::new(&txn).unwrap();
+            let mut w = Writer::new(&txn, &self.index).unwrap();
             let out = f(&mut w);
             w.finish().unwrap();
             out
@@ -41,7 +54,7 @@ impl Store {
     }
 
     fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
-        ReadView::new(&self.backend.begin_read().unwrap())?.range(&req)
+        ReadView::new(&self.backend.begin_read().unwrap(), &self.index)?.range(&req)
     }
 
     fn keys(&self, req: RangeRequest) -> Vec<String> {
@@ -49,7 +62,7 @@ impl Store {
     }
 
     fn rev(&self) -> Rev {
-        ReadView::new(&self.backend.begin_read().unwrap()).unwrap().current_rev()
+        self.view().current_rev()
     }
 }
 
@@ -222,7 +235,7 @@ fn txn_compares_table() {
     ];
     for (c, want) in cases {
         let req = TxnRequest { compare: vec![c.clone()], success: vec![], failure: vec![] };
-        let resp = ReadView::new(&s.backend.begin_read().unwrap()).unwrap().txn_readonly(&req).unwrap();
+        let resp = s.view().txn_readonly(&req).unwrap();
         assert_eq!(resp.succeeded, want, "{c:?}");
     }
     // A compare over a range holds only if it holds for every key in it.
@@ -230,9 +243,9 @@ fn txn_compares_table() {
     let mut c = cmp("k", Value, Equal, TargetUnion::Value(b"v".to_vec()));
     c.range_end = b"l".to_vec();
     let req = TxnRequest { compare: vec![c.clone()], ..Default::default() };
-    assert!(ReadView::new(&s.backend.begin_read().unwrap()).unwrap().txn_readonly(&req).unwrap().succeeded);
+    assert!(s.view().txn_readonly(&req).unwrap().succeeded);
     s.put("k3", "other");
-    assert!(!ReadView::new(&s.backend.begin_read().unwrap()).unwrap().txn_readonly(&req).unwrap().succeeded);
+    assert!(!s.view().txn_readonly(&req).unwrap().succeeded);
 }
 
 #[test]
@@ -363,7 +376,7 @@ fn hash_kv_matches_etcd_3_4() {
                 }
             }
         }
-        let view = ReadView::new(&s.backend.begin_read().unwrap()).unwrap();
+        let view = s.view();
         assert_eq!(view.hash_kv(0).unwrap().0, want, "case {i}");
     }
 }
@@ -439,7 +452,18 @@ fn history_reads_match_a_model_of_every_revision() {
             }
             let current = states.len() as Rev - 1;
             assert_eq!(s.rev(), current, "{ctx}");
+            let rebuilt = ReadView::new(&s.backend.begin_read().unwrap(), &s.rebuilt_index()).unwrap();
+            assert_eq!(rebuilt.key_count().unwrap(), s.view().key_count().unwrap(), "{ctx}");
+            assert_eq!(s.view().key_count().unwrap(), states.last().unwrap().len() as u64, "{ctx}");
             for r in 1..=current {
+                let whole = RangeRequest { revision: r, ..rr("\0", "\0") };
+                if r >= compacted {
+                    assert_eq!(
+                        rebuilt.range(&whole).unwrap(),
+                        s.range(whole.clone()).unwrap(),
+                        "{ctx} rev {r} rebuilt"
+                    );
+                }
                 let got = s.range(RangeRequest { revision: r, ..rr("\0", "\0") });
                 if r < compacted {
                     assert!(matches!(got, Err(MvccError::Compacted)), "{ctx} rev {r}: {got:?}");
@@ -458,7 +482,7 @@ fn history_reads_match_a_model_of_every_revision() {
                     assert_eq!(got.count, got.kvs.len() as i64, "{ctx}");
                 }
             }
-            let view = ReadView::new(&s.backend.begin_read().unwrap()).unwrap();
+            let view = s.view();
             let from = compacted.max(1) + 1;
             let (events, _) = events::read_events(&view, from, current, 1_000).unwrap();
             for (main, prev, ev) in events {

@@ -1,16 +1,16 @@
 //! Converts state written with the earlier layout, where the history was keyed by
 //! (escaped user key, main, sub) in `history`, a `revs` table indexed it by
-//! revision, and `LATEST` values were a bare `KeyValue`.
+//! revision, and a `latest` table held live keys as a bare `KeyValue` (now
+//! retired: see `storage::RETIRED_LATEST`).
 //!
 //! Runs when a state file is opened and after a snapshot is installed, before
 //! anything reads the state. One durable transaction: a crash midway leaves the
 //! old layout, converted again at the next start.
 
 use super::keys::{decode_rev_key, rev_key};
-use super::records::{encode_change, encode_live, RevPtr};
+use super::records::{encode_change, RevPtr};
 use super::{decode_kv, MvccError, Result};
-use crate::proto::mvccpb::KeyValue;
-use crate::storage::{Backend, HISTORY, LATEST, LEGACY_HISTORY, LEGACY_REVS};
+use crate::storage::{Backend, HISTORY, LEGACY_HISTORY, LEGACY_REVS, RETIRED_LATEST};
 use redb::{ReadableTable, TableHandle};
 
 /// The earlier layout's record tag of a put (a deletion's was 1).
@@ -28,16 +28,9 @@ pub fn upgrade_layout(backend: &Backend) -> Result<bool> {
     {
         let old = txn.open_table(LEGACY_HISTORY)?;
         let mut history = txn.open_table(HISTORY)?;
-        let mut latest = txn.open_table(LATEST)?;
         // The key whose rows are being read (a key's rows are adjacent, oldest
-        // first), its newest row, and that row's revision if it was a put.
-        let mut last: Option<(KeyValue, Option<RevPtr>)> = None;
-        let flush = |last: Option<(KeyValue, Option<RevPtr>)>, latest: &mut redb::Table<&[u8], &[u8]>| -> Result<()> {
-            if let Some((kv, Some((_, sub)))) = last {
-                latest.insert(kv.key.as_slice(), encode_live(sub, &kv).as_slice())?;
-            }
-            Ok(())
-        };
+        // first), and its newest row's revision if that row was a put.
+        let mut last: Option<(Vec<u8>, Option<RevPtr>)> = None;
         for row in old.iter()? {
             let (k, v) = row?;
             let (k, v) = (k.value(), v.value());
@@ -51,17 +44,16 @@ pub fn upgrade_layout(backend: &Backend) -> Result<bool> {
             // The version this row replaced: the key's previous row if it was a put.
             // The first row kept by a compaction gets none; nothing reads that far back.
             let prev = match &last {
-                Some((p, live)) if p.key == kv.key => *live,
-                _ => {
-                    flush(last.take(), &mut latest)?;
-                    None
-                }
+                Some((key, live)) if *key == kv.key => *live,
+                _ => None,
             };
             history.insert(rev_key(at.0, at.1).as_slice(), encode_change(put, prev, &kv).as_slice())?;
-            last = Some((kv, put.then_some(at)));
+            last = Some((kv.key, put.then_some(at)));
         }
-        flush(last, &mut latest)?;
     }
+    // The earlier layout's live keys: the key index is built from the history.
+    txn.delete_table(RETIRED_LATEST)?;
+    txn.open_table(RETIRED_LATEST)?;
     txn.delete_table(LEGACY_HISTORY)?;
     txn.delete_table(LEGACY_REVS)?;
     txn.commit()?;
@@ -71,6 +63,7 @@ pub fn upgrade_layout(backend: &Backend) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mvcc::index::KeyIndex;
     use crate::mvcc::records::decode_change;
     use crate::mvcc::{ReadView, Rev, Writer};
     use crate::proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
@@ -104,11 +97,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let native = Backend::open(&dir.path().join("native.db")).unwrap();
         let write = |b: &Backend, f: &dyn Fn(&mut Writer)| {
+            let index = KeyIndex::open(&b.begin_read().unwrap()).unwrap();
             let txn = b.begin_apply().unwrap();
-            let mut w = Writer::new(&txn).unwrap();
+            let mut w = Writer::new(&txn, &index).unwrap();
             f(&mut w);
             w.finish().unwrap();
             txn.commit().unwrap();
+        };
+        let view = |b: &Backend| {
+            let txn = b.begin_read().unwrap();
+            let index = std::sync::Arc::new(KeyIndex::open(&txn).unwrap());
+            ReadView::new(&txn, &index).unwrap()
         };
         let put = |k: &[u8], v: &str| PutRequest { key: k.to_vec(), value: v.into(), ..Default::default() };
         let del = |k: &[u8]| DeleteRangeRequest { key: k.to_vec(), ..Default::default() };
@@ -140,10 +139,10 @@ mod tests {
                     history.insert(legacy_key(&change.kv.key, main, sub).as_slice(), rec.as_slice()).unwrap();
                     revs.insert(k.as_slice(), change.kv.key.as_slice()).unwrap();
                 }
-                let mut latest = txn.open_table(LATEST).unwrap();
-                for (k, v) in rows(&native, LATEST) {
-                    let (_, kv) = crate::mvcc::records::decode_live(&v).unwrap();
-                    latest.insert(k.as_slice(), kv.encode_to_vec().as_slice()).unwrap();
+                let mut latest = txn.open_table(RETIRED_LATEST).unwrap();
+                let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+                for kv in view(&native).range(&all).unwrap().kvs {
+                    latest.insert(kv.key.as_slice(), kv.encode_to_vec().as_slice()).unwrap();
                 }
             }
             txn.commit().unwrap();
@@ -154,12 +153,12 @@ mod tests {
         restored.install_snapshot(&snap).unwrap();
         assert!(upgrade_layout(&restored).unwrap(), "an installed legacy snapshot is converted");
         assert_eq!(rows(&restored, HISTORY), rows(&native, HISTORY));
-        assert_eq!(rows(&restored, LATEST), rows(&native, LATEST));
+        assert_eq!(rows(&restored, RETIRED_LATEST), Rows::new());
 
         assert!(upgrade_layout(&legacy).unwrap(), "the legacy tables are found");
         assert!(!upgrade_layout(&legacy).unwrap(), "and converted only once");
         assert_eq!(rows(&legacy, HISTORY), rows(&native, HISTORY));
-        assert_eq!(rows(&legacy, LATEST), rows(&native, LATEST));
+        assert_eq!(rows(&legacy, RETIRED_LATEST), Rows::new(), "the earlier live-key rows are dropped");
         let txn = legacy.begin_read().unwrap();
         assert!(!txn.list_tables().unwrap().any(|t| t.name() == LEGACY_REVS.name()), "legacy tables are dropped");
 
@@ -169,7 +168,6 @@ mod tests {
                 w.compact(5).unwrap();
             });
         }
-        let view = |b: &Backend| ReadView::new(&b.begin_read().unwrap()).unwrap();
         for rev in 5..=view(&native).current_rev() {
             let req = RangeRequest { key: vec![0], range_end: vec![0], revision: rev, ..Default::default() };
             assert_eq!(view(&legacy).range(&req).unwrap(), view(&native).range(&req).unwrap(), "rev {rev}");

@@ -240,7 +240,7 @@ pub async fn run_monitor(node: Arc<Node>) {
                     .map(|r| r.into_iter().map(|(id, r)| (id, r.learner)).collect::<Vec<_>>())
                     .ok(),
                 crate::consensus::state_machine::alarms(&txn).ok(),
-                crate::mvcc::ReadView::new(&txn).and_then(|v| v.lease_count()).unwrap_or(0),
+                crate::mvcc::ReadView::new(&txn, &node.group.index).and_then(|v| v.lease_count()).unwrap_or(0),
             ),
             Err(_) => (None, None, 0),
         };
@@ -361,7 +361,7 @@ pub fn render(node: &Node) -> String {
         .backend
         .begin_read()
         .ok()
-        .and_then(|t| crate::mvcc::ReadView::new(&t).ok())
+        .and_then(|t| crate::mvcc::ReadView::new(&t, &node.group.index).ok())
         .map(|v| (v.key_count().unwrap_or(0), v.lease_count().unwrap_or(0)))
         .unwrap_or((0, 0));
     let committed = m.local_committed.map(|l| l.index()).unwrap_or(0);

@@ -250,7 +250,7 @@ impl Node {
         if alarms.contains(&(self.member_id, crate::consensus::state_machine::ALARM_CORRUPT)) {
             return Err(errors::corrupt());
         }
-        ReadView::new(&txn).map_err(errors::from_mvcc)
+        ReadView::new(&txn, &self.group.index).map_err(errors::from_mvcc)
     }
 
     /// Fills the response header's identity fields, as etcd's `header.fill` does.

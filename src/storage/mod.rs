@@ -15,13 +15,16 @@ use std::path::Path;
 
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    TableHandle, WriteTransaction,
 };
 
 /// Small bookkeeping values: applied log id, membership, revisions, member attributes.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// Live keys at the current revision: user key -> sub-revision ‖ encoded `KeyValue`.
-pub const LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("latest");
+/// The live-key table of earlier versions (user key -> sub-revision ‖ `KeyValue`),
+/// now always empty: which version of a key is live comes from `mvcc::index`, built
+/// from [`HISTORY`]. It stays in the snapshot format so table ids keep their meaning;
+/// rows in an older file or snapshot are dropped when it is opened or installed.
+pub const RETIRED_LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("latest");
 /// Every retained change, in revision order: main ‖ sub -> change record (the
 /// encodings are `mvcc::records`'s).
 pub const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
@@ -41,13 +44,13 @@ pub const LEASE_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leas
 type ByteTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
 /// Tables in snapshot order. The position is the table's id in the snapshot format.
-const BYTE_TABLES: [ByteTable; 4] = [LATEST, HISTORY, LEASES, LEASE_KEYS];
+const BYTE_TABLES: [ByteTable; 4] = [RETIRED_LATEST, HISTORY, LEASES, LEASE_KEYS];
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSNAP02";
 /// Snapshots of the earlier layout (history keyed by user key) and their tables.
 /// Installing one leaves the legacy tables for `mvcc::upgrade` to convert.
 const LEGACY_SNAPSHOT_MAGIC: &[u8; 8] = b"CCSNAP01";
-const LEGACY_BYTE_TABLES: [ByteTable; 5] = [LATEST, LEGACY_HISTORY, LEGACY_REVS, LEASES, LEASE_KEYS];
+const LEGACY_BYTE_TABLES: [ByteTable; 5] = [RETIRED_LATEST, LEGACY_HISTORY, LEGACY_REVS, LEASES, LEASE_KEYS];
 
 /// Errors of the storage engine. Disk and corruption problems are values, not panics:
 /// the caller decides whether the member can keep serving.
@@ -124,11 +127,16 @@ impl Backend {
         }
         let backend = Backend { db: std::sync::RwLock::new(std::sync::Arc::new(db)), path: path.to_path_buf() };
         let txn = backend.db().begin_write()?;
-        {
+        let retired_rows = {
             txn.open_table(META)?;
             for t in BYTE_TABLES {
                 txn.open_table(t)?;
             }
+            txn.open_table(RETIRED_LATEST)?.len()?
+        };
+        if retired_rows > 0 {
+            txn.delete_table(RETIRED_LATEST)?;
+            txn.open_table(RETIRED_LATEST)?;
         }
         txn.commit()?;
         Ok(backend)
@@ -307,6 +315,9 @@ impl Backend {
             }
             for (i, t) in defs.iter().enumerate() {
                 let mut table = txn.open_table(*t)?;
+                if t.name() == RETIRED_LATEST.name() {
+                    continue;
+                }
                 for (k, v) in &tables[i + 1] {
                     table.insert(k.as_slice(), v.as_slice())?;
                 }
@@ -425,6 +436,13 @@ fn snapshot_tables(data: &[u8]) -> Result<&'static [ByteTable], StorageError> {
     }
 }
 
+/// The rows of table `def` in `tables` (what [`decode_snapshot`] returned for
+/// `data`), if the snapshot's format has that table.
+pub fn snapshot_rows<'t>(data: &[u8], tables: &'t [Rows], def: ByteTable) -> Option<&'t Rows> {
+    let i = snapshot_tables(data).ok()?.iter().position(|t| t.name() == def.name())?;
+    tables.get(i + 1)
+}
+
 /// Parses and verifies a snapshot produced by [`Backend::snapshot_bytes`] (or by
 /// the earlier layout's): META's rows, then each table's in [`snapshot_tables`] order.
 pub fn decode_snapshot(data: &[u8]) -> Result<Vec<Rows>, StorageError> {
@@ -492,7 +510,7 @@ mod tests {
             let b = Backend::open(&path).unwrap();
             let txn = b.begin_apply().unwrap();
             {
-                let mut t = txn.open_table(LATEST).unwrap();
+                let mut t = txn.open_table(HISTORY).unwrap();
                 for i in 0..100u32 {
                     t.insert(i.to_be_bytes().as_slice(), marker.as_slice()).unwrap();
                 }
@@ -535,8 +553,11 @@ mod tests {
         {
             let txn = a.begin_apply().unwrap();
             {
-                let mut t = txn.open_table(LATEST).unwrap();
+                let mut t = txn.open_table(HISTORY).unwrap();
                 t.insert(b"k".as_slice(), b"v".as_slice()).unwrap();
+                // What an earlier version kept there: dropped by install.
+                let mut retired = txn.open_table(RETIRED_LATEST).unwrap();
+                retired.insert(b"k".as_slice(), b"old".as_slice()).unwrap();
                 let mut m = txn.open_table(META).unwrap();
                 m.insert("rev", 7i64.to_be_bytes().as_slice()).unwrap();
             }
@@ -546,7 +567,13 @@ mod tests {
         let b = Backend::open(&dir.path().join("b.db")).unwrap();
         b.install_snapshot(&snap).unwrap();
         let r = b.begin_read().unwrap();
-        assert_eq!(r.open_table(LATEST).unwrap().get(b"k".as_slice()).unwrap().unwrap().value(), b"v");
+        assert_eq!(r.open_table(HISTORY).unwrap().get(b"k".as_slice()).unwrap().unwrap().value(), b"v");
+        assert!(r.open_table(RETIRED_LATEST).unwrap().is_empty().unwrap());
+        drop(r);
+        // An older file's rows there are dropped when it is opened.
+        drop(a);
+        let a = Backend::open(&dir.path().join("a.db")).unwrap();
+        assert!(a.begin_read().unwrap().open_table(RETIRED_LATEST).unwrap().is_empty().unwrap());
 
         for i in [0, 9, snap.len() / 2, snap.len() - 1] {
             let mut bad = snap.clone();
