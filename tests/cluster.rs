@@ -153,6 +153,18 @@ async fn lagging_member_catches_up_by_snapshot() {
         c.put(format!("s/{i:04}"), "x", None).await.unwrap();
     }
     let want = keys_with_prefix(&mut c, "s/", false).await.unwrap();
+    // The leader purges its log behind each snapshot only when no replication is
+    // reading those entries; restart the lagger once it has, so that it cannot
+    // catch up from the log.
+    let port = cluster.members[leader].client_port;
+    let purged = eventually(Duration::from_secs(30), || async move {
+        let (_, body) = concord_testkit::http_get(port, "/metrics").ok()?;
+        let line = body.lines().find(|l| l.starts_with("concord_raft_log_purged_index "))?;
+        let index: u64 = line.split(' ').nth(1)?.parse().ok()?;
+        (index > 100).then_some(index)
+    })
+    .await;
+    assert!(purged.is_some(), "the leader never purged its log behind a snapshot");
     cluster.restart(lagger);
     let mut lc = cluster.client(lagger).await;
     let got = eventually(Duration::from_secs(30), || {

@@ -368,7 +368,8 @@ pub fn render(node: &Node) -> String {
     let applied = m.last_applied.map(|l| l.index()).unwrap_or(0);
     let load = |g: &AtomicI64| g.load(Ordering::Relaxed).to_string();
     let (backlog, max_backlog) = stats.watch_backlog();
-    let series: [(&str, &str, String); 19] = [
+    let purged = m.purged.map(|l| l.index()).unwrap_or(0);
+    let series: [(&str, &str, String); 20] = [
         (
             "etcd_server_has_leader",
             "Whether or not a leader exists. 1 is existence, 0 is not.",
@@ -410,6 +411,11 @@ pub fn render(node: &Node) -> String {
         ("etcd_debugging_mvcc_watcher_total", "Total number of watchers.", load(&stats.watchers)),
         ("process_resident_memory_bytes", "Resident memory size in bytes.", resident_memory_bytes().to_string()),
         ("concord_leases_total", "Granted, unexpired leases.", leases.to_string()),
+        (
+            "concord_raft_log_purged_index",
+            "Highest Raft log index removed from this member's log (a member that has not reached it catches up by snapshot).",
+            purged.to_string(),
+        ),
         (
             "concord_apply_lag_entries",
             "Committed log entries not yet applied on this member.",
