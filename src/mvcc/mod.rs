@@ -42,7 +42,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::mvccpb::KeyValue;
 use crate::storage::{StorageError, HISTORY, LEASES, LEASE_KEYS, META};
-use index::KeyIndex;
+use index::{Head, KeyIndex};
 use keys::{decode_rev_key, rev_key, KeyRange};
 use records::{decode_change, encode_change, RevPtr};
 
@@ -461,7 +461,8 @@ impl<'txn> Writer<'txn> {
     fn record_change(&mut self, put: bool, prev: Option<RevPtr>, kv: &KeyValue) -> Result<()> {
         let at = (self.next_rev(), self.sub);
         self.history.insert(rev_key(at.0, at.1).as_slice(), encode_change(put, prev, kv).as_slice())?;
-        self.index.push(&kv.key, at, put);
+        let head = put.then_some(Head { create_revision: kv.create_revision, version: kv.version, lease: kv.lease });
+        self.index.push(&kv.key, at, head);
         self.sub += 1;
         Ok(())
     }
@@ -472,39 +473,38 @@ impl<'txn> Writer<'txn> {
         IndexView { index: self.index, generation: self.index.generation() }
     }
 
-    /// The live version of `key` as this request sees it (its own earlier changes included).
-    fn live(&self, key: &[u8]) -> Result<Option<(RevPtr, KeyValue)>> {
-        self.keys().live(&self.history, key, self.rev())
-    }
-
     fn put_unchecked(&mut self, req: &PutRequest) -> Result<PutResponse> {
-        let live = self.live(&req.key)?;
-        let (prev_at, prev) = live.unzip();
-        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+        // The version replaced, as this request sees it (its own earlier changes
+        // included); its value is read back only when the request needs it.
+        let newest = self.index.newest(&req.key);
+        if (req.ignore_value || req.ignore_lease) && newest.is_none() {
             return Err(MvccError::KeyNotFound);
         }
+        let prev = match newest {
+            Some((at, _)) if req.prev_kv || req.ignore_value => {
+                Some(stored_version(&self.history, at)?.ok_or_else(|| missing_version(at))?)
+            }
+            _ => None,
+        };
         let rev = self.next_rev();
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
+        let (create_revision, version) = match newest {
+            Some((_, h)) => (h.create_revision, h.version + 1),
             None => (rev, 1),
         };
         let value = match (&prev, req.ignore_value) {
             (Some(p), true) => p.value.clone(),
             _ => req.value.clone(),
         };
-        let lease = match (&prev, req.ignore_lease) {
-            (Some(p), true) => p.lease,
-            _ => req.lease,
-        };
+        let old_lease = newest.map_or(0, |(_, h)| h.lease);
+        let lease = if req.ignore_lease { old_lease } else { req.lease };
         let kv = KeyValue { key: req.key.clone(), create_revision, mod_revision: rev, version, value, lease };
-        let old_lease = prev.as_ref().map(|p| p.lease).unwrap_or(0);
         if old_lease != lease {
             self.detach(old_lease, &req.key)?;
             if lease != 0 {
                 self.lease_keys.insert(lease::lease_key(lease, &req.key).as_slice(), [].as_slice())?;
             }
         }
-        self.record_change(true, prev_at, &kv)?;
+        self.record_change(true, newest.map(|(at, _)| at), &kv)?;
         Ok(PutResponse { header: header(rev), prev_kv: if req.prev_kv { prev } else { None } })
     }
 

@@ -452,7 +452,16 @@ fn history_reads_match_a_model_of_every_revision() {
             }
             let current = states.len() as Rev - 1;
             assert_eq!(s.rev(), current, "{ctx}");
-            let rebuilt = ReadView::new(&s.backend.begin_read().unwrap(), &s.rebuilt_index()).unwrap();
+            let rebuilt_index = s.rebuilt_index();
+            for k in b'a'..b'g' {
+                let want =
+                    states.last().unwrap().get(&vec![k]).map(|kv| (kv.create_revision, kv.version, kv.mod_revision));
+                for index in [&s.index, &rebuilt_index] {
+                    let got = index.newest(&[k]).map(|(at, h)| (h.create_revision, h.version, at.0));
+                    assert_eq!(got, want, "{ctx} newest of {}", k as char);
+                }
+            }
+            let rebuilt = ReadView::new(&s.backend.begin_read().unwrap(), &rebuilt_index).unwrap();
             assert_eq!(rebuilt.key_count().unwrap(), s.view().key_count().unwrap(), "{ctx}");
             assert_eq!(s.view().key_count().unwrap(), states.last().unwrap().len() as u64, "{ctx}");
             for r in 1..=current {
