@@ -136,8 +136,7 @@ impl Group {
             .await
             .map_err(|_| format!("revision {rev} not applied within {wait:?}"))?
             .map_err(|e| e.to_string())?;
-        let txn = self.backend.begin_read().map_err(|e| e.to_string())?;
-        let view = crate::mvcc::ReadView::new(&txn, &self.index).map_err(|e| e.to_string())?;
+        let view = crate::mvcc::ReadView::open(&self.backend, &self.index).map_err(|e| e.to_string())?;
         view.hash_kv(rev).map_err(|e| e.to_string())
     }
 

@@ -421,8 +421,8 @@ impl<'txn> BatchApplier<'txn> {
             Err(MvccError::KeyNotFound) => CommandResult::Err(ApplyError::KeyNotFound),
             Err(MvccError::LeaseNotFound) => CommandResult::Err(ApplyError::LeaseNotFound),
             Err(MvccError::LeaseExists) => CommandResult::Err(ApplyError::LeaseExists),
-            // The writer always reads the current file: `Replaced` would be a bug.
-            Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_) | MvccError::Replaced)) => return Err(io_err(e)),
+            // The writer always reads the current file: `Retry` would be a bug.
+            Err(e @ (MvccError::Storage(_) | MvccError::Corrupt(_) | MvccError::Retry)) => return Err(io_err(e)),
         })
     }
 

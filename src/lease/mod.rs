@@ -107,8 +107,7 @@ impl Lessor {
     }
 
     fn records(&self) -> Option<Vec<LeaseRecord>> {
-        let txn = self.group.backend.begin_read().ok()?;
-        ReadView::new(&txn, &self.group.index).ok()?.leases().ok()
+        ReadView::open(&self.group.backend, &self.group.index).ok()?.leases().ok()
     }
 
     /// Runs until the process stops.

@@ -9,12 +9,15 @@
 //!   which pushes every change it records and prunes what compaction removes.
 //! - A read at revision R sees a key's newest version at or below R, so a reader
 //!   whose redb snapshot is at R gets the answer of that snapshot even while the
-//!   writer pushes changes at revisions above R (before they commit). Versions
-//!   below the index's compaction point are gone: a read below it fails with
+//!   writer pushes changes at revisions above R (before they commit).
+//! - Compaction prunes versions, but never what an open reader needs: each
+//!   [`ReadView`](super::ReadView) pins its snapshot's revision ([`KeyIndex::pin`]),
+//!   and pruning stops at the oldest pin (what it leaves, the next compaction
+//!   prunes). A read at an explicit revision below the pruned point fails with
 //!   [`MvccError::Compacted`], as etcd's does when a compaction overtook it.
 //! - A state file replaced wholesale (snapshot install) gives the index a new
 //!   generation; a [`ReadView`](super::ReadView) opened on the old file notices and
-//!   fails instead of mixing the two ([`MvccError::Replaced`]).
+//!   fails instead of mixing the two ([`MvccError::Retry`]).
 //!
 //! Why: the alternative, a `latest` table of live keys in the state file, made
 //! every apply transaction copy-on-write one random B-tree leaf per written key
@@ -25,7 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use redb::{ReadTransaction, ReadableTable};
 
@@ -70,7 +73,8 @@ struct Versions {
 #[derive(Default)]
 struct Inner {
     keys: BTreeMap<Vec<u8>, Versions>,
-    /// Versions older than the newest one at or below this revision are pruned.
+    /// Versions older than the newest one at or below this revision are pruned
+    /// (at most the store's compaction revision: less while a reader pinned less).
     compacted: Rev,
     /// Keys whose newest version is a put.
     live: u64,
@@ -85,6 +89,28 @@ struct Inner {
 #[derive(Default)]
 pub struct KeyIndex {
     inner: RwLock<Inner>,
+    /// Revisions open readers read at, with how many read at each. A std mutex,
+    /// held for a map update, or by compaction across its pruning so that a
+    /// reader pins either before it (and is spared) or after it (and sees it).
+    pinned: Mutex<BTreeMap<Rev, usize>>,
+}
+
+/// An open reader's hold on the versions of revision `rev` ([`KeyIndex::pin`]).
+pub struct Pin {
+    index: std::sync::Arc<KeyIndex>,
+    rev: Rev,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pinned = self.index.pinned.lock().expect("key index pins poisoned");
+        if let Some(n) = pinned.get_mut(&self.rev) {
+            *n -= 1;
+            if *n == 0 {
+                pinned.remove(&self.rev);
+            }
+        }
+    }
 }
 
 /// The newest version of `versions` at or below `rev`, if that is a put.
@@ -121,7 +147,7 @@ impl Inner {
     /// another state file than the reader's (`generation`).
     fn check(&self, rev: Rev, generation: u64) -> Result<()> {
         if self.replacing || self.generation != generation {
-            return Err(MvccError::Replaced);
+            return Err(MvccError::Retry);
         }
         if rev < self.compacted {
             return Err(MvccError::Compacted);
@@ -134,7 +160,19 @@ impl KeyIndex {
     /// Builds the index of the state `txn` reads.
     pub fn open(txn: &ReadTransaction) -> Result<KeyIndex> {
         let compacted = revisions(&txn.open_table(META)?)?.1;
-        Ok(KeyIndex { inner: RwLock::new(Inner::build(&txn.open_table(HISTORY)?, compacted)?) })
+        Ok(KeyIndex { inner: RwLock::new(Inner::build(&txn.open_table(HISTORY)?, compacted)?), ..Default::default() })
+    }
+
+    /// Keeps the versions a reader at `rev` needs until the pin is dropped. Fails
+    /// with [`MvccError::Retry`] when a compaction pruned past `rev` before the pin
+    /// (the reader's snapshot is then older than the index: open a new one).
+    pub fn pin(self: &std::sync::Arc<Self>, rev: Rev) -> Result<Pin> {
+        let mut pinned = self.pinned.lock().expect("key index pins poisoned");
+        if self.read().compacted > rev {
+            return Err(MvccError::Retry);
+        }
+        *pinned.entry(rev).or_default() += 1;
+        Ok(Pin { index: self.clone(), rev })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -256,8 +294,10 @@ impl KeyIndex {
 
     /// Prunes what compacting at `rev` removes from the history: every version
     /// older than a key's newest one at or below `rev`, and that one too if it is
-    /// a deletion.
+    /// a deletion. Stops at the oldest pinned revision if that is lower.
     pub fn compact(&self, rev: Rev) {
+        let pinned = self.pinned.lock().expect("key index pins poisoned");
+        let rev = pinned.keys().next().map_or(rev, |&oldest| oldest.min(rev));
         let mut inner = self.write();
         inner.keys.retain(|_, entry| {
             let versions = &mut entry.list;
@@ -303,7 +343,17 @@ mod tests {
         assert_eq!(index.get(b"b", 6, g).unwrap(), Some((3, 1)));
         assert_eq!(index.get(b"a", 7, g).unwrap(), Some((7, 0)));
         assert_eq!(index.read().keys[b"a".as_slice()].list.len(), 1, "the deletion at 5 and all before it are gone");
+        let index = std::sync::Arc::new(index);
+        {
+            let _reader = index.pin(7).unwrap();
+            index.compact(8);
+            assert_eq!(index.get(b"b", 7, g).unwrap(), Some((3, 1)), "a pinned reader keeps its versions");
+            assert!(matches!(index.pin(6), Err(MvccError::Retry)), "pruned past 6 already");
+        }
+        index.push(b"b", (9, 0), None);
+        index.compact(9);
+        assert!(matches!(index.get(b"b", 8, g), Err(MvccError::Compacted)), "unpinned: pruned to 9");
         index.begin_replace();
-        assert!(matches!(index.get(b"b", 7, g), Err(MvccError::Replaced)));
+        assert!(matches!(index.get(b"b", 9, g), Err(MvccError::Retry)));
     }
 }

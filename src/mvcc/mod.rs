@@ -41,13 +41,17 @@ use crate::proto::etcdserverpb::{
     TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
-use crate::storage::{StorageError, HISTORY, LEASES, LEASE_KEYS, META};
+use crate::storage::{Backend, StorageError, HISTORY, LEASES, LEASE_KEYS, META};
 use index::{Head, KeyIndex};
 use keys::{decode_rev_key, rev_key, KeyRange};
 use records::{decode_change, encode_change, RevPtr};
 
 /// A main revision.
 pub type Rev = i64;
+
+/// Fresh read transactions a read tries when compactions keep overtaking the one
+/// it opened ([`MvccError::Retry`]; each race is a window of microseconds).
+pub const READ_VIEW_ATTEMPTS: u32 = 3;
 
 const META_REV: &str = "mvcc/rev";
 const META_COMPACT: &str = "mvcc/compact";
@@ -65,9 +69,10 @@ pub enum MvccError {
     LeaseNotFound,
     #[error("etcdserver: lease already exists")]
     LeaseExists,
-    /// The state file was replaced (a snapshot was installed) while the request read it.
-    #[error("etcdserver: the state was replaced by a snapshot while reading; retry")]
-    Replaced,
+    /// The state changed under the read: a snapshot replaced the file, or a
+    /// compaction pruned the index past the read's snapshot before it began.
+    #[error("etcdserver: the state changed while reading; retry")]
+    Retry,
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("stored record is corrupt: {0}")]
@@ -267,6 +272,8 @@ where
 /// A consistent read-only view: one redb read transaction.
 pub struct ReadView {
     index: Arc<KeyIndex>,
+    /// Keeps compaction from pruning what this view reads.
+    _pin: index::Pin,
     /// The index generation of the state file `txn` reads.
     generation: u64,
     history: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
@@ -279,10 +286,12 @@ pub struct ReadView {
 impl ReadView {
     /// A view of `txn`, which must have been opened on the state file `index`
     /// indexes (and just now: a replacement since is detected from here on).
+    /// [`MvccError::Retry`]: open a new transaction and try again.
     pub fn new(txn: &ReadTransaction, index: &Arc<KeyIndex>) -> Result<Self> {
         let meta = txn.open_table(META)?;
         let (current, compacted) = revisions(&meta)?;
         Ok(ReadView {
+            _pin: index.pin(current)?,
             index: index.clone(),
             generation: index.generation(),
             history: txn.open_table(HISTORY)?,
@@ -291,6 +300,18 @@ impl ReadView {
             current,
             compacted,
         })
+    }
+
+    /// A view of `backend`'s current state, in a fresh transaction each time a
+    /// compaction overtakes the one opened (see [`ReadView::new`]).
+    pub fn open(backend: &Backend, index: &Arc<KeyIndex>) -> Result<Self> {
+        let mut attempts = 0;
+        loop {
+            match ReadView::new(&backend.begin_read()?, index) {
+                Err(MvccError::Retry) if attempts < READ_VIEW_ATTEMPTS => attempts += 1,
+                r => return r,
+            }
+        }
     }
 
     pub fn current_rev(&self) -> Rev {

@@ -521,3 +521,27 @@ fn del_op_bytes(k: &[u8]) -> RequestOp {
         })),
     }
 }
+
+#[test]
+fn a_reader_open_across_a_compaction_keeps_its_snapshot() {
+    let s = Store::new();
+    s.put("a", "1");
+    s.put("a", "2");
+    let view = s.view();
+    assert_eq!(view.current_rev(), 3);
+    s.put("a", "3");
+    s.write(|w| w.compact(4)).unwrap();
+    // The open view still reads its snapshot: the compaction left its versions.
+    assert_eq!(view.range(&rr("a", "")).unwrap().kvs[0].value, b"2");
+    drop(view);
+    // A transaction opened before a compaction but pinned after it is refused;
+    // `open` takes a fresh one. That compaction also prunes what the pin kept.
+    let unpinned = s.backend.begin_read().unwrap();
+    s.put("b", "1");
+    s.write(|w| w.compact(5)).unwrap();
+    assert!(matches!(ReadView::new(&unpinned, &s.index), Err(MvccError::Retry)));
+    let fresh = ReadView::open(&s.backend, &s.index).unwrap();
+    assert_eq!(fresh.compacted_rev(), 5);
+    assert_eq!(fresh.range(&rr("a", "")).unwrap().kvs[0].value, b"3");
+    assert!(matches!(s.range(RangeRequest { revision: 4, ..rr("a", "") }), Err(MvccError::Compacted)));
+}

@@ -137,7 +137,7 @@ pub fn from_mvcc(e: crate::mvcc::MvccError) -> Status {
         E::KeyNotFound => key_not_found(),
         E::LeaseNotFound => lease_not_found(),
         E::LeaseExists => lease_exists(),
-        E::Replaced => Status::unavailable(e.to_string()),
+        E::Retry => Status::unavailable(e.to_string()),
         E::Storage(s) => Status::internal(format!("etcdserver: storage: {s}")),
         E::Corrupt(s) => Status::data_loss(format!("etcdserver: corrupt state: {s}")),
     }

@@ -356,12 +356,8 @@ pub fn render(node: &Node) -> String {
     let stats = &node.stats;
     let (db_size, db_in_use) = node.group.backend.sizes().unwrap_or((0, 0));
     let revision = *node.group.revision.borrow();
-    let (keys, leases) = node
-        .group
-        .backend
-        .begin_read()
+    let (keys, leases) = crate::mvcc::ReadView::open(&node.group.backend, &node.group.index)
         .ok()
-        .and_then(|t| crate::mvcc::ReadView::new(&t, &node.group.index).ok())
         .map(|v| (v.key_count().unwrap_or(0), v.lease_count().unwrap_or(0)))
         .unwrap_or((0, 0));
     let committed = m.local_committed.map(|l| l.index()).unwrap_or(0);

@@ -240,17 +240,26 @@ impl Node {
     }
 
     /// A consistent local view, after a ReadIndex barrier unless `serializable`.
+    /// The view pins its revision in the key index ([`crate::mvcc::index::Pin`]).
     pub async fn read_view(&self, serializable: bool) -> Result<ReadView, tonic::Status> {
         if !serializable {
             self.group.read_barrier(self.config.request_timeout()).await.map_err(errors::from_consensus)?;
         }
-        let txn = self.group.backend.begin_read().map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let alarms =
-            crate::consensus::state_machine::alarms(&txn).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        if alarms.contains(&(self.member_id, crate::consensus::state_machine::ALARM_CORRUPT)) {
-            return Err(errors::corrupt());
+        let mut attempts = 0;
+        loop {
+            let txn = self.group.backend.begin_read().map_err(|e| tonic::Status::internal(e.to_string()))?;
+            let alarms =
+                crate::consensus::state_machine::alarms(&txn).map_err(|e| tonic::Status::internal(e.to_string()))?;
+            if alarms.contains(&(self.member_id, crate::consensus::state_machine::ALARM_CORRUPT)) {
+                return Err(errors::corrupt());
+            }
+            match ReadView::new(&txn, &self.group.index) {
+                // A compaction committed between opening `txn` and pinning it: the
+                // next transaction sees it.
+                Err(crate::mvcc::MvccError::Retry) if attempts < crate::mvcc::READ_VIEW_ATTEMPTS => attempts += 1,
+                r => return r.map_err(errors::from_mvcc),
+            }
         }
-        ReadView::new(&txn, &self.group.index).map_err(errors::from_mvcc)
     }
 
     /// Fills the response header's identity fields, as etcd's `header.fill` does.

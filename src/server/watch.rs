@@ -191,8 +191,7 @@ impl EventCache {
     }
 
     fn read_into(&self, node: &Node, from: Rev) -> Result<Rev, String> {
-        let txn = node.group.backend.begin_read().map_err(|e| e.to_string())?;
-        let view = ReadView::new(&txn, &node.group.index).map_err(|e| e.to_string())?;
+        let view = ReadView::open(&node.group.backend, &node.group.index).map_err(|e| e.to_string())?;
         let mut ring = self.ring.write().expect("event cache poisoned");
         if from < view.compacted_rev() {
             // History this member never saw (a snapshot install): restart the ring;
@@ -390,8 +389,7 @@ enum Pull {
 }
 
 fn pull(node: &Node, filter: &Filter, next: Rev) -> Result<Pull, String> {
-    let txn = node.group.backend.begin_read().map_err(|e| e.to_string())?;
-    let view = ReadView::new(&txn, &node.group.index).map_err(|e| e.to_string())?;
+    let view = ReadView::open(&node.group.backend, &node.group.index).map_err(|e| e.to_string())?;
     if next < view.compacted_rev() {
         return Ok(Pull::Compacted(view.compacted_rev()));
     }
