@@ -120,6 +120,12 @@ fn live_at(versions: &[Version], rev: Rev) -> Option<RevPtr> {
 }
 
 impl Inner {
+    /// The index of the state `txn` reads.
+    fn of(txn: &ReadTransaction) -> Result<Inner> {
+        let compacted = revisions(&txn.open_table(META)?)?.1;
+        Inner::build(&txn.open_table(HISTORY)?, compacted)
+    }
+
     fn build<H: ReadableTable<&'static [u8], &'static [u8]>>(history: &H, compacted: Rev) -> Result<Inner> {
         let mut inner = Inner { compacted, ..Default::default() };
         for row in history.iter()? {
@@ -159,8 +165,7 @@ impl Inner {
 impl KeyIndex {
     /// Builds the index of the state `txn` reads.
     pub fn open(txn: &ReadTransaction) -> Result<KeyIndex> {
-        let compacted = revisions(&txn.open_table(META)?)?.1;
-        Ok(KeyIndex { inner: RwLock::new(Inner::build(&txn.open_table(HISTORY)?, compacted)?), ..Default::default() })
+        Ok(KeyIndex { inner: RwLock::new(Inner::of(txn)?), ..Default::default() })
     }
 
     /// Keeps the versions a reader at `rev` needs until the pin is dropped. Fails
@@ -198,10 +203,7 @@ impl KeyIndex {
 
     /// Rebuilds the index from the new state, which `txn` reads (after it committed).
     pub fn replace(&self, txn: &ReadTransaction) -> Result<()> {
-        let built = (|| {
-            let compacted = revisions(&txn.open_table(META)?)?.1;
-            Inner::build(&txn.open_table(HISTORY)?, compacted)
-        })();
+        let built = Inner::of(txn);
         let mut inner = self.write();
         let generation = inner.generation + 1;
         match built {

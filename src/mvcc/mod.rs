@@ -645,7 +645,8 @@ impl TxnExec for Writer<'_> {
         self.compacted
     }
     fn key_exists(&self, key: &[u8]) -> Result<bool> {
-        Ok(self.index.get(key, self.rev(), self.index.generation())?.is_some())
+        let keys = self.keys();
+        Ok(keys.index.get(key, self.rev(), keys.generation)?.is_some())
     }
     fn lease_exists(&self, id: i64) -> Result<bool> {
         Ok(self.leases.get(id.to_be_bytes().as_slice())?.is_some())
@@ -655,7 +656,8 @@ impl TxnExec for Writer<'_> {
     }
     fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         let range = KeyRange::new(&req.key, &req.range_end);
-        let (at, _) = self.index.range(&range, self.rev(), 0, self.index.generation())?;
+        let keys = self.keys();
+        let (at, _) = keys.index.range(&range, self.rev(), 0, keys.generation)?;
         let mut victims = Vec::with_capacity(at.len());
         for at in at {
             victims.push((at, stored_version(&self.history, at)?.ok_or_else(|| missing_version(at))?));
