@@ -348,7 +348,7 @@ impl Group {
         }
         let index = Arc::new(crate::mvcc::index::KeyIndex::open(&backend.begin_read()?)?);
         let stats = Arc::new(crate::stats::GroupStats::default());
-        let log = log_store::LogStore::open(&dir.join("log"), 1, stats.clone())?;
+        let log = log_store::LogStore::open(&dir.join("log"), 1, id, stats.clone())?;
         let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));
         let (sm, revision) = state_machine::StateMachine::new(
             backend.clone(),
