@@ -304,11 +304,9 @@ pub async fn run_monitor(node: Arc<Node>) {
 /// than a second still counts) and puts them on the timeline.
 async fn watch_leader(node: Arc<Node>) {
     let mut leader = None;
+    let mut changes = node.group.role_changes();
     loop {
-        let (now, term) = {
-            let m = node.group.metrics();
-            (m.current_leader, m.current_term)
-        };
+        let (now, term) = changes.leader_and_term();
         if now != leader {
             if let Some(l) = now {
                 node.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +316,7 @@ async fn watch_leader(node: Arc<Node>) {
             }
             leader = now;
         }
-        if !node.group.metrics_changed().await {
+        if !changes.changed().await {
             return;
         }
     }
