@@ -118,6 +118,10 @@ pub struct EventCache {
     /// Watchers on this member. While zero the feed does not read events back
     /// (under a write load that was 8% of a member's CPU, for nobody).
     watchers: AtomicUsize,
+    /// Wakes the feed when the first watcher registers. Without watchers the feed
+    /// sleeps on this rather than on the revision: waking it on every write cost
+    /// a task wake-up per apply batch, between the apply and the client's answer.
+    first_watcher: tokio::sync::Notify,
 }
 
 /// Counts one watcher in [`EventCache::watchers`] while it exists.
@@ -145,6 +149,7 @@ impl EventCache {
             ring: std::sync::RwLock::new(Ring { first: rev + 1, last: rev, events: Default::default() }),
             covered,
             watchers: AtomicUsize::new(0),
+            first_watcher: tokio::sync::Notify::new(),
         });
         tokio::spawn(cache.clone().feed(node));
         cache
@@ -155,11 +160,24 @@ impl EventCache {
         loop {
             let current = *rev_rx.borrow_and_update();
             let last = self.ring.read().expect("event cache poisoned").last;
-            if current > last && self.watchers.load(Ordering::Acquire) == 0 {
+            if self.watchers.load(Ordering::Acquire) == 0 {
                 // A watcher registers before it reads `covered`, so one that missed
                 // this check finds the ring restarted and reads storage instead.
-                self.restart_after(current);
-                self.covered.send_replace(current);
+                if current > last {
+                    self.restart_after(current);
+                    self.covered.send_replace(current);
+                }
+                // Sleep until a watcher registers (a registration that raced this
+                // check left a permit), then restart after the revision reached
+                // meanwhile, as the writes without watchers would have.
+                if self.watchers.load(Ordering::Acquire) == 0 {
+                    self.first_watcher.notified().await;
+                }
+                let current = *rev_rx.borrow_and_update();
+                if current > self.ring.read().expect("event cache poisoned").last {
+                    self.restart_after(current);
+                    self.covered.send_replace(current);
+                }
                 continue;
             }
             if current > last {
@@ -186,7 +204,9 @@ impl EventCache {
     }
 
     fn register(self: &Arc<Self>) -> Registered {
-        self.watchers.fetch_add(1, Ordering::AcqRel);
+        if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first_watcher.notify_one();
+        }
         Registered(self.clone())
     }
 
