@@ -49,7 +49,7 @@ fn main() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
+    runtime.enable_all().worker_threads(config.worker_threads);
     // Without tokio's LIFO slot a woken task joins the worker's queue instead of
     // running next on the waker's thread. concord's request path is a chain of
     // hand-offs (gRPC task, Raft core, replication, state-machine worker), and the
