@@ -519,6 +519,31 @@ mod tests {
         rx.await.expect("syncer answers").expect("fsync");
     }
 
+    /// A follower's append (entries of another leader) is durable when the call
+    /// returns: it fsynced in the call and its callback has already fired. The
+    /// leader's own append is acknowledged by the syncer thread after its fsync.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_followers_append_is_flushed_when_it_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        // Member 2; `entry` makes entries of leader 1.
+        let mut log = LogStore::open(dir.path(), 1, 2, stats.clone()).expect("open log store");
+        for i in 1..=3 {
+            let (tx, mut rx) = C::oneshot();
+            log.append(vec![entry(1, i)], IOFlushed::signal(tx)).await.expect("append");
+            assert!(matches!(rx.try_recv(), Ok(Ok(()))), "append {i} acknowledged before it returned");
+            assert_eq!(stats.wal_fsync.count(), i, "one fsync per follower append");
+        }
+        let read = log.try_get_log_entries(1..4).await.expect("read");
+        assert_eq!(read.iter().map(|e| e.log_id.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
+        // Member 1, the leader of these entries: its appends go through the syncer.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        let mut log = LogStore::open(dir.path(), 1, 1, stats.clone()).expect("open log store");
+        flushed_append(&mut log, vec![entry(1, 1)]).await;
+        assert_eq!(stats.wal_fsync.count(), 1);
+    }
+
     /// Reads answered from the recent-entry cache equal the journal's, through
     /// appends, truncations (conflicting suffixes), purges and evictions; a
     /// seeded random walk, checked after every step against a store whose
