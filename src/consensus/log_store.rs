@@ -419,8 +419,11 @@ impl RaftLogStorage<C> for LogStore {
             // flight per follower), so it fsyncs here rather than hand the callback
             // to the syncer thread and wait to be woken back. On this 2-core VM each
             // of those two hand-offs waited ~40-50 µs for an idle thread to wake: ~90
-            // µs of a 1-client put. (The worker thread sleeps in fsync; other tasks
-            // are stolen by the runtime's other worker.)
+            // µs of a 1-client put. The worker thread sleeps in fsync meanwhile: with
+            // one worker (the default on 2 CPUs) the follower serves nothing else for
+            // that long, so a slow disk stalls its clients as long as its acks.
+            // Rejected: `block_in_place`, which hands the worker's other tasks to
+            // another thread for the fsync: +170 µs per put (interleaved runs).
             let result = self.timed_sync();
             if let Err(e) = &result {
                 tracing::error!("log fsync failed: {e}; the raft group stops");
