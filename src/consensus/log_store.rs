@@ -249,14 +249,6 @@ impl LogStore {
         self.inner.db.persist(PersistMode::SyncData).map_err(io_err)
     }
 
-    /// An fsync of the journal, timed for `/metrics`.
-    fn timed_sync(&self) -> io::Result<()> {
-        let started = std::time::Instant::now();
-        let result = self.sync();
-        self.inner.stats.wal_fsync.observe(started.elapsed());
-        result
-    }
-
     fn last_entry_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
         let lo = self.log_key(0);
         let hi = self.log_key(u64::MAX);
@@ -304,6 +296,14 @@ impl LogStore {
     }
 }
 
+/// An fsync of the journal, timed for `/metrics`.
+fn timed_fsync(db: &Database, stats: &crate::stats::GroupStats) -> io::Result<()> {
+    let started = std::time::Instant::now();
+    let result = db.persist(PersistMode::SyncData).map_err(io_err);
+    stats.wal_fsync.observe(started.elapsed());
+    result
+}
+
 /// Acknowledges appends: one fsync per batch of waiting callbacks. A failed fsync
 /// is reported to openraft, which stops the group: a member whose log cannot be made
 /// durable must not keep acknowledging.
@@ -316,9 +316,7 @@ fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stat
                 Err(_) => break,
             }
         }
-        let started = std::time::Instant::now();
-        let result = db.persist(PersistMode::SyncData);
-        stats.wal_fsync.observe(started.elapsed());
+        let result = timed_fsync(&db, &stats);
         for cb in batch {
             match &result {
                 Ok(()) => cb.io_completed(Ok(())),
@@ -424,7 +422,7 @@ impl RaftLogStorage<C> for LogStore {
             // that long, so a slow disk stalls its clients as long as its acks.
             // Rejected: `block_in_place`, which hands the worker's other tasks to
             // another thread for the fsync: +170 µs per put (interleaved runs).
-            let result = self.timed_sync();
+            let result = timed_fsync(&self.inner.db, &self.inner.stats);
             if let Err(e) = &result {
                 tracing::error!("log fsync failed: {e}; the raft group stops");
             }

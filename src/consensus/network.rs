@@ -939,6 +939,11 @@ impl Window {
         Some(())
     }
 
+    /// Gives back the entries slot of a request built without entries, at once.
+    fn sent_without_entries(&self) {
+        self.with_entries.add_permits(1);
+    }
+
     /// Gives back the slots of a request whose result arrived.
     fn release(&self, with_entries: bool) {
         if with_entries {
@@ -1016,8 +1021,9 @@ impl RaftNetworkV2<C> for PeerConn {
 
     /// Replication over one `AppendStream` call per openraft stream session: up
     /// to [`MAX_APPENDS_IN_FLIGHT`] requests with entries (and
-    /// [`MAX_REQUESTS_IN_FLIGHT`] in all) are sent before their results arrive. A result that does not come within the RPC timeout ends the
-    /// session with an error (openraft backs off and opens a new one). An input
+    /// [`MAX_REQUESTS_IN_FLIGHT`] in all) are sent before their results arrive. A
+    /// result that does not come within the RPC timeout ends the session with an
+    /// error (openraft backs off and opens a new one). An input
     /// of exactly one request (openraft's heartbeats, which confirm leadership
     /// for every linearizable read) goes on the peer's long-lived [`Lane`]
     /// instead: opening a stream per heartbeat costs a follower two more tasks.
@@ -1061,7 +1067,7 @@ impl RaftNetworkV2<C> for PeerConn {
                     let req = input.next().await?;
                     let with_entries = !req.entries.is_empty();
                     if !with_entries {
-                        window.with_entries.add_permits(1);
+                        window.sent_without_entries();
                     }
                     let data = match encode(&req) {
                         Ok(d) => d,

@@ -159,27 +159,18 @@ impl EventCache {
         let mut rev_rx = node.group.revision.clone();
         loop {
             let current = *rev_rx.borrow_and_update();
-            let last = self.ring.read().expect("event cache poisoned").last;
             if self.watchers.load(Ordering::Acquire) == 0 {
                 // A watcher registers before it reads `covered`, so one that missed
                 // this check finds the ring restarted and reads storage instead.
-                if current > last {
-                    self.restart_after(current);
-                    self.covered.send_replace(current);
-                }
-                // Sleep until a watcher registers (a registration that raced this
-                // check left a permit), then restart after the revision reached
-                // meanwhile, as the writes without watchers would have.
-                if self.watchers.load(Ordering::Acquire) == 0 {
-                    self.first_watcher.notified().await;
-                }
-                let current = *rev_rx.borrow_and_update();
-                if current > self.ring.read().expect("event cache poisoned").last {
-                    self.restart_after(current);
-                    self.covered.send_replace(current);
-                }
+                self.restart_if_behind(current);
+                // Sleep until a watcher registers (one that raced the check above
+                // left a permit), then restart after the revision reached meanwhile,
+                // as the writes without watchers would have.
+                self.first_watcher.notified().await;
+                self.restart_if_behind(*rev_rx.borrow_and_update());
                 continue;
             }
+            let last = self.ring.read().expect("event cache poisoned").last;
             if current > last {
                 match self.read_into(&node, last + 1) {
                     Ok(covered) => {
@@ -192,6 +183,15 @@ impl EventCache {
             if rev_rx.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// Restarts the ring after `current` if it ends before it, and says it covers
+    /// `current`.
+    fn restart_if_behind(&self, current: Rev) {
+        if current > self.ring.read().expect("event cache poisoned").last {
+            self.restart_after(current);
+            self.covered.send_replace(current);
         }
     }
 
