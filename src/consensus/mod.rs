@@ -119,6 +119,14 @@ pub enum Command {
         auth_revision: u64,
         cmd: Box<Command>,
     },
+    /// A command member `from` forwarded to the leader for one of its clients,
+    /// under an id of its own: `from` answers the client from its own apply (see
+    /// [`state_machine::LocalAnswers`]); applied as `cmd`.
+    Forwarded {
+        from: MemberId,
+        id: u64,
+        cmd: Box<Command>,
+    },
 }
 
 impl Command {
@@ -131,10 +139,11 @@ impl Command {
         }
     }
 
-    /// The command itself, without an [`Command::Authed`] wrapper.
+    /// The command itself, without [`Command::Authed`] or
+    /// [`Command::Forwarded`] wrappers.
     pub fn inner(&self) -> &Command {
         match self {
-            Command::Authed { cmd, .. } => cmd.inner(),
+            Command::Authed { cmd, .. } | Command::Forwarded { cmd, .. } => cmd.inner(),
             other => other,
         }
     }
@@ -155,6 +164,7 @@ impl fmt::Display for Command {
             Command::Alarm { activate, member, alarm } => write!(f, "alarm({activate},{member:x},{alarm})"),
             Command::Auth(op) => write!(f, "auth({})", op.name()),
             Command::Authed { auth_revision, cmd } => write!(f, "authed@{auth_revision}({cmd})"),
+            Command::Forwarded { from, id, cmd } => write!(f, "forwarded({from:x}#{id:x},{cmd})"),
         }
     }
 }
@@ -350,6 +360,7 @@ impl Group {
         let stats = Arc::new(crate::stats::GroupStats::default());
         let log = log_store::LogStore::open(&dir.join("log"), 1, id, stats.clone())?;
         let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));
+        let answers = Arc::new(state_machine::LocalAnswers::new(id));
         let (sm, revision) = state_machine::StateMachine::new(
             backend.clone(),
             index.clone(),
@@ -357,6 +368,7 @@ impl Group {
             stats.clone(),
             tokens.clone(),
         )?;
+        let sm = sm.with_local_answers(answers.clone());
         let apply_gate = sm.gate();
         let auth_revision = sm.auth_revision();
         // Raft RPCs get at least two election timeouts (see `PeerPool::min_rpc_timeout`).
@@ -366,7 +378,8 @@ impl Group {
             Some(stats.clone()),
             min_rpc_timeout,
             config.peer_tls.clone(),
-        );
+        )
+        .with_local_answers(answers);
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::state_machine::{Answer, LocalAnswers};
 use super::{Command, CommandResult, ConsensusError, Group, MemberId, PeerInfo, SnapshotData, TypeConfig};
 use crate::proto::peer::peer_client::PeerClient;
 use crate::proto::peer::peer_server::{Peer, PeerServer};
@@ -171,6 +172,9 @@ pub struct PeerPool {
     /// (a loaded or slow disk) would then never acknowledge, and its replication
     /// would retry the same batch forever. Rejected: openraft's value unchanged.
     min_rpc_timeout: Duration,
+    /// Where forwarded writes wait to be answered from this member's apply (see
+    /// [`LocalAnswers`]); without it only the leader's answer counts.
+    local_answers: Option<Arc<LocalAnswers>>,
 }
 
 /// Dials a peer and runs the TLS handshake, verifying it with `tls`.
@@ -217,7 +221,15 @@ impl PeerPool {
             max_message_bytes,
             stats,
             min_rpc_timeout,
+            local_answers: None,
         }
+    }
+
+    /// Forwards writes as [`Command::Forwarded`], answered from `answers` when
+    /// this member applies them before the leader's answer arrives.
+    pub fn with_local_answers(mut self, answers: Arc<LocalAnswers>) -> Self {
+        self.local_answers = Some(answers);
+        self
     }
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
@@ -664,7 +676,7 @@ struct Forwarded {
     cmd: Command,
     /// The caller stops waiting then; a write not sent by then is dropped.
     deadline: tokio::time::Instant,
-    reply: oneshot::Sender<Result<CommandResult, ConsensusError>>,
+    reply: Answer,
 }
 
 /// Sends the writes queued for one leader in batches: it takes the first queued
@@ -780,11 +792,22 @@ fn batchable(cmd: &Command) -> bool {
     !matches!(cmd.inner(), Command::Txn(_) | Command::DeleteRange(_))
 }
 
-/// One forwarding RPC: every write in `batch` gets its own result.
+/// One forwarding RPC: every write in `batch` gets its own result, from this
+/// member's apply when that comes first (see [`LocalAnswers`]), else the leader's.
 async fn send_batch(pool: &PeerPool, node: &PeerInfo, batch: Vec<Forwarded>) {
     let now = tokio::time::Instant::now();
     let timeout = batch.iter().map(|f| f.deadline.saturating_duration_since(now)).max().unwrap_or_default();
-    let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|f| (f.cmd, f.reply)).unzip();
+    // Parked before sending: this member can apply an entry only after that.
+    let (cmds, replies): (Vec<Command>, Vec<Parked>) = batch
+        .into_iter()
+        .map(|f| match &pool.local_answers {
+            Some(answers) => {
+                let (cmd, id) = answers.park(f.cmd, f.reply);
+                (cmd, Parked::Local(id))
+            }
+            None => (f.cmd, Parked::Here(f.reply)),
+        })
+        .unzip();
     let r = match pool.mux_call(node, MuxRequest::Propose(cmds), timeout).await {
         Ok(MuxReply::Propose(answers)) => Ok(answers),
         Ok(MuxReply::Refused(e)) => Err(CallError::Network(e)),
@@ -794,19 +817,39 @@ async fn send_batch(pool: &PeerPool, node: &PeerInfo, batch: Vec<Forwarded>) {
     match r {
         Ok(answers) if answers.len() == replies.len() => {
             for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(forward_result(Ok(answer)));
+                reply.answer(pool, forward_result(Ok(answer)));
             }
         }
         Ok(answers) => {
             let e = format!("leader answered {} of {} forwarded writes", answers.len(), replies.len());
             for reply in replies {
-                let _ = reply.send(forward_result::<CommandResult>(Err(CallError::Network(e.clone()))));
+                reply.answer(pool, forward_result::<CommandResult>(Err(CallError::Network(e.clone()))));
             }
         }
         Err(e) => {
             for reply in replies {
-                let _ = reply.send(forward_result::<CommandResult>(Err(e.clone())));
+                reply.answer(pool, forward_result::<CommandResult>(Err(e.clone())));
             }
+        }
+    }
+}
+
+/// Where a forwarded write's answer waits while its RPC is out.
+enum Parked {
+    /// In the pool's [`LocalAnswers`], under this id.
+    Local(u64),
+    Here(Answer),
+}
+
+impl Parked {
+    /// Sends the leader's result, unless this member's apply has answered.
+    fn answer(self, pool: &PeerPool, result: Result<CommandResult, ConsensusError>) {
+        let answer = match self {
+            Parked::Local(id) => pool.local_answers.as_ref().and_then(|a| a.unpark(id)),
+            Parked::Here(answer) => Some(answer),
+        };
+        if let Some(answer) = answer {
+            let _ = answer.send(result);
         }
     }
 }

@@ -22,7 +22,7 @@ use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::{ApplyError, Command, CommandResult, MemberId, SnapshotData, TypeConfig};
+use super::{ApplyError, Command, CommandResult, ConsensusError, MemberId, SnapshotData, TypeConfig};
 use crate::mvcc::index::KeyIndex;
 use crate::mvcc::{MvccError, Rev, Writer};
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, TxnRequest};
@@ -104,6 +104,64 @@ pub struct StateMachine {
     stats: Arc<crate::stats::GroupStats>,
     /// Simple auth tokens registered by applied `Authenticate` entries.
     tokens: Arc<crate::auth::SimpleTokens>,
+    /// Forwarded writes answered from this member's own apply; `None` where
+    /// nothing forwards (tests that drive a state machine alone).
+    answers: Option<Arc<LocalAnswers>>,
+}
+
+/// Where the caller of a forwarded write waits for its result.
+pub type Answer = tokio::sync::oneshot::Sender<Result<CommandResult, ConsensusError>>;
+
+/// Forwarded writes that this member answers from its own apply, as etcd answers
+/// a write sent to a follower.
+///
+/// A follower sends its clients' writes to the leader as
+/// [`Command::Forwarded`], each with an id it parks the caller's answer under
+/// before sending. Every member applies the entry; the one that forwarded it
+/// answers its caller with its own result (apply is deterministic, so it is the
+/// leader's result too) as soon as it has applied the entry. Before this, the
+/// caller waited for the leader's apply and one more hop, and the follower,
+/// applying the same entry meanwhile, took the leader's answer only after that
+/// (traced: ~0.1 ms of a 1 ms single-client put). The leader still answers each
+/// forwarded write: the follower takes the answer back ([`LocalAnswers::unpark`])
+/// and sends the leader's result when it has not applied the entry by then (its
+/// apply is late, it installed a snapshot past the entry, or the write failed).
+///
+/// Ids start at a random number per process, so an entry forwarded by an
+/// earlier run of this member cannot meet a parked answer. Bounded by the
+/// forwarded writes in flight (`MAX_FORWARD_INFLIGHT × MAX_FORWARD_BATCH` per
+/// leader, see `network`).
+pub struct LocalAnswers {
+    member: MemberId,
+    next_id: AtomicU64,
+    waiting: std::sync::Mutex<std::collections::HashMap<u64, Answer>>,
+}
+
+impl LocalAnswers {
+    pub fn new(member: MemberId) -> Self {
+        LocalAnswers { member, next_id: AtomicU64::new(rand::random()), waiting: Default::default() }
+    }
+
+    /// Wraps `cmd` for forwarding and parks `answer` until the entry is applied
+    /// here; returns the wrapped command and the id to take the answer back by.
+    pub fn park(&self, cmd: Command, answer: Answer) -> (Command, u64) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.waiting.lock().expect("local answers poisoned").insert(id, answer);
+        (Command::Forwarded { from: self.member, id, cmd: Box::new(cmd) }, id)
+    }
+
+    /// Takes back the answer parked under `id`, unless it has been answered.
+    pub fn unpark(&self, id: u64) -> Option<Answer> {
+        self.waiting.lock().expect("local answers poisoned").remove(&id)
+    }
+
+    /// The answer parked for `cmd`, if this member forwarded it and waits for it.
+    fn take(&self, cmd: &Command) -> Option<Answer> {
+        match cmd {
+            Command::Forwarded { from, id, .. } if *from == self.member => self.unpark(*id),
+            _ => None,
+        }
+    }
 }
 
 /// Entries a defragmentation may buffer while it copies the state file. Past
@@ -164,6 +222,12 @@ impl StateMachine {
         self.defrag.clone()
     }
 
+    /// Answers the forwarded writes parked in `answers` when it applies them.
+    pub fn with_local_answers(mut self, answers: Arc<LocalAnswers>) -> Self {
+        self.answers = Some(answers);
+        self
+    }
+
     /// The auth revision this state machine publishes after every commit.
     pub fn auth_revision(&self) -> Arc<AtomicU64> {
         self.auth_revision.clone()
@@ -194,6 +258,7 @@ impl StateMachine {
                 defrag: Arc::default(),
                 stats,
                 tokens,
+                answers: None,
             },
             rx,
         ))
@@ -391,6 +456,7 @@ impl<'txn> BatchApplier<'txn> {
                     Err(e) => CommandResult::Err(ApplyError::Auth(e)),
                 })
             }
+            Command::Forwarded { cmd, .. } => self.apply(cmd),
             Command::Authed { auth_revision, cmd } => {
                 // Checked against an older auth store: the permission may be gone.
                 if self.auth_revision != *auth_revision {
@@ -463,6 +529,14 @@ impl RaftStateMachine<C> for StateMachine {
             batch.push(entry);
             responders.push(responder);
         }
+        // On the leader (the only member with callers to answer), let the tasks
+        // already woken run first: among them the sends of the new commit index,
+        // which followers apply (and answer their forwarded writes) in parallel
+        // with this apply; they used to leave only after it (traced: the commit
+        // index reached a follower ~0.13 ms after the leader's commit).
+        if responders.iter().any(Option::is_some) {
+            tokio::task::yield_now().await;
+        }
         let results = {
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
             let txn = self.backend.begin_apply()?;
@@ -486,9 +560,13 @@ impl RaftStateMachine<C> for StateMachine {
         }
         // Only after the commit: an acknowledged write is visible to every later read.
         self.publish_revision()?;
-        for (r, result) in responders.into_iter().zip(results) {
+        for ((entry, r), result) in batch.iter().zip(responders).zip(results) {
             if let Some(r) = r {
                 r.send(result);
+            } else if let (Some(answers), EntryPayload::Normal(cmd)) = (&self.answers, &entry.payload) {
+                if let Some(answer) = answers.take(cmd) {
+                    let _ = answer.send(Ok(result));
+                }
             }
         }
         Ok(())
@@ -580,4 +658,79 @@ fn read_snapshot_file(path: &std::path::Path) -> io::Result<Option<SnapshotOf<C,
     let meta: SnapshotMetaOf<C> = decode(&body[8..8 + meta_len])?;
     let data = body[8 + meta_len..].to_vec();
     Ok(Some(SnapshotOf::<C, SnapshotData> { meta, snapshot: Cursor::new(data) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::entry::RaftEntry;
+    use openraft::testing::common::log_id;
+
+    use super::*;
+    use crate::proto::etcdserverpb::PutResponse;
+
+    fn state_machine(dir: &std::path::Path, answers: &Arc<LocalAnswers>) -> StateMachine {
+        let backend = Arc::new(Backend::open(&dir.join("state.redb")).expect("open"));
+        let index = Arc::new(KeyIndex::open(&backend.begin_read().expect("read")).expect("index"));
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        let tokens = Arc::new(crate::auth::SimpleTokens::new(Duration::from_secs(60)));
+        let (sm, _) = StateMachine::new(backend, index, dir.join("snap"), stats, tokens).expect("state machine");
+        sm.with_local_answers(answers.clone())
+    }
+
+    fn put(key: &str) -> Command {
+        Command::Put(PutRequest { key: key.into(), value: b"v".to_vec(), ..Default::default() }.encode_to_vec())
+    }
+
+    /// Applies `cmds` as entries 1.. of leader 1, as a follower does (no responders).
+    async fn apply_as_follower(sm: &mut StateMachine, cmds: Vec<Command>) {
+        let entries: Vec<io::Result<EntryResponder<C>>> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, cmd)| Ok((EntryOf::<C>::new_normal(log_id::<C>(1, 1, i as u64 + 1), cmd), None)))
+            .collect();
+        sm.apply(futures::stream::iter(entries)).await.expect("apply");
+    }
+
+    fn revision_of(answer: Result<CommandResult, ConsensusError>) -> i64 {
+        match answer {
+            Ok(CommandResult::Ok(b)) => {
+                PutResponse::decode(b.as_slice()).expect("put response").header.expect("header").revision
+            }
+            other => panic!("expected a put response, got {other:?}"),
+        }
+    }
+
+    /// The member that forwarded a write answers its caller with the result of
+    /// its own apply of that entry, once; an entry another member forwarded under
+    /// the same id, and a write whose answer was taken back, are left alone.
+    #[tokio::test]
+    async fn a_forwarded_write_is_answered_from_the_forwarding_members_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let answers = Arc::new(LocalAnswers::new(2));
+        let mut sm = state_machine(dir.path(), &answers);
+
+        let (mine, mine_rx) = tokio::sync::oneshot::channel();
+        let (wrapped, id) = answers.park(put("a"), mine);
+        let (taken, mut taken_rx) = tokio::sync::oneshot::channel();
+        let (taken_wrapped, taken_id) = answers.park(put("b"), taken);
+        let kept = answers.unpark(taken_id).expect("parked");
+        let other = Command::Forwarded { from: 3, id, cmd: Box::new(put("c")) };
+        apply_as_follower(&mut sm, vec![put("x"), other, wrapped, taken_wrapped]).await;
+
+        // put("x") is revision 2, the other member's write 3, this one 4.
+        assert_eq!(revision_of(mine_rx.await.expect("answered")), 4);
+        assert!(answers.unpark(id).is_none(), "answered once, then gone");
+        assert!(taken_rx.try_recv().is_err(), "a taken-back answer is not sent by the apply");
+        drop(kept);
+    }
+
+    /// Forwarded ids differ between runs of a member, so an entry forwarded before
+    /// a restart cannot be taken for a write parked after it.
+    #[test]
+    fn forwarded_ids_start_anew_per_run() {
+        let first: Vec<u64> = (0..2).map(|_| LocalAnswers::new(1).next_id.load(Ordering::Relaxed)).collect();
+        assert_ne!(first[0], first[1]);
+    }
 }
