@@ -33,6 +33,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -154,6 +155,38 @@ struct Inner {
     sync_tx: mpsc::SyncSender<IOFlushed<C>>,
     /// See [`Recent`]. A std mutex: held only to copy entries, never across an await.
     recent: Mutex<Recent>,
+    /// The index of the last entry appended (0 for none), set before the append
+    /// is acknowledged, and the last commit index saved: what a leader's
+    /// replication streams read (see [`LogProgress`]).
+    tail: Arc<AtomicU64>,
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+/// How far a leader's log has been appended and committed, for its replication
+/// streams: they tell from it whether the next AppendEntries can carry entries or
+/// only a new commit index (see `network::Window::acquire`).
+#[derive(Clone)]
+pub struct LogProgress {
+    tail: Arc<AtomicU64>,
+    committed: tokio::sync::watch::Receiver<u64>,
+}
+
+impl LogProgress {
+    /// The index of the last entry appended.
+    pub fn tail(&self) -> u64 {
+        self.tail.load(Ordering::Acquire)
+    }
+
+    /// The last commit index saved; this receiver has now seen it.
+    pub fn committed(&mut self) -> u64 {
+        *self.committed.borrow_and_update()
+    }
+
+    /// Waits for a commit index this receiver has not seen; false once the log
+    /// store is gone.
+    pub async fn committed_changed(&mut self) -> bool {
+        self.committed.changed().await.is_ok()
+    }
 }
 
 /// The log store of one Raft group. Cheap to clone (shared handle).
@@ -214,7 +247,17 @@ impl LogStore {
         let (syncer_db, syncer_stats) = (db.clone(), stats.clone());
         std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx, syncer_stats))?;
         let recent = Mutex::default();
-        Ok(LogStore { inner: Arc::new(Inner { db, log, meta, group, member, stats, sync_tx, recent }) })
+        let (tail, committed) = (Arc::default(), tokio::sync::watch::Sender::new(0));
+        let inner = Inner { db, log, meta, group, member, stats, sync_tx, recent, tail, committed };
+        let store = LogStore { inner: Arc::new(inner) };
+        store.inner.tail.store(store.last_index()?, Ordering::Release);
+        Ok(store)
+    }
+
+    /// How far this log has been appended and committed, kept current by every
+    /// append, truncation and saved commit index.
+    pub fn progress(&self) -> LogProgress {
+        LogProgress { tail: self.inner.tail.clone(), committed: self.inner.committed.subscribe() }
     }
 
     fn log_key(&self, index: u64) -> [u8; 16] {
@@ -381,7 +424,9 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        self.put_meta("committed", &committed)
+        self.put_meta("committed", &committed)?;
+        self.inner.committed.send_replace(committed.map_or(0, |c| c.index()));
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
@@ -407,10 +452,14 @@ impl RaftLogStorage<C> for LogStore {
         // Only after the journal has them: a read the cache answers must not see
         // an entry the journal could not.
         let mut recent = self.recent();
+        let last = appended.last().map(|(e, _)| e.log_id.index());
         for (entry, size) in appended {
             recent.push(entry, size);
         }
         drop(recent);
+        if let Some(last) = last {
+            self.inner.tail.store(last, Ordering::Release);
+        }
         if from_other_leader {
             // A follower: its Raft core answers the leader only after this fsync and
             // has nothing else to do for this leader meanwhile (one AppendEntries in
@@ -437,6 +486,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
         self.recent().truncate(from);
+        self.inner.tail.fetch_min(from.saturating_sub(1), Ordering::AcqRel);
         let keys: Vec<_> = self
             .inner
             .log
@@ -507,6 +557,27 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn passes_openrafts_storage_suite() {
         Suite::test_all(Builder).await.expect("openraft storage suite");
+    }
+
+    /// The progress a leader's replication streams read follows appends,
+    /// truncations and saved commit indexes, and survives a reopen.
+    #[tokio::test]
+    async fn progress_follows_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        let mut log = LogStore::open(dir.path(), 1, 1, stats.clone()).expect("open log store");
+        let mut progress = log.progress();
+        assert_eq!((progress.tail(), progress.committed()), (0, 0));
+        flushed_append(&mut log, (1..=4).map(|i| entry(1, i)).collect()).await;
+        assert_eq!(progress.tail(), 4);
+        log.truncate_after(Some(log_id::<C>(1, 1, 2))).await.expect("truncate");
+        assert_eq!(progress.tail(), 2);
+        log.save_committed(Some(log_id::<C>(1, 1, 2))).await.expect("save committed");
+        assert!(progress.committed_changed().await);
+        assert_eq!(progress.committed(), 2);
+        drop(log);
+        let reopened = LogStore::open(dir.path(), 1, 1, stats).expect("reopen");
+        assert_eq!(reopened.progress().tail(), 2);
     }
 
     fn entry(term: u64, index: u64) -> EntryOf<C> {

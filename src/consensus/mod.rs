@@ -379,7 +379,8 @@ impl Group {
             min_rpc_timeout,
             config.peer_tls.clone(),
         )
-        .with_local_answers(answers);
+        .with_local_answers(answers)
+        .with_log_progress(log.progress());
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))

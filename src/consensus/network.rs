@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::log_store::LogProgress;
 use super::state_machine::{Answer, LocalAnswers};
 use super::{Command, CommandResult, ConsensusError, Group, MemberId, PeerInfo, SnapshotData, TypeConfig};
 use crate::proto::peer::peer_client::PeerClient;
@@ -175,6 +176,10 @@ pub struct PeerPool {
     /// Where forwarded writes wait to be answered from this member's apply (see
     /// [`LocalAnswers`]); without it only the leader's answer counts.
     local_answers: Option<Arc<LocalAnswers>>,
+    /// How far this member's log is appended and committed (see
+    /// [`Window::acquire`]); without it every request waits as if it carried
+    /// entries.
+    log_progress: Option<LogProgress>,
 }
 
 /// Dials a peer and runs the TLS handshake, verifying it with `tls`.
@@ -222,7 +227,15 @@ impl PeerPool {
             stats,
             min_rpc_timeout,
             local_answers: None,
+            log_progress: None,
         }
+    }
+
+    /// Lets replication streams send a new commit index while entries are in
+    /// flight, by comparing what they sent with `log` (see [`Window::acquire`]).
+    pub fn with_log_progress(mut self, log: LogProgress) -> Self {
+        self.log_progress = Some(log);
+        self
     }
 
     /// Forwards writes as [`Command::Forwarded`], answered from `answers` when
@@ -973,11 +986,54 @@ impl Window {
         Window { with_entries: Semaphore::new(MAX_APPENDS_IN_FLIGHT), all: Semaphore::new(MAX_REQUESTS_IN_FLIGHT) }
     }
 
-    /// Waits for both kinds of slot: whether the next request carries entries is
-    /// known only once it is built, and it must be built after the slot is free
-    /// to take in every entry appended meanwhile. `None` once closed.
-    async fn acquire(&self) -> Option<()> {
+    /// Takes the slots for the next request before it is built; returns whether
+    /// it took the entries slot (`None` once closed). Whether the request will
+    /// carry entries is known only once it is built, and one that does must be
+    /// built after the entries slot is free, to take in every entry appended
+    /// meanwhile (built early, it would leave half-empty: measured with two in
+    /// flight, a third more follower fsyncs). So it waits for that slot, unless
+    /// `log` shows that the request can only carry a new commit index: nothing
+    /// appended past `sent_through` and a commit past `commit_sent`. Then the
+    /// request goes out at once. After each commit, openraft tells every
+    /// follower the new index; one whose own acknowledgement was still on its
+    /// way used to get it only after that arrived, usually after the leader's
+    /// apply (traced: in ~70% of single-client puts sent to a follower, ~0.13 ms
+    /// after the leader's commit).
+    async fn acquire(&self, log: Option<&mut LogProgress>, sent_through: u64, commit_sent: u64) -> Option<bool> {
         self.all.acquire().await.ok()?.forget();
+        let Some(log) = log else {
+            self.acquire_entries_slot().await?;
+            return Some(true);
+        };
+        loop {
+            if let Ok(p) = self.with_entries.try_acquire() {
+                p.forget();
+                return Some(true);
+            }
+            if log.tail() > sent_through {
+                self.acquire_entries_slot().await?;
+                return Some(true);
+            }
+            if log.committed() > commit_sent {
+                return Some(false);
+            }
+            tokio::select! {
+                p = self.with_entries.acquire() => {
+                    p.ok()?.forget();
+                    return Some(true);
+                }
+                alive = log.committed_changed() => {
+                    if !alive {
+                        self.acquire_entries_slot().await?;
+                        return Some(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the entries slot alone.
+    async fn acquire_entries_slot(&self) -> Option<()> {
         self.with_entries.acquire().await.ok()?.forget();
         Some(())
     }
@@ -1100,31 +1156,39 @@ impl RaftNetworkV2<C> for PeerConn {
             let mut client = self.pool.client(&self.node).map_err(|e| CallError::Unreachable(e).into_rpc())?;
             let window = Arc::new(Window::new());
             let sent = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-            let requests = futures::stream::unfold(
-                (input, window.clone(), sent.clone()),
-                |(mut input, window, sent)| async move {
-                    // The slots are given back when this request's result arrives,
-                    // except that one without entries gives its entries slot back
-                    // at once.
-                    window.acquire().await?;
-                    let req = input.next().await?;
-                    let with_entries = !req.entries.is_empty();
-                    if !with_entries {
-                        window.sent_without_entries();
-                    }
-                    let data = match encode(&req) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::error!("cannot encode AppendEntries: {e}");
-                            return None;
+            // Per stream: its view of the log, the last entry and commit index it sent.
+            let state = (input, window.clone(), sent.clone(), self.pool.log_progress.clone(), 0u64, 0u64);
+            let requests =
+                futures::stream::unfold(state, |(mut input, window, sent, mut log, sent_through, commit_sent)| {
+                    async move {
+                        // The slots are given back when this request's result
+                        // arrives, except that one without entries gives its
+                        // entries slot back at once.
+                        let holds_entries_slot = window.acquire(log.as_mut(), sent_through, commit_sent).await?;
+                        let req = input.next().await?;
+                        let with_entries = !req.entries.is_empty();
+                        if with_entries && !holds_entries_slot {
+                            // Appended after the check above: waits like any other.
+                            window.acquire_entries_slot().await?;
                         }
-                    };
-                    sent.lock()
-                        .expect("append stream lock poisoned")
-                        .push_back((std::time::Instant::now(), with_entries));
-                    Some((Payload { data }, (input, window, sent)))
-                },
-            );
+                        if !with_entries && holds_entries_slot {
+                            window.sent_without_entries();
+                        }
+                        let sent_through = req.entries.last().map_or(sent_through, |e| e.log_id.index());
+                        let commit_sent = req.leader_commit.as_ref().map_or(commit_sent, |c| c.index());
+                        let data = match encode(&req) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                tracing::error!("cannot encode AppendEntries: {e}");
+                                return None;
+                            }
+                        };
+                        sent.lock()
+                            .expect("append stream lock poisoned")
+                            .push_back((std::time::Instant::now(), with_entries));
+                        Some((Payload { data }, (input, window, sent, log, sent_through, commit_sent)))
+                    }
+                });
             let resp = match tokio::time::timeout(timeout, client.append_stream(Request::new(requests))).await {
                 Err(_) => {
                     return Err(CallError::Network(format!("append stream not answered in {timeout:?}")).into_rpc())
@@ -1363,4 +1427,69 @@ async fn propose_forwarded(group: &Group, cmds: Vec<Command>) -> Vec<ForwardRepl
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::entry::RaftEntry;
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::testing::common::log_id;
+    use openraft::type_config::alias::EntryOf;
+    use openraft::type_config::TypeConfigExt;
+
+    use super::*;
+    use crate::consensus::log_store::LogStore;
+
+    /// A leader's log (member 1) with entries 1..=`last` appended and flushed.
+    async fn leader_log(dir: &std::path::Path, last: u64) -> LogStore {
+        let mut log = LogStore::open(dir, 1, 1, Arc::default()).expect("open log");
+        let entries: Vec<_> = (1..=last).map(|i| EntryOf::<C>::new_blank(log_id::<C>(1, 1, i))).collect();
+        let (tx, rx) = C::oneshot();
+        log.append(entries, IOFlushed::signal(tx)).await.expect("append");
+        rx.await.expect("flushed").expect("fsync");
+        log
+    }
+
+    async fn commit(log: &mut LogStore, index: u64) {
+        log.save_committed(Some(log_id::<C>(1, 1, index))).await.expect("save committed");
+    }
+
+    /// With entries in flight, the next request waits for their result when it
+    /// may carry entries (some are unsent, or no new commit index to send), and
+    /// goes at once when it can only carry a new commit index.
+    #[tokio::test]
+    async fn only_a_commit_index_passes_entries_in_flight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = leader_log(dir.path(), 5).await;
+        let mut progress = log.progress();
+        let window = Window::new();
+        let soon = Duration::from_millis(50);
+
+        // Entries 1..=5 go out (commit 0 with them) and stay unanswered.
+        assert_eq!(window.acquire(Some(&mut progress), 0, 0).await, Some(true));
+
+        // Nothing new to send: waits, until the commit index moves.
+        {
+            let wait = window.acquire(Some(&mut progress), 5, 0);
+            tokio::pin!(wait);
+            assert!(tokio::time::timeout(soon, &mut wait).await.is_err(), "nothing to send yet");
+            commit(&mut log, 5).await;
+            assert_eq!(tokio::time::timeout(soon, wait).await.expect("a commit to send"), Some(false));
+        }
+
+        // A commit index already sent is no reason to go again.
+        let wait = window.acquire(Some(&mut progress), 5, 5);
+        assert!(tokio::time::timeout(soon, wait).await.is_err(), "that commit was sent");
+
+        // Unsent entries wait for the slot, even with a new commit to send.
+        let log6 = leader_log(dir.path().join("x").as_path(), 6).await;
+        let mut progress6 = log6.progress();
+        let wait = window.acquire(Some(&mut progress6), 5, 0);
+        tokio::pin!(wait);
+        assert!(tokio::time::timeout(soon, &mut wait).await.is_err(), "entry 6 waits for the slot");
+        window.release(true);
+        assert_eq!(tokio::time::timeout(soon, wait).await.expect("slot given back"), Some(true));
+    }
 }
