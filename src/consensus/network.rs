@@ -8,7 +8,9 @@
 //! Forwarded proposals are batched: a follower queues the writes its clients send
 //! and one `Propose` RPC carries every write queued while earlier RPCs to the
 //! leader were in flight (see [`Forwarder`]). Each write in a batch is still its
-//! own log entry with its own result, so batching changes only the framing.
+//! own log entry with its own result, so batching changes only the framing. The
+//! forwarding member answers each write from its own apply of the entry when that
+//! comes before the leader's answer (see [`LocalAnswers`]).
 //! Linearizable reads on a follower share ReadIndex requests the same way (see
 //! [`ReadIndexer`]).
 //!
