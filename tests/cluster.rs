@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use concord_testkit::etcd_client::{Client, GetOptions};
+use concord_testkit::etcd_client::{Client, GetOptions, PutOptions};
 use concord_testkit::{eventually, ClusterOptions, ProcessCluster};
 
 fn bin() -> PathBuf {
@@ -48,6 +48,14 @@ async fn replication_and_follower_forwarding() {
             "member {i} (leader is {leader})"
         );
     }
+    // A follower answers a forwarded write from its own apply: the same response
+    // the leader would give, previous version included.
+    let follower = (leader + 1) % 3;
+    let mut c = cluster.client(follower).await;
+    let r = c.put("k0", "v0b", Some(PutOptions::new().with_prev_key())).await.expect("put via a follower");
+    assert_eq!(r.header().unwrap().revision(), 5);
+    let prev = r.prev_key().expect("prev_kv asked for");
+    assert_eq!((prev.key(), prev.value(), prev.mod_revision(), prev.version()), (&b"k0"[..], &b"v0"[..], 2, 1));
     // /health and /metrics answer on the client port beside gRPC.
     for m in &cluster.members {
         let (code, body) = concord_testkit::http_get(m.client_port, "/health").unwrap();
