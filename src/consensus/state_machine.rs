@@ -127,8 +127,9 @@ pub type Answer = tokio::sync::oneshot::Sender<Result<CommandResult, ConsensusEr
 /// and sends the leader's result when it has not applied the entry by then (its
 /// apply is late, it installed a snapshot past the entry, or the write failed).
 ///
-/// Ids start at a random number per process, so an entry forwarded by an
-/// earlier run of this member cannot meet a parked answer. Bounded by the
+/// Ids start at a random 64-bit number per process, so an entry forwarded by an
+/// earlier run of this member meets an answer parked by this run only if the two
+/// runs' id ranges overlap (odds of about ids used² / 2⁶⁴). Bounded by the
 /// forwarded writes in flight (`MAX_FORWARD_INFLIGHT × MAX_FORWARD_BATCH` per
 /// leader, see `network`).
 pub struct LocalAnswers {
