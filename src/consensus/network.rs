@@ -1001,20 +1001,16 @@ impl Window {
     /// way used to get it only after that arrived, usually after the leader's
     /// apply (traced: in ~70% of single-client puts sent to a follower, ~0.13 ms
     /// after the leader's commit).
-    async fn acquire(&self, log: Option<&mut LogProgress>, sent_through: u64, commit_sent: u64) -> Option<bool> {
+    async fn acquire(&self, mut log: Option<&mut LogProgress>, sent_through: u64, commit_sent: u64) -> Option<bool> {
         self.all.acquire().await.ok()?.forget();
-        let Some(log) = log else {
-            self.acquire_entries_slot().await?;
-            return Some(true);
-        };
         loop {
             if let Ok(p) = self.with_entries.try_acquire() {
                 p.forget();
                 return Some(true);
             }
+            let Some(log) = log.as_mut() else { break };
             if log.tail() > sent_through {
-                self.acquire_entries_slot().await?;
-                return Some(true);
+                break;
             }
             if log.committed() > commit_sent {
                 return Some(false);
@@ -1026,12 +1022,13 @@ impl Window {
                 }
                 alive = log.committed_changed() => {
                     if !alive {
-                        self.acquire_entries_slot().await?;
-                        return Some(true);
+                        break;
                     }
                 }
             }
         }
+        self.acquire_entries_slot().await?;
+        Some(true)
     }
 
     /// Waits for the entries slot alone.
