@@ -71,7 +71,20 @@ async fn probes_metrics_status_cli_and_dashboard() {
     }
     // Every RPC is counted with its gRPC code.
     let (_, m) = http_get(cluster.members[leader].client_port, "/metrics").unwrap();
-    assert!(m.contains("etcd_network_peer_round_trip_time_seconds_bucket{To="), "the leader times its AppendEntries");
+    // As in etcd, every member times its round trip to each of its two peers.
+    for member in &cluster.members {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let (_, m) = http_get(member.client_port, "/metrics").unwrap();
+            let peers =
+                m.lines().filter(|l| l.starts_with("etcd_network_peer_round_trip_time_seconds_count{To=")).count();
+            if peers == 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "member on {} times {peers} peers:\n{m}", member.client_port);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
     assert!(m.contains("grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 20"), "{m}");
 
     // The Grafana dashboard in the repo only queries metrics concord exports.

@@ -102,6 +102,8 @@ enum AdminRequest {
     /// The receiver's HashKV at a revision, once it has applied that revision (the
     /// leader's cross-member corruption check).
     HashKvAt(i64),
+    /// Answered at once: every member times these to each peer (see `Group::run_prober`).
+    Probe,
 }
 
 /// What a member tells a joining member about its cluster.
@@ -343,6 +345,20 @@ impl PeerPool {
         r.map_err(|e| format!("{e:?}"))?
     }
 
+    /// Times one round trip to `node` (an `Admin` probe on the shared peer
+    /// connection) and records it as the round trip to member `id`.
+    pub async fn probe(&self, id: MemberId, node: &PeerInfo, timeout: Duration) -> Result<Duration, String> {
+        let started = std::time::Instant::now();
+        let r: Result<(), _> =
+            self.call(node, &AdminRequest::Probe, timeout, |mut c, r| async move { c.admin(r).await }).await;
+        r.map_err(|e| format!("{e:?}"))?;
+        let rtt = started.elapsed();
+        if let Some(stats) = &self.stats {
+            stats.observe_peer_rtt(id, rtt);
+        }
+        Ok(rtt)
+    }
+
     /// Asks the leader `node` for a read index, sharing the request with the
     /// other reads waiting for one (see [`ReadIndexer`]).
     pub async fn read_index(&self, node: &PeerInfo, timeout: Duration) -> Result<u64, ConsensusError> {
@@ -359,12 +375,11 @@ impl PeerPool {
     async fn lane_append(
         &self,
         node: &PeerInfo,
-        target: MemberId,
         req: AppendEntriesRequest<C>,
         timeout: Duration,
     ) -> Result<StreamAppendResult<C>, CallError> {
         let lane = queue_for(&self.lanes, node, MAX_LANE_QUEUE, |queue| {
-            Lane { pool: self.clone(), node: node.clone(), target, queue }.run()
+            Lane { pool: self.clone(), node: node.clone(), queue }.run()
         })
         .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let data = encode(&req).map_err(CallError::Network)?;
@@ -558,13 +573,12 @@ struct LaneRequest {
 struct Lane {
     pool: PeerPool,
     node: PeerInfo,
-    target: MemberId,
     queue: mpsc::Receiver<LaneRequest>,
 }
 
 /// Answers every request in `pending` with a failure.
-fn fail_all(pending: &mut std::collections::VecDeque<(LaneRequest, std::time::Instant)>, why: &str) {
-    for (r, _) in pending.drain(..) {
+fn fail_all(pending: &mut std::collections::VecDeque<LaneRequest>, why: &str) {
+    for r in pending.drain(..) {
         let _ = r.reply.send(Err(CallError::Network(why.to_string())));
     }
 }
@@ -585,13 +599,13 @@ impl Lane {
             if out.send(Payload { data: first.data.clone() }).await.is_err() {
                 continue;
             }
-            pending.push_back((first, std::time::Instant::now()));
+            pending.push_back(first);
             let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
             let mut results = match tokio::time::timeout_at(deadline, client.append_stream(requests)).await {
                 Ok(Ok(r)) => r.into_inner(),
                 Ok(Err(s)) => {
                     let e = status_error(s);
-                    for (r, _) in pending.drain(..) {
+                    for r in pending.drain(..) {
                         let _ = r.reply.send(Err(e.clone()));
                     }
                     continue;
@@ -612,10 +626,10 @@ impl Lane {
         &mut self,
         out: &mpsc::Sender<Payload>,
         results: &mut Streaming<Payload>,
-        pending: &mut std::collections::VecDeque<(LaneRequest, std::time::Instant)>,
+        pending: &mut std::collections::VecDeque<LaneRequest>,
     ) {
         loop {
-            let late = sleep_until(pending.front().map(|(r, _)| r.deadline));
+            let late = sleep_until(pending.front().map(|r| r.deadline));
             tokio::select! {
                 // Only with room on the stream, so that answers keep being read
                 // (see `MuxLane::serve`).
@@ -625,14 +639,11 @@ impl Lane {
                         let _ = req.reply.send(Err(CallError::Network("heartbeat lane stream closed".into())));
                         break;
                     }
-                    pending.push_back((req, std::time::Instant::now()));
+                    pending.push_back(req);
                 }
                 msg = results.message() => {
                     let Ok(Some(p)) = msg else { break };
-                    let Some((req, sent_at)) = pending.pop_front() else { break };
-                    if let Some(stats) = &self.pool.stats {
-                        stats.observe_peer_rtt(self.target, sent_at.elapsed());
-                    }
+                    let Some(req) = pending.pop_front() else { break };
                     let _ = req.reply.send(decode::<StreamAppendResult<C>>(&p.data).map_err(CallError::Network));
                 }
                 () = late => break,
@@ -932,8 +943,6 @@ struct AppendResults {
     sent: Arc<Mutex<std::collections::VecDeque<(std::time::Instant, bool)>>>,
     /// How long the oldest unanswered request may wait for its result.
     timeout: Duration,
-    stats: Option<Arc<crate::stats::GroupStats>>,
-    target: MemberId,
 }
 
 impl AppendResults {
@@ -959,15 +968,11 @@ impl AppendResults {
                 Ok(None) => None,
                 Err(s) => Some(Err(status_error(s))),
                 Ok(Some(p)) => {
-                    let Some((sent_at, with_entries)) =
-                        self.sent.lock().expect("append stream lock poisoned").pop_front()
+                    let Some((_, with_entries)) = self.sent.lock().expect("append stream lock poisoned").pop_front()
                     else {
                         return Some(Err(CallError::Network("AppendEntries result for no request".into())));
                     };
                     self.window.release(with_entries);
-                    if let Some(stats) = &self.stats {
-                        stats.observe_peer_rtt(self.target, sent_at.elapsed());
-                    }
                     Some(decode::<StreamAppendResult<C>>(&p.data).map_err(CallError::Network))
                 }
             };
@@ -1062,8 +1067,8 @@ fn status_error(s: Status) -> CallError {
 impl RaftNetworkFactory<C> for PeerPool {
     type Network = PeerConn;
 
-    async fn new_client(&mut self, target: MemberId, node: &PeerInfo) -> Self::Network {
-        PeerConn { pool: self.clone(), node: node.clone(), target }
+    async fn new_client(&mut self, _target: MemberId, node: &PeerInfo) -> Self::Network {
+        PeerConn { pool: self.clone(), node: node.clone() }
     }
 }
 
@@ -1071,7 +1076,6 @@ impl RaftNetworkFactory<C> for PeerPool {
 pub struct PeerConn {
     pool: PeerPool,
     node: PeerInfo,
-    target: MemberId,
 }
 
 impl PeerConn {
@@ -1107,14 +1111,7 @@ impl RaftNetworkV2<C> for PeerConn {
         req: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        let started = std::time::Instant::now();
-        let r = self
-            .raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await })
-            .await;
-        if let (Ok(_), Some(stats)) = (&r, &self.pool.stats) {
-            stats.observe_peer_rtt(self.target, started.elapsed());
-        }
-        r
+        self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.append(r).await }).await
     }
 
     /// Replication over one `AppendStream` call per openraft stream session: up
@@ -1143,7 +1140,7 @@ impl RaftNetworkV2<C> for PeerConn {
             let head = match futures::FutureExt::now_or_never(input.next()) {
                 Some(None) => {
                     let timeout = option.hard_ttl().max(self.pool.min_rpc_timeout);
-                    let r = self.pool.lane_append(&self.node, self.target, first, timeout).await;
+                    let r = self.pool.lane_append(&self.node, first, timeout).await;
                     return Ok(Box::pin(futures::stream::once(async move { r.map_err(CallError::into_rpc) }))
                         as BoxStream<'s, _>);
                 }
@@ -1195,8 +1192,7 @@ impl RaftNetworkV2<C> for PeerConn {
                 Ok(Err(s)) => return Err(status_error(s).into_rpc()),
                 Ok(Ok(r)) => r.into_inner(),
             };
-            let results =
-                AppendResults { resp, window, sent, timeout, stats: self.pool.stats.clone(), target: self.target };
+            let results = AppendResults { resp, window, sent, timeout };
             let out: BoxStream<'s, _> = Box::pin(futures::stream::unfold(Some(results), |r| async move {
                 let mut r = r?;
                 match r.next().await {
@@ -1399,6 +1395,7 @@ impl Peer for PeerService {
                 reply(&out)
             }
             AdminRequest::HashKvAt(rev) => reply(&self.group.local_hash_kv_at(rev, HASH_KV_WAIT).await),
+            AdminRequest::Probe => reply(&()),
         }
     }
 }

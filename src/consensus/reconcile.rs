@@ -30,6 +30,10 @@ use super::{ConsensusError, Group, MemberId, PeerInfo};
 /// log (etcd's `isLearnerReady` uses 90% of the leader's match index).
 pub const LEARNER_READY_PERCENT: u64 = 90;
 
+/// How often every member times a round trip to each peer: etcd's prober interval
+/// (its peer read timeout of 5 s less one second).
+pub const PEER_PROBE_INTERVAL: Duration = Duration::from_secs(4);
+
 /// Pause between reconciliation passes on the leader.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -144,6 +148,28 @@ impl Group {
     pub async fn peer_hash_kv_at(&self, id: MemberId, rev: i64, timeout: Duration) -> Result<(u32, i64), String> {
         let node = self.node_of(id).ok_or_else(|| format!("{id:x} is not a Raft member"))?;
         self.peers.hash_kv_at(&node, rev, timeout).await
+    }
+
+    /// Probes every other Raft member every [`PEER_PROBE_INTERVAL`] for the
+    /// member's lifetime, recording each round trip (the
+    /// `etcd_network_peer_round_trip_time_seconds{To}` histogram). As in etcd, every
+    /// member probes every peer, leader or not; a probe is one small `Admin` call on
+    /// the connection the member's Raft traffic uses.
+    pub async fn run_prober(self) {
+        let mut tick = tokio::time::interval(PEER_PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let peers: Vec<(MemberId, PeerInfo)> =
+                self.raft_members().nodes.into_iter().filter(|(id, _)| *id != self.id).collect();
+            let pool = &self.peers;
+            let probes = peers.iter().map(|(id, node)| async move {
+                if let Err(e) = pool.probe(*id, node, PEER_PROBE_INTERVAL).await {
+                    tracing::debug!(member = %format!("{id:x}"), "peer probe failed: {e}");
+                }
+            });
+            futures::future::join_all(probes).await;
+        }
     }
 
     /// The leader's verdict on whether learner `id` has caught up.
