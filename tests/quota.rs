@@ -38,7 +38,10 @@ async fn nospace_alarm_refuses_writes_until_compact_and_disarm() {
         let put = m.put("more", "x", None).await.unwrap_err().to_string();
         assert!(put.contains("database space exceeded"), "member {i}: {put}");
         let errors = m.status().await.unwrap().errors().to_vec();
-        assert!(!errors.is_empty() && errors.iter().all(|e| e == "alarm:NOSPACE"), "{errors:?}");
+        assert!(
+            !errors.is_empty() && errors.iter().all(|e| e.starts_with("memberID:") && e.ends_with(" alarm:NOSPACE ")),
+            "{errors:?}"
+        );
         assert_eq!(http_get(cluster.members[i].client_port, "/health").unwrap().0, 503);
     }
     // Reads and deletes still work; a failed write changed nothing.

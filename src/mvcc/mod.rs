@@ -29,7 +29,7 @@ pub mod lease;
 pub mod records;
 pub mod upgrade;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
@@ -345,20 +345,34 @@ impl ReadView {
     /// etcd's HashKV, bit for bit: CRC-32C over the bucket name `key` and then, in
     /// revision order up to `rev`, each stored revision's etcd key (8-byte main,
     /// `_`, 8-byte sub, plus `t` for a tombstone) and etcd value (the encoded
-    /// `KeyValue`; a tombstone's holds only the key). Compaction has already removed
-    /// most of what etcd skips; in addition etcd 3.4 leaves out a version kept by
-    /// compaction whose key was deleted later (measured against etcd 3.4.23: its
-    /// hash skips it, though reads at that revision still see it). With that rule
-    /// the same history hashes the same on both servers.
+    /// `KeyValue`; a tombstone's holds only the key). Of the versions at or below the
+    /// compaction point (those compaction kept), etcd 3.4 hashes only the ones that
+    /// are still their key's newest version at `rev` (its `kvindex.Keep(rev)`), and
+    /// all of them when no key is live at `rev`: a kept version whose key was written
+    /// or deleted again by `rev` is left out, though reads at that revision still see
+    /// it. Like etcd, a revision at or below the compaction point is refused.
     pub fn hash_kv(&self, rev: Rev) -> Result<(u32, Rev)> {
+        if rev > 0 && rev <= self.compacted {
+            return Err(MvccError::Compacted);
+        }
         let rev = check_rev(rev, self.current, self.compacted)?;
-        // Rows at or below the compaction point are the versions it kept; a deletion
-        // of their key can only be a later row.
-        let mut deleted_later = HashSet::new();
-        for row in self.history.range::<&[u8]>(rev_key(self.compacted + 1, 0).as_slice()..)? {
+        // The newest change of each key written since the compaction, up to `rev`:
+        // true for a put.
+        let mut changed: HashMap<Vec<u8>, bool> = HashMap::new();
+        for row in
+            self.history.range::<&[u8]>(rev_key(self.compacted + 1, 0).as_slice()..rev_key(rev + 1, 0).as_slice())?
+        {
             let change = decode_change(row?.1.value())?;
-            if !change.put {
-                deleted_later.insert(change.kv.key);
+            changed.insert(change.kv.key, change.put);
+        }
+        let mut any_live = changed.values().any(|put| *put);
+        if !any_live {
+            for row in self.history.range::<&[u8]>(..rev_key(self.compacted + 1, 0).as_slice())? {
+                let change = decode_change(row?.1.value())?;
+                if change.put && !changed.contains_key(&change.kv.key) {
+                    any_live = true;
+                    break;
+                }
             }
         }
         let mut crc = crc32c::crc32c(b"key");
@@ -366,7 +380,7 @@ impl ReadView {
             let (k, v) = row?;
             let (main, sub) = decode_rev_key(k.value()).map_err(MvccError::Corrupt)?;
             let change = decode_change(v.value())?;
-            if main <= self.compacted && change.put && deleted_later.contains(&change.kv.key) {
+            if main <= self.compacted && any_live && changed.contains_key(&change.kv.key) {
                 continue;
             }
             let mut etcd_key = Vec::with_capacity(18);

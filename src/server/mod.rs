@@ -20,6 +20,7 @@ pub mod config;
 pub mod corruption;
 pub mod errors;
 pub mod gateway;
+pub mod h2_authority;
 pub mod http;
 pub mod kv;
 pub mod lease;
@@ -262,6 +263,17 @@ impl Node {
         }
     }
 
+    /// The header of etcd's Cluster service answers: cluster, member and term, no
+    /// revision (etcd's `ClusterServer.header`).
+    pub fn member_header(&self) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            raft_term: self.group.current_term(),
+            revision: 0,
+        }
+    }
+
     /// Fills the response header's identity fields, as etcd's `header.fill` does.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
         let h = header.get_or_insert_with(ResponseHeader::default);
@@ -318,18 +330,21 @@ fn peer_tls(config: &Config) -> Result<Option<crate::consensus::network::PeerTls
 }
 
 /// Serves `router` on `l`: TLS when the listen URL is https (with `tls`), plain
-/// otherwise; each connection holds one of `slots` while open.
+/// otherwise; each connection holds one of `slots` while open. `clients` marks a
+/// client listener, whose connections get [`h2_authority::AuthorityFix`] (etcd's
+/// clients send URL-form `:authority`); peers are concord's own and do not.
 async fn serve_listener(
     router: tonic::transport::server::Router,
     l: TcpListener,
     url: &str,
     tls: Option<Arc<rustls::ServerConfig>>,
     slots: Arc<tokio::sync::Semaphore>,
+    clients: bool,
 ) -> Result<(), String> {
     let result = match (url.starts_with("https://"), tls) {
-        (true, Some(cfg)) => router.serve_with_incoming(tls::accept_tls(l, slots, cfg)).await,
+        (true, Some(cfg)) => router.serve_with_incoming(tls::accept_tls(l, slots, cfg, clients)).await,
         (true, None) => return Err(format!("{url}: no TLS certificate configured")),
-        (false, _) => router.serve_with_incoming(tls::accept_plain(l, slots)).await,
+        (false, _) => router.serve_with_incoming(tls::accept_plain(l, slots, clients)).await,
     };
     result.map_err(|e| format!("server on {url}: {e}"))
 }
@@ -421,6 +436,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         auth: auth::AuthContext::new(jwt),
     });
     tokio::spawn(metrics::run_monitor(node.clone()));
+    tokio::spawn(group.clone().run_prober());
     tokio::spawn(sample_db_size(node.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -429,7 +445,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             tonic::transport::Server::builder().add_service(PeerService::server(group.clone(), max_peer_message_bytes));
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
         let tls = peer_server_tls.clone();
-        tasks.spawn(async move { serve_listener(router, l, &url, tls, slots).await });
+        tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, false).await });
     }
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_client_connections));
     let lessor = crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms);
@@ -473,7 +489,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .accept_http1(true)
             .add_routes(tonic::service::Routes::from(routes));
         let (tls, slots) = (client_server_tls.clone(), client_slots.clone());
-        tasks.spawn(async move { serve_listener(router, l, &url, tls, slots).await });
+        tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, true).await });
     }
     for l in metrics_listeners {
         let app = http::routes(node.clone());

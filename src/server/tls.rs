@@ -28,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::h2_authority::AuthorityFix;
+
 /// How often a served certificate's files are checked for changes.
 pub const CERT_RELOAD_CHECK: Duration = Duration::from_secs(5);
 
@@ -296,11 +298,17 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 pub struct Admitted<S> {
     inner: S,
     _slot: OwnedSemaphorePermit,
+    /// On client connections: accepts the URL-form `:authority` of etcd's clients.
+    fix: Option<Box<AuthorityFix>>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        match &mut this.fix {
+            Some(fix) => fix.poll_read(&mut this.inner, cx, buf),
+            None => Pin::new(&mut this.inner).poll_read(cx, buf),
+        }
     }
 }
 
@@ -337,8 +345,9 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 pub type Incoming<S> = tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<S>>>;
 
 /// Accepts plain TCP connections: each must send a first byte in time.
-pub fn accept_plain(listener: TcpListener, slots: Arc<Semaphore>) -> Incoming<TcpStream> {
-    accept(listener, slots, |tcp| async move {
+/// `fix_authority`: filter the connection through [`AuthorityFix`].
+pub fn accept_plain(listener: TcpListener, slots: Arc<Semaphore>, fix_authority: bool) -> Incoming<TcpStream> {
+    accept(listener, slots, fix_authority, |tcp| async move {
         let mut first = [0u8; 1];
         match tokio::time::timeout(FIRST_BYTES_TIMEOUT, tcp.peek(&mut first)).await {
             Ok(Ok(n)) if n > 0 => Some(tcp),
@@ -352,9 +361,10 @@ pub fn accept_tls(
     listener: TcpListener,
     slots: Arc<Semaphore>,
     config: Arc<rustls::ServerConfig>,
+    fix_authority: bool,
 ) -> Incoming<tokio_rustls::server::TlsStream<TcpStream>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    accept(listener, slots, move |tcp| {
+    accept(listener, slots, fix_authority, move |tcp| {
         let acceptor = acceptor.clone();
         async move {
             match tokio::time::timeout(FIRST_BYTES_TIMEOUT, acceptor.accept(tcp)).await {
@@ -369,7 +379,7 @@ pub fn accept_tls(
     })
 }
 
-fn accept<S, F, Fut>(listener: TcpListener, slots: Arc<Semaphore>, admit: F) -> Incoming<S>
+fn accept<S, F, Fut>(listener: TcpListener, slots: Arc<Semaphore>, fix_authority: bool, admit: F) -> Incoming<S>
 where
     S: Send + 'static,
     F: Fn(TcpStream) -> Fut + Send + 'static,
@@ -394,7 +404,8 @@ where
             let fut = admit(tcp);
             tokio::spawn(async move {
                 if let Some(stream) = fut.await {
-                    let _ = tx.send(Ok(Admitted { inner: stream, _slot: slot })).await;
+                    let fix = fix_authority.then(Box::default);
+                    let _ = tx.send(Ok(Admitted { inner: stream, _slot: slot, fix })).await;
                 }
             });
         }

@@ -65,3 +65,14 @@ etcdctl get "" --from-key -w json
 etcdctl member list
 head -c 1600000 /dev/zero | tr '\0' a | etcdctl put big
 etcdctl get big -w json
+# The same calls with the endpoint written as a URL, and the --cluster forms.
+# (etcdctl refuses --endpoints while ETCDCTL_ENDPOINTS is set.)
+ep=$ETCDCTL_ENDPOINTS
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep get foo
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep endpoint status -w json | sed 's/"dbSize":[0-9]*,//; s/"raft_index":[0-9]*,//; s/"raft_applied_index":[0-9]*,//'
+etcdctl endpoint status --cluster | cut -d, -f1-3,5,6
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep endpoint hashkv -w json
+etcdctl endpoint hashkv --cluster
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep defrag
+etcdctl defrag --cluster
+etcdctl endpoint health --cluster -w json | sed 's/"took":"[^"]*"/"took":"X"/'

@@ -36,3 +36,17 @@ etcdctl move-leader 1234
 etcdctl move-leader $(cat $GOLDEN_TMP/self)
 etcdctl put c 4
 etcdctl get --prefix ""
+# Endpoints written as URLs, and the --cluster forms (which dial every member's
+# advertised client URL): per-endpoint Maintenance calls on a dialled endpoint.
+# (etcdctl refuses --endpoints while ETCDCTL_ENDPOINTS is set.)
+ep=$ETCDCTL_ENDPOINTS
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep endpoint status | cut -d, -f1-3,5,6
+etcdctl endpoint status --cluster | cut -d, -f1-3,5,6
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep endpoint hashkv
+etcdctl endpoint hashkv --cluster
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep defrag
+etcdctl defrag --cluster
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep endpoint health | sed 's/took = .*/took = X/'
+etcdctl endpoint health --cluster | sed 's/took = .*/took = X/'
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep move-leader $(cat $GOLDEN_TMP/self)
+env -u ETCDCTL_ENDPOINTS etcdctl --endpoints http://$ep alarm list
