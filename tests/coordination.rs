@@ -425,3 +425,46 @@ async fn lock_is_refused_to_a_waiter_whose_lease_expired() {
     let err = outcome.expect_err("a lock must not be granted on an expired lease").to_string();
     assert!(err.contains("requested lease not found"), "{err}");
 }
+
+/// Keep-alives from many clients share log entries (one batch per member per
+/// commit, see `concord::lease::renewer`), each is still answered with the full TTL
+/// only after it committed, and an unknown lease is answered with TTL 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_from_many_clients_share_log_entries() {
+    const CLIENTS: usize = 40;
+    const ROUNDS: usize = 10;
+    let cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let mut c = cluster.client(leader).await;
+    let mut leases = Vec::new();
+    for _ in 0..CLIENTS {
+        leases.push(c.lease_grant(30, None).await.unwrap().id());
+    }
+    let (_, _, before) = cluster.status(leader).await.unwrap();
+    let mut tasks = Vec::new();
+    for (i, id) in leases.iter().copied().enumerate() {
+        let mut client = cluster.client(i % 3).await;
+        tasks.push(tokio::spawn(async move {
+            let (mut keeper, mut stream) = client.lease_keep_alive(id).await.unwrap();
+            let mut ttls = Vec::new();
+            for _ in 0..ROUNDS {
+                keeper.keep_alive().await.unwrap();
+                ttls.push(stream.message().await.unwrap().expect("a keep-alive answer").ttl());
+            }
+            ttls
+        }));
+    }
+    for t in tasks {
+        // The first keep-alive is sent by lease_keep_alive itself.
+        let ttls = t.await.unwrap();
+        assert!(ttls.iter().all(|ttl| *ttl == 30), "renewed TTLs: {ttls:?}");
+    }
+    let (_, _, after) = cluster.status(leader).await.unwrap();
+    let keep_alives = (CLIENTS * (ROUNDS + 1)) as u64;
+    println!("{keep_alives} keep-alives took {} log entries", after - before);
+    assert!(after - before <= keep_alives / 2, "{keep_alives} keep-alives took {} log entries", after - before);
+
+    // TTL 0, which the client reports as etcd's "lease not found".
+    let unknown = c.lease_keep_alive(0x7777).await.map(|_| ()).map_err(|e| e.to_string());
+    assert!(unknown.as_ref().is_err_and(|e| e.contains("lease not found")), "{unknown:?}");
+}

@@ -99,7 +99,9 @@ pub enum Command {
     LeaseRevoke {
         id: i64,
     },
-    /// A keep-alive: re-bases the lease to its full TTL on every member.
+    /// A keep-alive: re-bases the lease to its full TTL on every member. No longer
+    /// proposed (keep-alives go in [`Command::LeaseRenewBatch`]); applied for logs
+    /// written by earlier versions.
     LeaseRenew {
         id: i64,
     },
@@ -127,6 +129,11 @@ pub enum Command {
         id: u64,
         cmd: Box<Command>,
     },
+    /// Keep-alives gathered by one member (see `crate::lease::Renewer`): each lease
+    /// re-based to its full TTL on every member, as [`Command::LeaseRenew`] does, in
+    /// one entry; an unknown id is skipped. Answered with a [`state_machine::LeaseRenewals`].
+    /// Last, so that the variants before it keep their encoding.
+    LeaseRenewBatch(Vec<i64>),
 }
 
 impl Command {
@@ -165,6 +172,7 @@ impl fmt::Display for Command {
             Command::Auth(op) => write!(f, "auth({})", op.name()),
             Command::Authed { auth_revision, cmd } => write!(f, "authed@{auth_revision}({cmd})"),
             Command::Forwarded { from, id, cmd } => write!(f, "forwarded({from:x}#{id:x},{cmd})"),
+            Command::LeaseRenewBatch(ids) => write!(f, "lease_renew_batch({} leases)", ids.len()),
         }
     }
 }

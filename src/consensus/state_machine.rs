@@ -431,6 +431,17 @@ impl<'txn> BatchApplier<'txn> {
                 let rec = w.lease_renew(*id)?;
                 Ok(LeaseKeepAliveResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s })
             }),
+            Command::LeaseRenewBatch(ids) => self.lease(|w| {
+                let mut ttl_s = Vec::with_capacity(ids.len());
+                for id in ids {
+                    match w.lease_renew(*id) {
+                        Ok(rec) => ttl_s.push(rec.ttl_s),
+                        Err(MvccError::LeaseNotFound) => ttl_s.push(0),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(LeaseRenewals { header: header(w.current_rev()), ttl_s })
+            }),
             Command::LeaseCheckpoint(items) => self.lease(|w| {
                 for (id, version, remaining_ms) in items {
                     w.lease_checkpoint(*id, *version, *remaining_ms)?;
@@ -508,6 +519,16 @@ impl<'txn> BatchApplier<'txn> {
             Err(e) => return Err(io_err(e)),
         })
     }
+}
+
+/// The answer to a [`Command::LeaseRenewBatch`]: for each id in order, the TTL it
+/// was renewed to in seconds, or 0 for a lease that does not exist.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseRenewals {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+    #[prost(int64, repeated, tag = "2")]
+    pub ttl_s: Vec<i64>,
 }
 
 impl RaftStateMachine<C> for StateMachine {

@@ -12,6 +12,8 @@
 //! - Expiry is a replicated revoke like a client's, so all members delete the
 //!   attached keys at the same revision.
 
+pub mod renewer;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,15 +44,19 @@ pub struct Lessor {
     revoking: Mutex<HashMap<i64, Instant>>,
     id_prefix: u64,
     id_counter: AtomicU64,
+    /// Batches this member's keep-alives into log entries.
+    pub renewer: renewer::Renewer,
 }
 
 impl Lessor {
     /// `election_timeout_ms` sets etcd's minimum TTL: 1.5 election timeouts, in whole
     /// seconds rounded up.
-    pub fn new(group: Group, member_id: MemberId, election_timeout_ms: u64) -> Arc<Lessor> {
+    /// `request_timeout` bounds each batch of keep-alives (see [`renewer`]).
+    pub fn new(group: Group, member_id: MemberId, election_timeout_ms: u64, request_timeout: Duration) -> Arc<Lessor> {
         let min_ttl_s = (3 * election_timeout_ms).div_ceil(2000).max(1) as i64;
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         Arc::new(Lessor {
+            renewer: renewer::Renewer::start(group.clone(), request_timeout),
             group,
             min_ttl_s,
             tracked: Mutex::default(),

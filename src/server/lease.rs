@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::auth::Credentials;
 use super::{errors, Node};
 use crate::consensus::Command;
+use crate::lease::renewer::RenewError;
 use crate::lease::{Lessor, MAX_LEASE_TTL_S};
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::{
@@ -26,21 +27,28 @@ pub struct LeaseService {
     pub lessor: Arc<Lessor>,
 }
 
-/// One keep-alive: renews through Raft unless the lease is unknown or already
-/// expired here, in which case the answer is TTL 0 (etcd's "lease not found").
+/// One keep-alive: renewed through Raft with the other keep-alives this member
+/// has waiting (see `crate::lease::renewer`), unless the lease is already expired
+/// by this member's count, in which case the answer is TTL 0 (etcd's "lease not
+/// found"); a lease unknown to the log is answered the same way.
 pub async fn keep_alive(node: &Node, lessor: &Lessor, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+    // A local read (serializable): a lease this member has not applied yet is left
+    // to the log to find.
     let view = node.read_view(true).await?;
-    let alive = view.lease(id).map_err(errors::from_mvcc)?.is_some_and(|rec| !lessor.is_expired(&rec));
+    let expired = view.lease(id).map_err(errors::from_mvcc)?.is_some_and(|rec| lessor.is_expired(&rec));
     drop(view);
-    let mut resp = if alive {
-        match node.propose::<LeaseKeepAliveResponse>(Command::LeaseRenew { id }).await {
-            Ok(r) => r,
-            Err(s) if s.code() == tonic::Code::NotFound => LeaseKeepAliveResponse { header: None, id, ttl: 0 },
-            Err(s) => return Err(s),
+    let mut resp = LeaseKeepAliveResponse { header: None, id, ttl: 0 };
+    if !expired {
+        match lessor.renewer.renew(id).await {
+            Ok(r) => {
+                resp.ttl = r.ttl_s;
+                resp.header =
+                    Some(crate::proto::etcdserverpb::ResponseHeader { revision: r.revision, ..Default::default() });
+            }
+            Err(RenewError::Apply(e)) => return Err(errors::from_apply(e)),
+            Err(RenewError::Consensus(e)) => return Err(errors::from_consensus(e)),
         }
-    } else {
-        LeaseKeepAliveResponse { header: None, id, ttl: 0 }
-    };
+    }
     node.fill_header(&mut resp.header);
     Ok(resp)
 }

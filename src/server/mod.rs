@@ -448,7 +448,8 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, false).await });
     }
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_client_connections));
-    let lessor = crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms);
+    let lessor =
+        crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms, config.request_timeout());
     tokio::spawn(lessor.clone().run());
     let event_cache = watch::EventCache::start(node.clone());
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
