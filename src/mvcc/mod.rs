@@ -53,8 +53,10 @@ pub type Rev = i64;
 /// it opened ([`MvccError::Retry`]; each race is a window of microseconds).
 pub const READ_VIEW_ATTEMPTS: u32 = 3;
 
-const META_REV: &str = "mvcc/rev";
-const META_COMPACT: &str = "mvcc/compact";
+/// META row: the current revision (big-endian i64).
+pub const META_REV: &str = "mvcc/rev";
+/// META row: the compacted revision (big-endian i64).
+pub const META_COMPACT: &str = "mvcc/compact";
 
 /// Failures a client request can cause. The server maps each to etcd's gRPC status.
 #[derive(Debug, thiserror::Error)]
