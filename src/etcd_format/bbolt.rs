@@ -19,7 +19,7 @@
 //!   the first u64).
 //!
 //! The writer produces a compact file: metas, an empty freelist, then every
-//! bucket's pages; every page below the high-water mark is reachable, which is what
+//! bucket's pages (a bucket of at most a quarter page inline, as bbolt does); every page below the high-water mark is reachable, which is what
 //! `bbolt`'s consistency check (run by `etcdctl snapshot status`) requires. Its
 //! output depends only on its input.
 //!
@@ -297,6 +297,39 @@ pub fn read(data: &[u8]) -> Result<Vec<Bucket>, BoltError> {
 /// A page element being written: (leaf flags, key, value or child page id).
 type Element = (u32, Vec<u8>, Vec<u8>);
 
+/// Bytes of a page with id `id` holding `elements`, padded to whole pages.
+fn encode_page(id: u64, flags: u16, elements: &[Element]) -> Vec<u8> {
+    let size = PAGE_HEADER + elements.iter().map(|(_, k, v)| ELEMENT + k.len() + v.len()).sum::<usize>();
+    let blocks = size.div_ceil(PAGE_SIZE).max(1);
+    let mut p = vec![0u8; blocks * PAGE_SIZE];
+    p[0..8].copy_from_slice(&id.to_le_bytes());
+    p[8..10].copy_from_slice(&flags.to_le_bytes());
+    p[10..12].copy_from_slice(&(elements.len() as u16).to_le_bytes());
+    p[12..16].copy_from_slice(&((blocks - 1) as u32).to_le_bytes());
+    let mut data_at = PAGE_HEADER + elements.len() * ELEMENT;
+    for (i, (eflags, k, v)) in elements.iter().enumerate() {
+        let at = PAGE_HEADER + i * ELEMENT;
+        let pos = (data_at - at) as u32;
+        if flags == BRANCH {
+            // A branch element's "value" is its child's page id.
+            p[at..at + 4].copy_from_slice(&pos.to_le_bytes());
+            p[at + 4..at + 8].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            p[at + 8..at + 16].copy_from_slice(v);
+            p[data_at..data_at + k.len()].copy_from_slice(k);
+            data_at += k.len();
+        } else {
+            p[at..at + 4].copy_from_slice(&eflags.to_le_bytes());
+            p[at + 4..at + 8].copy_from_slice(&pos.to_le_bytes());
+            p[at + 8..at + 12].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            p[at + 12..at + 16].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            p[data_at..data_at + k.len()].copy_from_slice(k);
+            p[data_at + k.len()..data_at + k.len() + v.len()].copy_from_slice(v);
+            data_at += k.len() + v.len();
+        }
+    }
+    p
+}
+
 /// Builds pages for the writer.
 struct Writer {
     /// Page-sized blocks from page 2 on (2 is the freelist).
@@ -307,38 +340,10 @@ struct Writer {
 impl Writer {
     /// Writes one page (plus overflow) holding `elements` and returns its id.
     fn page(&mut self, flags: u16, elements: &[Element]) -> u64 {
-        let size = PAGE_HEADER + elements.iter().map(|(_, k, v)| ELEMENT + k.len() + v.len()).sum::<usize>();
-        let blocks = size.div_ceil(PAGE_SIZE).max(1);
         let id = self.next;
-        self.next += blocks as u64;
-        let start = self.pages.len();
-        self.pages.resize(start + blocks * PAGE_SIZE, 0);
-        let p = &mut self.pages[start..];
-        p[0..8].copy_from_slice(&id.to_le_bytes());
-        p[8..10].copy_from_slice(&flags.to_le_bytes());
-        p[10..12].copy_from_slice(&(elements.len() as u16).to_le_bytes());
-        p[12..16].copy_from_slice(&((blocks - 1) as u32).to_le_bytes());
-        let mut data_at = PAGE_HEADER + elements.len() * ELEMENT;
-        for (i, (eflags, k, v)) in elements.iter().enumerate() {
-            let at = PAGE_HEADER + i * ELEMENT;
-            let pos = (data_at - at) as u32;
-            if flags == BRANCH {
-                // A branch element's "value" is its child's page id.
-                p[at..at + 4].copy_from_slice(&pos.to_le_bytes());
-                p[at + 4..at + 8].copy_from_slice(&(k.len() as u32).to_le_bytes());
-                p[at + 8..at + 16].copy_from_slice(v);
-                p[data_at..data_at + k.len()].copy_from_slice(k);
-                data_at += k.len();
-            } else {
-                p[at..at + 4].copy_from_slice(&eflags.to_le_bytes());
-                p[at + 4..at + 8].copy_from_slice(&pos.to_le_bytes());
-                p[at + 8..at + 12].copy_from_slice(&(k.len() as u32).to_le_bytes());
-                p[at + 12..at + 16].copy_from_slice(&(v.len() as u32).to_le_bytes());
-                p[data_at..data_at + k.len()].copy_from_slice(k);
-                p[data_at + k.len()..data_at + k.len() + v.len()].copy_from_slice(v);
-                data_at += k.len() + v.len();
-            }
-        }
+        let page = encode_page(id, flags, elements);
+        self.next += (page.len() / PAGE_SIZE) as u64;
+        self.pages.extend_from_slice(&page);
         id
     }
 
@@ -382,20 +387,24 @@ pub fn write(buckets: &[Bucket]) -> Vec<u8> {
     let mut w = Writer { pages: Vec::new(), next: 3 };
     let mut sorted: Vec<&Bucket> = buckets.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut roots = Vec::with_capacity(sorted.len());
+    let mut top = Vec::with_capacity(sorted.len());
     for b in &sorted {
         debug_assert!(b.rows.windows(2).all(|w| w[0].0 < w[1].0), "bucket rows must be sorted and unique");
-        let root = w.tree(b.rows.iter().map(|(k, v)| (0, k.clone(), v.clone())).collect());
-        roots.push((b.name.as_slice(), root));
+        let rows: Vec<Element> = b.rows.iter().map(|(k, v)| (0, k.clone(), v.clone())).collect();
+        let size = PAGE_HEADER + rows.iter().map(|(_, k, v)| ELEMENT + k.len() + v.len()).sum::<usize>();
+        // Like bbolt, a bucket of at most a quarter page is stored inline, in its
+        // parent's leaf: bucket header with root 0, then the page.
+        let mut value = Vec::with_capacity(16 + size);
+        if size <= PAGE_SIZE / 4 {
+            value.extend_from_slice(&[0u8; 16]);
+            let page = encode_page(0, LEAF, &rows);
+            value.extend_from_slice(&page[..size]);
+        } else {
+            value.extend_from_slice(&w.tree(rows).to_le_bytes());
+            value.extend_from_slice(&0u64.to_le_bytes());
+        }
+        top.push((BUCKET_LEAF, b.name.clone(), value));
     }
-    let top = roots
-        .iter()
-        .map(|(name, root)| {
-            let mut header = root.to_le_bytes().to_vec();
-            header.extend_from_slice(&0u64.to_le_bytes());
-            (BUCKET_LEAF, name.to_vec(), header)
-        })
-        .collect();
     let root = w.tree(top);
     let mut out = vec![0u8; 3 * PAGE_SIZE];
     for (i, txid) in [(0u64, 2u64), (1, 3)] {
