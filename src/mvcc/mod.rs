@@ -29,7 +29,7 @@ pub mod lease;
 pub mod records;
 pub mod upgrade;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
@@ -347,20 +347,30 @@ impl ReadView {
     /// etcd's HashKV, bit for bit: CRC-32C over the bucket name `key` and then, in
     /// revision order up to `rev`, each stored revision's etcd key (8-byte main,
     /// `_`, 8-byte sub, plus `t` for a tombstone) and etcd value (the encoded
-    /// `KeyValue`; a tombstone's holds only the key). Compaction has already removed
-    /// most of what etcd skips; in addition etcd 3.4 leaves out a version kept by
-    /// compaction whose key was deleted later (measured against etcd 3.4.23: its
-    /// hash skips it, though reads at that revision still see it). With that rule
-    /// the same history hashes the same on both servers.
+    /// `KeyValue`; a tombstone's holds only the key). A version at or below the
+    /// compaction point (one compaction kept) counts only while it is still its
+    /// key's newest at `rev`: etcd 3.4 (`hashByRev`) hashes such rows only if
+    /// they are in `kvindex.Keep(rev)`, though reads at older revisions still see
+    /// them; when nothing at all is live at `rev` (Keep is empty) it hashes them
+    /// all. Checked against etcd 3.4.23 with keys overwritten and deleted after a
+    /// compaction.
     pub fn hash_kv(&self, rev: Rev) -> Result<(u32, Rev)> {
         let rev = check_rev(rev, self.current, self.compacted)?;
-        // Rows at or below the compaction point are the versions it kept; a deletion
-        // of their key can only be a later row.
-        let mut deleted_later = HashSet::new();
-        for row in self.history.range::<&[u8]>(rev_key(self.compacted + 1, 0).as_slice()..)? {
+        // Keys changed in (compacted, rev] -> whether their last change there is a put.
+        let mut changed_later: HashMap<Vec<u8>, bool> = HashMap::new();
+        let later = rev_key(self.compacted + 1, 0)..rev_key(rev + 1, 0);
+        for row in self.history.range::<&[u8]>(later.start.as_slice()..later.end.as_slice())? {
             let change = decode_change(row?.1.value())?;
-            if !change.put {
-                deleted_later.insert(change.kv.key);
+            changed_later.insert(change.kv.key, change.put);
+        }
+        let mut anything_live = changed_later.values().any(|put| *put);
+        if !anything_live {
+            for row in self.history.range::<&[u8]>(..later.start.as_slice())? {
+                let change = decode_change(row?.1.value())?;
+                if change.put && !changed_later.contains_key(&change.kv.key) {
+                    anything_live = true;
+                    break;
+                }
             }
         }
         let mut crc = crc32c::crc32c(b"key");
@@ -368,7 +378,7 @@ impl ReadView {
             let (k, v) = row?;
             let (main, sub) = decode_rev_key(k.value()).map_err(MvccError::Corrupt)?;
             let change = decode_change(v.value())?;
-            if main <= self.compacted && change.put && deleted_later.contains(&change.kv.key) {
+            if main <= self.compacted && anything_live && (!change.put || changed_later.contains_key(&change.kv.key)) {
                 continue;
             }
             let mut etcd_key = Vec::with_capacity(18);
