@@ -171,6 +171,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn both_formats_have_a_status_and_damaged_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = crate::proto::mvccpb::KeyValue {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            create_revision: 2,
+            mod_revision: 2,
+            version: 1,
+            lease: 0,
+        };
+        let history =
+            vec![(crate::mvcc::keys::rev_key(2, 0).to_vec(), crate::mvcc::records::encode_change(true, None, &kv))];
+        let meta = vec![(crate::mvcc::META_REV.to_string(), 2i64.to_be_bytes().to_vec())];
+        let ours = crate::storage::encode_snapshot_file(&crate::storage::snapshot_from_rows(
+            &meta,
+            &history,
+            &Vec::new(),
+            &Vec::new(),
+        ));
+        let etcd = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/etcd-3.4.23.snapshot")).unwrap();
+        let path = dir.path().join("snap");
+        for (data, want_rev) in [(&ours, 2), (&etcd, 8)] {
+            std::fs::write(&path, data).unwrap();
+            assert_eq!(status(&path).unwrap().revision, want_rev);
+            for bad in [data[..data.len() - 1].to_vec(), data[..data.len() / 2].to_vec(), {
+                let mut b = data.clone();
+                b[data.len() / 3] ^= 4;
+                b
+            }] {
+                std::fs::write(&path, &bad).unwrap();
+                assert!(status(&path).is_err() || bad.len() % 512 != 32 && crate::etcd_format::is_etcd_snapshot(&bad));
+                let config = Config::from_flags(<Flags as clap::Parser>::parse_from([
+                    "concord".to_string(),
+                    "--data-dir".to_string(),
+                    dir.path().join("d").display().to_string(),
+                ]))
+                .unwrap();
+                assert!(restore(&path, &config, false).is_err());
+                assert!(!dir.path().join("d").exists(), "a refused restore writes nothing");
+            }
+        }
+    }
+
+    #[test]
     fn sizes_print_like_etcdctl() {
         assert_eq!(human_size(999), "999 B");
         assert_eq!(human_size(20480), "20 kB");

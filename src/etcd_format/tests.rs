@@ -111,22 +111,3 @@ fn dump() {
         }
     }
 }
-
-#[test]
-#[ignore]
-fn dump_hash() {
-    let file = std::fs::read(std::env::var("DUMP").unwrap()).unwrap();
-    let db = strip_trailer(&file, false).unwrap();
-    let keys = bucket_rows(db, "key");
-    let mut crc = crc32c::crc32c(b"key");
-    for (k, v) in &keys {
-        crc = crc32c::crc32c_append(crc, k);
-        crc = crc32c::crc32c_append(crc, v);
-    }
-    println!("all rows: {crc}");
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::open(&dir.path().join("s.redb")).unwrap();
-    backend.install_snapshot(&import(db).unwrap()).unwrap();
-    let out = export(&backend.begin_read().unwrap()).unwrap();
-    assert_eq!(bucket_rows(&out, "key"), keys);
-}
