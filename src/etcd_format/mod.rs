@@ -18,8 +18,9 @@
 //!   (`clusterVersion` = "3.4.0"), `alarm` (`AlarmMember` -> empty).
 //!
 //! What an import keeps: keys with their full retained history and revisions, the
-//! compaction point, leases (remaining TTL when etcd recorded one) with their keys,
-//! users, roles and the auth flag. Members and alarms are not imported: a restore
+//! compaction point (a compaction etcd had scheduled but not finished is finished),
+//! leases (remaining TTL when etcd recorded one) with their keys, users, roles and
+//! the auth flag. Members and alarms are not imported: a restore
 //! makes a new cluster.
 
 pub mod bbolt;
@@ -270,6 +271,14 @@ pub fn status(db: &[u8]) -> Result<Status, FormatError> {
     Ok(status)
 }
 
+/// A key's live version while the import walks the history.
+struct Live {
+    at: RevPtr,
+    create: i64,
+    version: i64,
+    lease: i64,
+}
+
 /// The rows of bucket `name`, if present.
 fn rows<'b>(buckets: &'b [Bucket], name: &str) -> Option<&'b Rows> {
     buckets.iter().find(|b| b.name == name.as_bytes()).map(|b| &b.rows)
@@ -284,24 +293,31 @@ pub fn import(db: &[u8]) -> Result<Vec<u8>, FormatError> {
         return corrupt("no `key` or `meta` bucket: not an etcd backend");
     };
     let meta_value = |name: &str| meta.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
-    let compacted = match meta_value("finishedCompactRev") {
-        None => 0,
+    let compact_rev = |name: &str| match meta_value(name) {
+        None => Ok(0),
         Some(v) => match parse_rev_bytes(v) {
-            Some((main, _, false)) if main >= 0 => main,
-            _ => return corrupt("finishedCompactRev"),
+            Some((main, _, false)) if main >= 0 => Ok(main),
+            _ => corrupt(name),
         },
     };
+    // A compaction etcd scheduled but had not finished is finished here (etcd
+    // finishes it at start): rows at or below it other than each key's newest
+    // version there are dropped below.
+    let compacted = compact_rev("finishedCompactRev")?.max(compact_rev("scheduledCompactRev")?);
 
     // History, with each row's `prev`: the key's live version just before it.
-    let mut live: HashMap<Vec<u8>, (RevPtr, i64)> = HashMap::new();
+    let mut live: HashMap<Vec<u8>, Live> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     let mut history = Rows::with_capacity(keys.len());
+    let mut kept_by_compaction: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut dropped: Vec<usize> = Vec::new();
     let mut current = compacted.max(1);
     let mut last: Option<RevPtr> = None;
     for (k, v) in keys {
         let Some((main, sub, tombstone)) = parse_rev_bytes(k) else {
             return corrupt(format!("revision key {k:02x?}"));
         };
-        if main < 1 || sub < 0 || last.is_some_and(|l| l >= (main, sub)) {
+        if main < 1 || !(0..=i64::from(u32::MAX)).contains(&sub) || last.is_some_and(|l| l >= (main, sub)) {
             return corrupt(format!("revision {main}.{sub} out of order"));
         }
         last = Some((main, sub));
@@ -310,18 +326,55 @@ pub fn import(db: &[u8]) -> Result<Vec<u8>, FormatError> {
         if kv.key.is_empty() {
             return corrupt(format!("revision {main}.{sub} has an empty key"));
         }
-        let prev = live.get(&kv.key).map(|(at, _)| *at);
+        // The row must continue the key's history as etcd writes it: a deletion of a
+        // live key; a put that is the key's next version, or a new generation
+        // (version 1, created now), or, for the oldest row compaction kept, any
+        // version created earlier.
+        let prev = live.get(&kv.key).map(|l| l.at);
+        let inconsistent =
+            || FormatError::Corrupt(format!("revision {main}.{sub}: inconsistent with the key's history"));
         let (put, record) = if tombstone {
-            live.remove(&kv.key);
+            if live.remove(&kv.key).is_none() {
+                return Err(inconsistent());
+            }
+            seen.insert(kv.key.clone());
             (false, KeyValue { key: kv.key, mod_revision: main, ..Default::default() })
         } else {
-            if kv.mod_revision != main || kv.create_revision < 1 || kv.create_revision > main || kv.version < 1 {
-                return corrupt(format!("revision {main}.{sub}: inconsistent revisions or version"));
+            let fits = match live.get(&kv.key) {
+                Some(l) => kv.create_revision == l.create && kv.version == l.version.saturating_add(1),
+                None if main > compacted || seen.contains(&kv.key) => kv.version == 1 && kv.create_revision == main,
+                None => kv.version >= 1 && (1..=main).contains(&kv.create_revision),
+            };
+            if kv.mod_revision != main || !fits {
+                return Err(inconsistent());
             }
-            live.insert(kv.key.clone(), ((main, sub), kv.lease));
+            let entry = Live { at: (main, sub), create: kv.create_revision, version: kv.version, lease: kv.lease };
+            live.insert(kv.key.clone(), entry);
+            seen.insert(kv.key.clone());
             (true, kv)
         };
+        if main <= compacted {
+            // Only the newest version at or below the compaction point survives it.
+            if let Some(i) = kept_by_compaction.insert(record.key.clone(), history.len()) {
+                dropped.push(i);
+            }
+            if !put {
+                dropped.push(history.len());
+            }
+        }
         history.push((crate::mvcc::keys::rev_key(main, sub).to_vec(), encode_change(put, prev, &record)));
+    }
+
+    if !dropped.is_empty() {
+        dropped.sort_unstable();
+        let mut at = 0;
+        let mut i = 0;
+        history.retain(|_| {
+            let drop = dropped.get(at) == Some(&i);
+            at += usize::from(drop);
+            i += 1;
+            !drop
+        });
     }
 
     let mut leases = Rows::new();
@@ -339,8 +392,8 @@ pub fn import(db: &[u8]) -> Result<Vec<u8>, FormatError> {
     }
     let mut lease_keys: Rows = live
         .into_iter()
-        .filter(|(_, (_, lease))| *lease != 0 && lease_ids.contains(lease))
-        .map(|(key, (_, lease))| (lease_key(lease, &key), Vec::new()))
+        .filter(|(_, l)| l.lease != 0 && lease_ids.contains(&l.lease))
+        .map(|(key, l)| (lease_key(l.lease, &key), Vec::new()))
         .collect();
     lease_keys.sort();
 

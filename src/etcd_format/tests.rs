@@ -122,6 +122,44 @@ fn mutated_pages_behind_valid_metas_never_panic() {
     }
 }
 
+fn etcd_db(key_rows: Vec<(i64, i64, bool, KeyValue)>, meta: Rows) -> Vec<u8> {
+    let rows = key_rows.into_iter().map(|(m, s, t, kv)| (rev_bytes(m, s, t), kv.encode_to_vec())).collect();
+    bbolt::write(&[bbolt::Bucket { name: b"key".to_vec(), rows }, bbolt::Bucket { name: b"meta".to_vec(), rows: meta }])
+}
+
+fn kv(key: &str, create: i64, m: i64, version: i64) -> KeyValue {
+    KeyValue { key: key.into(), create_revision: create, mod_revision: m, version, ..Default::default() }
+}
+
+#[test]
+fn an_unfinished_compaction_is_finished_and_inconsistent_histories_are_refused() {
+    let tomb = KeyValue { key: b"d".to_vec(), ..Default::default() };
+    let rows = vec![
+        (2, 0, false, kv("k", 2, 2, 1)),
+        (3, 0, false, kv("k", 2, 3, 2)),
+        (4, 0, false, kv("d", 4, 4, 1)),
+        (5, 0, true, tomb.clone()),
+        (6, 0, false, kv("k", 2, 6, 3)),
+    ];
+    let meta = vec![(b"scheduledCompactRev".to_vec(), rev_bytes(5, 0, false))];
+    let tables = decode_snapshot(&import(&etcd_db(rows.clone(), meta.clone())).unwrap()).unwrap();
+    let revs: Vec<_> = tables[2].iter().map(|(k, _)| decode_rev_key(k).unwrap()).collect();
+    assert_eq!(revs, vec![(3, 0), (6, 0)], "what etcd's compaction at 5 keeps");
+    assert_eq!(decode_change(&tables[2][1].1).unwrap().prev, Some((3, 0)));
+
+    let bad_cases = [
+        vec![(2, 0, true, tomb.clone())],
+        vec![(2, 0, false, kv("k", 2, 2, 1)), (3, 0, false, kv("k", 2, 3, 5))],
+        vec![(2, 0, false, kv("k", 2, 2, 1)), (3, 0, false, kv("k", 3, 3, 2))],
+        vec![(2, 0, false, kv("k", 2, 3, 1))],
+        vec![(7, 0, false, kv("k", 2, 7, 2))],
+        vec![(2, 1 << 40, false, kv("k", 2, 2, 1))],
+    ];
+    for (i, rows) in bad_cases.into_iter().enumerate() {
+        assert!(import(&etcd_db(rows, Vec::new())).is_err(), "case {i} accepted");
+    }
+}
+
 #[test]
 fn revision_keys_round_trip() {
     for (m, s, t) in [(1, 0, false), (300, 2, true)] {
