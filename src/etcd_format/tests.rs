@@ -161,6 +161,43 @@ fn an_unfinished_compaction_is_finished_and_inconsistent_histories_are_refused()
 }
 
 #[test]
+fn the_auth_flag_and_revision_round_trip() {
+    let root = User { name: b"root".to_vec(), roles: vec!["root".into()], ..Default::default() };
+    let db = bbolt::write(&[
+        bbolt::Bucket { name: b"key".to_vec(), rows: vec![] },
+        bbolt::Bucket { name: b"meta".to_vec(), rows: vec![] },
+        bbolt::Bucket {
+            name: b"auth".to_vec(),
+            rows: vec![(b"authRevision".to_vec(), 7u64.to_be_bytes().to_vec()), (b"enabled".to_vec(), vec![1])],
+        },
+        bbolt::Bucket { name: b"authUsers".to_vec(), rows: vec![(b"root".to_vec(), root.encode_to_vec())] },
+        bbolt::Bucket {
+            name: b"authRoles".to_vec(),
+            rows: vec![(b"root".to_vec(), Role { name: b"root".to_vec(), ..Default::default() }.encode_to_vec())],
+        },
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::open(&dir.path().join("s.redb")).unwrap();
+    backend.install_snapshot(&import(&db).unwrap()).unwrap();
+    let txn = backend.begin_read().unwrap();
+    let auth = AuthState::load(&txn.open_table(META).unwrap()).unwrap();
+    assert!(auth.enabled);
+    assert_eq!(auth.revision, 6);
+    assert!(auth.is_root("root"));
+    let out = export(&txn).unwrap();
+    for name in ["auth", "authUsers", "authRoles"] {
+        assert_eq!(bucket_rows(&out, name), bucket_rows(&db, name), "bucket {name}");
+    }
+    // A user record filed under another name is refused.
+    let mislabeled = bbolt::write(&[
+        bbolt::Bucket { name: b"key".to_vec(), rows: vec![] },
+        bbolt::Bucket { name: b"meta".to_vec(), rows: vec![] },
+        bbolt::Bucket { name: b"authUsers".to_vec(), rows: vec![(b"other".to_vec(), root.encode_to_vec())] },
+    ]);
+    assert!(import(&mislabeled).is_err());
+}
+
+#[test]
 fn revision_keys_round_trip() {
     for (m, s, t) in [(1, 0, false), (300, 2, true)] {
         assert_eq!(parse_rev_bytes(&rev_bytes(m, s, t)), Some((m, s, t)));
