@@ -28,6 +28,7 @@
 //! nothing is allocated beyond what the file's own bytes hold. Any defect is a
 //! [`BoltError`].
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 pub const MAGIC: u32 = 0xED0C_DAED;
@@ -295,10 +296,10 @@ pub fn read(data: &[u8]) -> Result<Vec<Bucket>, BoltError> {
 }
 
 /// A page element being written: (leaf flags, key, value or child page id).
-type Element = (u32, Vec<u8>, Vec<u8>);
+type Element<'a> = (u32, Cow<'a, [u8]>, Cow<'a, [u8]>);
 
 /// Bytes of a page with id `id` holding `elements`, padded to whole pages.
-fn encode_page(id: u64, flags: u16, elements: &[Element]) -> Vec<u8> {
+fn encode_page(id: u64, flags: u16, elements: &[Element<'_>]) -> Vec<u8> {
     let size = PAGE_HEADER + elements.iter().map(|(_, k, v)| ELEMENT + k.len() + v.len()).sum::<usize>();
     let blocks = size.div_ceil(PAGE_SIZE).max(1);
     let mut p = vec![0u8; blocks * PAGE_SIZE];
@@ -339,7 +340,7 @@ struct Writer {
 
 impl Writer {
     /// Writes one page (plus overflow) holding `elements` and returns its id.
-    fn page(&mut self, flags: u16, elements: &[Element]) -> u64 {
+    fn page(&mut self, flags: u16, elements: &[Element<'_>]) -> u64 {
         let id = self.next;
         let page = encode_page(id, flags, elements);
         self.next += (page.len() / PAGE_SIZE) as u64;
@@ -348,25 +349,26 @@ impl Writer {
     }
 
     /// Writes a B+tree of `rows` (sorted, unique keys) and returns its root page.
-    fn tree(&mut self, rows: Vec<Element>) -> u64 {
+    fn tree(&mut self, rows: Vec<Element<'_>>) -> u64 {
         let mut level = self.level(LEAF, rows);
         while level.len() > 1 {
-            let children = level.into_iter().map(|(k, id)| (0, k, id.to_le_bytes().to_vec())).collect();
+            let children =
+                level.into_iter().map(|(k, id)| (0, Cow::Owned(k), Cow::Owned(id.to_le_bytes().to_vec()))).collect();
             level = self.level(BRANCH, children);
         }
         level.first().map_or_else(|| self.page(LEAF, &[]), |(_, id)| *id)
     }
 
     /// Packs `elements` into pages of one level; returns (first key, page) of each.
-    fn level(&mut self, flags: u16, elements: Vec<Element>) -> Vec<(Vec<u8>, u64)> {
-        let cost = |(_, k, v): &Element| ELEMENT + k.len() + if flags == BRANCH { 0 } else { v.len() };
+    fn level(&mut self, flags: u16, elements: Vec<Element<'_>>) -> Vec<(Vec<u8>, u64)> {
+        let cost = |(_, k, v): &Element<'_>| ELEMENT + k.len() + if flags == BRANCH { 0 } else { v.len() };
         let mut out = Vec::new();
-        let mut batch: Vec<Element> = Vec::new();
+        let mut batch: Vec<Element<'_>> = Vec::new();
         let mut size = PAGE_HEADER;
         for e in elements {
             let c = cost(&e);
             if !batch.is_empty() && (size + c > PAGE_SIZE || batch.len() == usize::from(u16::MAX - 1)) {
-                out.push((batch[0].1.clone(), self.page(flags, &batch)));
+                out.push((batch[0].1.to_vec(), self.page(flags, &batch)));
                 batch.clear();
                 size = PAGE_HEADER;
             }
@@ -374,7 +376,7 @@ impl Writer {
             batch.push(e);
         }
         if !batch.is_empty() || out.is_empty() {
-            let first = batch.first().map_or_else(Vec::new, |e| e.1.clone());
+            let first = batch.first().map_or_else(Vec::new, |e| e.1.to_vec());
             out.push((first, self.page(flags, &batch)));
         }
         out
@@ -390,7 +392,8 @@ pub fn write(buckets: &[Bucket]) -> Vec<u8> {
     let mut top = Vec::with_capacity(sorted.len());
     for b in &sorted {
         debug_assert!(b.rows.windows(2).all(|w| w[0].0 < w[1].0), "bucket rows must be sorted and unique");
-        let rows: Vec<Element> = b.rows.iter().map(|(k, v)| (0, k.clone(), v.clone())).collect();
+        let rows: Vec<Element<'_>> =
+            b.rows.iter().map(|(k, v)| (0, Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..]))).collect();
         let size = PAGE_HEADER + rows.iter().map(|(_, k, v)| ELEMENT + k.len() + v.len()).sum::<usize>();
         // Like bbolt, a bucket of at most a quarter page is stored inline, in its
         // parent's leaf: bucket header with root 0, then the page.
@@ -403,7 +406,7 @@ pub fn write(buckets: &[Bucket]) -> Vec<u8> {
             value.extend_from_slice(&w.tree(rows).to_le_bytes());
             value.extend_from_slice(&0u64.to_le_bytes());
         }
-        top.push((BUCKET_LEAF, b.name.clone(), value));
+        top.push((BUCKET_LEAF, Cow::Borrowed(&b.name[..]), Cow::Owned(value)));
     }
     let root = w.tree(top);
     let mut out = vec![0u8; 3 * PAGE_SIZE];
