@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod cli;
 pub mod consensus;
+pub mod etcd_format;
 pub mod fuzzing;
 pub mod lease;
 pub mod mvcc;

@@ -39,10 +39,14 @@ pub const ROOT: &str = "root";
 /// bcrypt work factor: etcd's (Go's `bcrypt.DefaultCost`), about 50 ms per hash.
 pub const BCRYPT_COST: u32 = 10;
 
-const META_ENABLED: &str = "auth/enabled";
-const META_REVISION: &str = "auth/revision";
-const USER_PREFIX: &str = "auth/user/";
-const ROLE_PREFIX: &str = "auth/role/";
+/// META row present (value `[1]`) while auth is enabled.
+pub const META_ENABLED: &str = "auth/enabled";
+/// META row: the auth revision (big-endian u64).
+pub const META_REVISION: &str = "auth/revision";
+/// META rows: `auth/user/NAME` -> `authpb.User`.
+pub const USER_PREFIX: &str = "auth/user/";
+/// META rows: `auth/role/NAME` -> `authpb.Role`.
+pub const ROLE_PREFIX: &str = "auth/role/";
 
 /// A replicated change to the auth store. Passwords arrive already hashed.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -73,6 +73,13 @@ pub fn reset_raft_state(backend: &Backend) -> io::Result<()> {
     Ok(())
 }
 
+/// The index of the last log entry applied to the state in `txn` (`None` before any).
+pub fn applied_index(txn: &redb::ReadTransaction) -> io::Result<Option<u64>> {
+    let meta = txn.open_table(META).map_err(io_err)?;
+    let applied = meta.get(META_APPLIED).map_err(io_err)?.map(|v| decode::<LogIdOf<C>>(v.value())).transpose()?;
+    Ok(applied.map(|id| id.index))
+}
+
 /// Active alarms as (member, alarm type), from any table view of META.
 fn alarms_in<T: ReadableTable<&'static str, &'static [u8]>>(meta: &T) -> io::Result<Vec<(MemberId, i32)>> {
     let mut out = Vec::new();

@@ -27,7 +27,7 @@ pub struct LeaseRecord {
 }
 
 impl LeaseRecord {
-    fn encode(&self) -> [u8; 24] {
+    pub fn encode(&self) -> [u8; 24] {
         let mut b = [0u8; 24];
         b[..8].copy_from_slice(&self.ttl_s.to_be_bytes());
         b[8..16].copy_from_slice(&self.remaining_ms.to_be_bytes());
@@ -35,7 +35,7 @@ impl LeaseRecord {
         b
     }
 
-    fn decode(id: i64, b: &[u8]) -> Result<Self> {
+    pub fn decode(id: i64, b: &[u8]) -> Result<Self> {
         if b.len() != 24 {
             return Err(MvccError::Corrupt(format!("lease {id:x} record has {} bytes", b.len())));
         }

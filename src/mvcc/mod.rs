@@ -53,8 +53,10 @@ pub type Rev = i64;
 /// it opened ([`MvccError::Retry`]; each race is a window of microseconds).
 pub const READ_VIEW_ATTEMPTS: u32 = 3;
 
-const META_REV: &str = "mvcc/rev";
-const META_COMPACT: &str = "mvcc/compact";
+/// META row: the current revision (big-endian i64).
+pub const META_REV: &str = "mvcc/rev";
+/// META row: the compacted revision (big-endian i64).
+pub const META_COMPACT: &str = "mvcc/compact";
 
 /// Failures a client request can cause. The server maps each to etcd's gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -345,32 +347,31 @@ impl ReadView {
     /// etcd's HashKV, bit for bit: CRC-32C over the bucket name `key` and then, in
     /// revision order up to `rev`, each stored revision's etcd key (8-byte main,
     /// `_`, 8-byte sub, plus `t` for a tombstone) and etcd value (the encoded
-    /// `KeyValue`; a tombstone's holds only the key). Of the versions at or below the
-    /// compaction point (those compaction kept), etcd 3.4 hashes only the ones that
-    /// are still their key's newest version at `rev` (its `kvindex.Keep(rev)`), and
-    /// all of them when no key is live at `rev`: a kept version whose key was written
-    /// or deleted again by `rev` is left out, though reads at that revision still see
-    /// it. Like etcd, a revision at or below the compaction point is refused.
+    /// `KeyValue`; a tombstone's holds only the key). A version at or below the
+    /// compaction point (one compaction kept) counts only while it is still its
+    /// key's newest at `rev`: etcd 3.4 (`hashByRev`) hashes such rows only if
+    /// they are in `kvindex.Keep(rev)`, though reads at older revisions still see
+    /// them; when nothing at all is live at `rev` (Keep is empty) it hashes them
+    /// all. Checked against etcd 3.4.23 with keys overwritten and deleted after a
+    /// compaction.
     pub fn hash_kv(&self, rev: Rev) -> Result<(u32, Rev)> {
         if rev > 0 && rev <= self.compacted {
             return Err(MvccError::Compacted);
         }
         let rev = check_rev(rev, self.current, self.compacted)?;
-        // The newest change of each key written since the compaction, up to `rev`:
-        // true for a put.
-        let mut changed: HashMap<Vec<u8>, bool> = HashMap::new();
-        for row in
-            self.history.range::<&[u8]>(rev_key(self.compacted + 1, 0).as_slice()..rev_key(rev + 1, 0).as_slice())?
-        {
+        // Keys changed in (compacted, rev] -> whether their last change there is a put.
+        let mut changed_later: HashMap<Vec<u8>, bool> = HashMap::new();
+        let later = rev_key(self.compacted + 1, 0)..rev_key(rev + 1, 0);
+        for row in self.history.range::<&[u8]>(later.start.as_slice()..later.end.as_slice())? {
             let change = decode_change(row?.1.value())?;
-            changed.insert(change.kv.key, change.put);
+            changed_later.insert(change.kv.key, change.put);
         }
-        let mut any_live = changed.values().any(|put| *put);
-        if !any_live {
-            for row in self.history.range::<&[u8]>(..rev_key(self.compacted + 1, 0).as_slice())? {
+        let mut anything_live = changed_later.values().any(|put| *put);
+        if !anything_live {
+            for row in self.history.range::<&[u8]>(..later.start.as_slice())? {
                 let change = decode_change(row?.1.value())?;
-                if change.put && !changed.contains_key(&change.kv.key) {
-                    any_live = true;
+                if change.put && !changed_later.contains_key(&change.kv.key) {
+                    anything_live = true;
                     break;
                 }
             }
@@ -380,7 +381,7 @@ impl ReadView {
             let (k, v) = row?;
             let (main, sub) = decode_rev_key(k.value()).map_err(MvccError::Corrupt)?;
             let change = decode_change(v.value())?;
-            if main <= self.compacted && any_live && changed.contains_key(&change.kv.key) {
+            if main <= self.compacted && anything_live && (!change.put || changed_later.contains_key(&change.kv.key)) {
                 continue;
             }
             let mut etcd_key = Vec::with_capacity(18);

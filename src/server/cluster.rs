@@ -213,28 +213,30 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotResponse, Status>>;
 
     /// Streams a consistent snapshot of this member's state (one read transaction)
-    /// in `SNAPSHOT_CHUNK_BYTES` pieces; the data carries its own checksum.
+    /// as etcd 3.4 does: its backend database in etcd's bbolt format
+    /// (`etcd_format`) in `SNAPSHOT_CHUNK_BYTES` pieces with `remaining_bytes`
+    /// counting down, then one message with the database's sha256. No header.
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        use sha2::Digest;
         self.node.require_admin_maintenance(&req)?;
         let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
-        let data = crate::storage::Backend::snapshot_bytes(&txn).map_err(|e| Status::internal(e.to_string()))?;
-        drop(txn);
-        let data = crate::storage::encode_snapshot_file(&data);
+        let db = tokio::task::spawn_blocking(move || crate::etcd_format::export(&txn))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut sent = 0;
-            for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
+            for chunk in db.chunks(SNAPSHOT_CHUNK_BYTES) {
                 sent += chunk.len();
-                // etcd's snapshot messages carry no header.
-                let resp = SnapshotResponse {
-                    header: None,
-                    remaining_bytes: (data.len() - sent) as u64,
-                    blob: chunk.to_vec(),
-                };
+                let resp =
+                    SnapshotResponse { header: None, remaining_bytes: (db.len() - sent) as u64, blob: chunk.to_vec() };
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }
             }
+            let sha = sha2::Sha256::digest(&db).to_vec();
+            let _ = tx.send(Ok(SnapshotResponse { header: None, remaining_bytes: 0, blob: sha })).await;
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }

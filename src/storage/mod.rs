@@ -360,7 +360,8 @@ pub fn read_checksummed(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+/// A table's rows: (key, value) pairs.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn put_chunk(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_be_bytes());
@@ -425,6 +426,29 @@ fn encode_snapshot(txn: &ReadTransaction, magic: &[u8; 8], tables: &[ByteTable])
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_be_bytes());
     Ok(out)
+}
+
+/// A snapshot (as [`Backend::snapshot_bytes`] makes) of the given rows: META's,
+/// then `history`, `leases` and `lease_keys` (each sorted by key).
+pub fn snapshot_from_rows(meta: &[(String, Vec<u8>)], history: &Rows, leases: &Rows, lease_keys: &Rows) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&(meta.len() as u64).to_be_bytes());
+    for (k, v) in meta {
+        put_chunk(&mut out, k.as_bytes());
+        put_chunk(&mut out, v);
+    }
+    let retired = Rows::new();
+    for rows in [&retired, history, leases, lease_keys] {
+        out.extend_from_slice(&(rows.len() as u64).to_be_bytes());
+        for (k, v) in rows {
+            put_chunk(&mut out, k);
+            put_chunk(&mut out, v);
+        }
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
 }
 
 /// The tables of a snapshot, by its magic: this layout's or the earlier one's.
