@@ -145,7 +145,8 @@ impl AuthorityFix {
         }
     }
 
-    /// Moves every byte held back to the output unchanged and stops filtering.
+    /// Moves every byte held back to the output unchanged and stops filtering
+    /// (inside [`Self::process_from`], the Passthrough arm then forwards the rest).
     fn give_up(&mut self) {
         if let Some(block) = self.block.take() {
             self.output.extend_from_slice(&block.raw);
@@ -154,40 +155,54 @@ impl AuthorityFix {
         self.mode = Mode::Passthrough;
     }
 
-    /// Examines `input`, moving what is decided to `output`.
+    /// Examines `input`, moving what is decided to `output`. Works along a cursor
+    /// and drops the examined bytes once at the end, so a read holding many frames
+    /// costs one pass, not a shift of the rest per frame.
     fn process(&mut self) {
+        let input = std::mem::take(&mut self.input);
+        let used = self.process_from(&input);
+        self.input = input;
+        self.input.drain(..used);
+    }
+
+    /// [`Self::process`] over `input`; returns how many bytes it consumed.
+    fn process_from(&mut self, input: &[u8]) -> usize {
+        let mut pos = 0;
         loop {
+            let rest = &input[pos..];
             match self.mode {
                 Mode::Passthrough => {
-                    self.output.append(&mut self.input);
-                    return;
+                    self.output.extend_from_slice(rest);
+                    return input.len();
                 }
                 Mode::Preface => {
-                    let n = self.input.len().min(PREFACE.len());
-                    if self.input[..n] != PREFACE[..n] {
+                    let n = rest.len().min(PREFACE.len());
+                    if rest[..n] != PREFACE[..n] {
                         self.mode = Mode::Passthrough;
                         continue;
                     }
                     if n < PREFACE.len() {
-                        return;
+                        return pos;
                     }
-                    self.output.extend(self.input.drain(..PREFACE.len()));
+                    self.output.extend_from_slice(PREFACE);
+                    pos += PREFACE.len();
                     self.mode = Mode::Frames { payload_left: 0 };
                 }
                 Mode::Frames { payload_left } if payload_left > 0 => {
-                    let n = payload_left.min(self.input.len());
-                    self.output.extend(self.input.drain(..n));
+                    let n = payload_left.min(rest.len());
+                    self.output.extend_from_slice(&rest[..n]);
+                    pos += n;
                     self.mode = Mode::Frames { payload_left: payload_left - n };
-                    if self.input.is_empty() {
-                        return;
+                    if pos == input.len() {
+                        return pos;
                     }
                 }
                 Mode::Frames { .. } => {
-                    if self.input.len() < FRAME_HEADER_LEN {
-                        return;
+                    if rest.len() < FRAME_HEADER_LEN {
+                        return pos;
                     }
-                    let len = u32::from_be_bytes([0, self.input[0], self.input[1], self.input[2]]) as usize;
-                    let kind = self.input[3];
+                    let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+                    let kind = rest[3];
                     let in_block = self.block.is_some();
                     let is_block_frame = if in_block { kind == CONTINUATION } else { kind == HEADERS };
                     if !is_block_frame {
@@ -197,7 +212,8 @@ impl AuthorityFix {
                             self.give_up();
                             continue;
                         }
-                        self.output.extend(self.input.drain(..FRAME_HEADER_LEN));
+                        self.output.extend_from_slice(&rest[..FRAME_HEADER_LEN]);
+                        pos += FRAME_HEADER_LEN;
                         self.mode = Mode::Frames { payload_left: len };
                         continue;
                     }
@@ -206,16 +222,17 @@ impl AuthorityFix {
                         self.give_up();
                         continue;
                     }
-                    if self.input.len() < FRAME_HEADER_LEN + len {
-                        return;
+                    if rest.len() < FRAME_HEADER_LEN + len {
+                        return pos;
                     }
-                    let frame: Vec<u8> = self.input.drain(..FRAME_HEADER_LEN + len).collect();
-                    if !self.add_to_block(&frame) {
-                        // Held-back frames first, then this one, then the rest.
-                        self.input.splice(0..0, frame);
+                    let frame = &rest[..FRAME_HEADER_LEN + len];
+                    if !self.add_to_block(frame) {
+                        // Held-back frames first, then this one and the rest (the
+                        // Passthrough arm above).
                         self.give_up();
                         continue;
                     }
+                    pos += frame.len();
                     if frame[4] & END_HEADERS != 0 {
                         self.finish_block();
                     }
