@@ -207,18 +207,3 @@ fn revision_keys_round_trip() {
     bad[8] = b'-';
     assert_eq!(parse_rev_bytes(&bad), None);
 }
-
-#[test]
-#[ignore]
-fn dump() {
-    // DUMP=FILE cargo test --lib etcd_format::tests::dump -- --ignored --nocapture
-    let file = std::fs::read(std::env::var("DUMP").unwrap()).unwrap();
-    let db = strip_trailer(&file, false).unwrap();
-    println!("{:?} {:?}", bbolt::meta(db), status(db));
-    for b in bbolt::read(db).unwrap() {
-        println!("bucket {}", String::from_utf8_lossy(&b.name));
-        for (k, v) in b.rows {
-            println!("  {:02x?} => {:02x?}", k, &v[..v.len().min(64)]);
-        }
-    }
-}
