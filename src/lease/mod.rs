@@ -102,7 +102,8 @@ impl Lessor {
     fn observe(&self, records: &[LeaseRecord]) {
         let now = Instant::now();
         let mut tracked = self.tracked.lock().expect("lessor map poisoned");
-        tracked.retain(|id, _| records.iter().any(|r| r.id == *id));
+        let live: std::collections::HashSet<i64> = records.iter().map(|r| r.id).collect();
+        tracked.retain(|id, _| live.contains(id));
         for r in records {
             let fresh = tracked.get(&r.id).is_none_or(|t| t.version != r.version);
             if fresh {
