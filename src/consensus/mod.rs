@@ -231,7 +231,7 @@ pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 /// `NoLeader` and `NotLeader` mean the command was certainly not submitted (safe to
 /// retry); `Timeout` and `LeaderLost` mean its outcome is unknown: it may still
 /// commit, so it is never retried behind the client's back.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum ConsensusError {
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -344,6 +344,18 @@ pub struct Group {
     pub stats: Arc<crate::stats::GroupStats>,
     /// This member's copy of the replicated simple auth tokens.
     pub tokens: Arc<crate::auth::SimpleTokens>,
+    /// The service that answers [`Group::call_leader`] requests while this member
+    /// leads (set once, after the group starts).
+    leader_calls: Arc<std::sync::OnceLock<Arc<dyn LeaderCalls>>>,
+}
+
+/// Requests that only the leader can answer but that need no log entry (the
+/// lessor's in-memory renewals, for example). They reach the leader on the
+/// follower's existing peer connection; the bytes are the service's own.
+pub trait LeaderCalls: Send + Sync {
+    /// Answers `req` on this member. `Err(NotLeader)` when it does not lead: the
+    /// caller retries at the current leader.
+    fn call(&self, req: Vec<u8>) -> openraft::base::BoxFuture<'static, Result<Vec<u8>, ConsensusError>>;
 }
 
 impl Group {
@@ -393,7 +405,20 @@ impl Group {
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))
             .await?;
-        Ok((Group { raft, id, backend, index, revision, auth_revision, peers, apply_gate, stats, tokens }, log))
+        let group = Group {
+            raft,
+            id,
+            backend,
+            index,
+            revision,
+            auth_revision,
+            peers,
+            apply_gate,
+            stats,
+            tokens,
+            leader_calls: Arc::default(),
+        };
+        Ok((group, log))
     }
 
     /// Proposes a command and waits for its applied result. Followers forward it to
@@ -424,6 +449,49 @@ impl Group {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Registers the service that answers [`Group::call_leader`] on this member.
+    /// Only the first registration counts.
+    pub fn serve_leader_calls(&self, service: Arc<dyn LeaderCalls>) {
+        let _ = self.leader_calls.set(service);
+    }
+
+    /// Answers a [`LeaderCalls`] request on this member (a follower's forwarded one,
+    /// or this member's own while it leads).
+    pub async fn local_leader_call(&self, req: Vec<u8>) -> Result<Vec<u8>, ConsensusError> {
+        match self.leader_calls.get() {
+            Some(service) => service.call(req).await,
+            None => Err(ConsensusError::Fatal("no service answers leader calls on this member".into())),
+        }
+    }
+
+    /// Has the current leader answer `req` (see [`LeaderCalls`]); retried at the
+    /// next leader while the one asked is not the leader, until `timeout`.
+    pub async fn call_leader(&self, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let leader = self.wait_leader(deadline).await?;
+            let attempt = if leader == self.id {
+                match tokio::time::timeout_at(deadline, self.local_leader_call(req.clone())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ConsensusError::Timeout),
+                }
+            } else {
+                let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.peers.call_leader(&node, req.clone(), remaining).await
+            };
+            match attempt {
+                Err(ConsensusError::NotLeader | ConsensusError::NoLeader) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ConsensusError::NoLeader);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
             }
         }
     }

@@ -74,6 +74,8 @@ enum MuxRequest {
     /// A batch of forwarded client writes (at most [`MAX_FORWARD_BATCH`]).
     Propose(Vec<Command>),
     ReadIndex,
+    /// A service's request for the leader (see [`super::LeaderCalls`]).
+    Call(Vec<u8>),
 }
 
 /// The leader's answer to a [`MuxRequest`] of the same variant.
@@ -81,6 +83,7 @@ enum MuxRequest {
 enum MuxReply {
     Propose(Vec<ForwardReply<CommandResult>>),
     ReadIndex(ForwardReply<u64>),
+    Call(ForwardReply<Vec<u8>>),
     /// The request broke a limit; nothing of it was appended.
     Refused(String),
 }
@@ -357,6 +360,22 @@ impl PeerPool {
             stats.observe_peer_rtt(id, rtt);
         }
         Ok(rtt)
+    }
+
+    /// Has the leader `node` answer a service's request (see [`super::LeaderCalls`]).
+    pub async fn call_leader(
+        &self,
+        node: &PeerInfo,
+        req: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ConsensusError> {
+        let r = match self.mux_call(node, MuxRequest::Call(req), timeout).await {
+            Ok(MuxReply::Call(answer)) => Ok(answer),
+            Ok(MuxReply::Refused(why)) => Ok(ForwardReply::Failed(why)),
+            Ok(other) => Err(CallError::Network(format!("leader call answered with {other:?}"))),
+            Err(e) => Err(e),
+        };
+        forward_result(r)
     }
 
     /// Asks the leader `node` for a read index, sharing the request with the
@@ -1368,6 +1387,11 @@ impl Peer for PeerService {
                             Ok(i) => ForwardReply::Ok(i),
                             Err(ConsensusError::Fatal(e)) => ForwardReply::Failed(e),
                             Err(_) => ForwardReply::NotLeader,
+                        }),
+                        MuxRequest::Call(req) => MuxReply::Call(match group.local_leader_call(req).await {
+                            Ok(answer) => ForwardReply::Ok(answer),
+                            Err(ConsensusError::NotLeader | ConsensusError::NoLeader) => ForwardReply::NotLeader,
+                            Err(e) => ForwardReply::Failed(e.to_string()),
                         }),
                     };
                     let out = encode(&MuxFrame { seq: frame.seq, body }).map(|data| Payload { data });

@@ -386,7 +386,13 @@ pub fn import(db: &[u8]) -> Result<Vec<u8>, FormatError> {
             return corrupt(format!("lease {id:x} record"));
         }
         let remaining_s = if pb.remaining_ttl > 0 { pb.remaining_ttl } else { pb.ttl };
-        let rec = LeaseRecord { id, ttl_s: pb.ttl, remaining_ms: remaining_s.saturating_mul(1000), version: 1 };
+        let rec = LeaseRecord {
+            id,
+            ttl_s: pb.ttl,
+            remaining_ms: remaining_s.saturating_mul(1000),
+            version: 1,
+            renewed: false,
+        };
         leases.push((k.clone(), rec.encode().to_vec()));
         lease_ids.insert(id);
     }

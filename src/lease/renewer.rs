@@ -1,54 +1,48 @@
-//! Keep-alives, many to a log entry.
+//! Keep-alives, many to a batch.
+//!
+//! A [`Renewer`] gathers the keep-alives that arrive on one member while earlier
+//! batches are in flight and hands them on together to its `send` step: the
+//! leader's renewer proposes them as one [`crate::consensus::Command::LeaseRenewBatch`]
+//! log entry; a follower's renewer forwards them to the leader in one peer request
+//! (see `crate::lease` for which keep-alives need a log entry at all).
 //!
 //! Contract:
-//! - A keep-alive is answered only once the renewal is committed by a quorum and
-//!   applied here: what a client is told is what every member will count down from,
-//!   so a renewed lease's TTL survives any leader change, exactly (no grace period,
-//!   no early revoke). etcd renews on the leader in memory and resets every lease to
-//!   its full TTL when leadership moves; concord keeps the durability and pays one
-//!   entry per batch instead of one per keep-alive.
-//! - Each member gathers its own clients' keep-alives: the ones that arrive while
-//!   earlier batches are in flight go together in the next [`Command::LeaseRenewBatch`]
-//!   (at most [`MAX_RENEW_BATCH`] leases, at most [`RENEW_BATCHES_IN_FLIGHT`] batches
-//!   proposing at once). Under load a batch carries every client waiting on this
-//!   member; alone, a keep-alive is its own batch and waits for nothing.
-//! - Bounded: at most [`RENEW_QUEUE`] keep-alives wait per member; beyond that a
+//! - A batch carries at most [`MAX_RENEW_BATCH`] leases, and at most
+//!   [`RENEW_BATCHES_IN_FLIGHT`] batches are being sent at once. Under load a batch
+//!   carries every client waiting on this member; alone, a keep-alive is its own
+//!   batch and waits for nothing.
+//! - Bounded: at most [`RENEW_QUEUE`] keep-alives wait per renewer; beyond that a
 //!   caller waits for room (its keep-alive stream stops being read), as any other
 //!   stream does under back-pressure.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use prost::Message;
+use openraft::base::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::consensus::state_machine::LeaseRenewals;
-use crate::consensus::{ApplyError, Command, CommandResult, ConsensusError, Group};
+use crate::consensus::{ApplyError, ConsensusError};
 
-/// Most leases renewed by one log entry.
+/// Most leases renewed by one batch.
 pub const MAX_RENEW_BATCH: usize = 1024;
-/// Most keep-alives waiting for a batch on one member.
+/// Most keep-alives waiting for a batch on one renewer.
 pub const RENEW_QUEUE: usize = 8192;
-/// Batches proposing at once per member. More than one, so that a batch gathers
-/// while others commit; a handful, so that batches stay large under load.
+/// Batches being sent at once per renewer. More than one, so that a batch gathers
+/// while others are answered; a handful, so that batches stay large under load.
 pub const RENEW_BATCHES_IN_FLIGHT: usize = 4;
 
-/// A renewal's outcome: the TTL in seconds (0: no such lease) and the revision of
-/// the entry that renewed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Renewed {
-    pub ttl_s: i64,
-    pub revision: i64,
-}
-
 /// Why a renewal was not made.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RenewError {
     Consensus(ConsensusError),
     Apply(ApplyError),
 }
 
-type Waiter = (i64, oneshot::Sender<Result<Renewed, RenewError>>);
+/// Sends one batch of lease ids; answers with each lease's TTL in seconds (0: no
+/// such lease, or expired), in order.
+pub type SendBatch = Arc<dyn Fn(Vec<i64>) -> BoxFuture<'static, Result<Vec<i64>, RenewError>> + Send + Sync>;
+
+type Waiter = (i64, oneshot::Sender<Result<i64, RenewError>>);
 
 /// One member's keep-alive batcher.
 pub struct Renewer {
@@ -56,16 +50,16 @@ pub struct Renewer {
 }
 
 impl Renewer {
-    /// Starts the batching task; each batch's proposal may take up to `timeout`.
-    pub fn start(group: Group, timeout: Duration) -> Renewer {
+    /// Starts the batching task; every batch goes to `send`.
+    pub fn start(send: SendBatch) -> Renewer {
         let (queue, rx) = mpsc::channel(RENEW_QUEUE);
-        tokio::spawn(run(group, rx, timeout));
+        tokio::spawn(run(send, rx));
         Renewer { queue }
     }
 
-    /// Renews lease `id` to its full TTL, together with whatever other keep-alives
-    /// this member has waiting.
-    pub async fn renew(&self, id: i64) -> Result<Renewed, RenewError> {
+    /// Renews lease `id` together with whatever other keep-alives this renewer
+    /// has waiting; answers its TTL in seconds (0: no such lease).
+    pub async fn renew(&self, id: i64) -> Result<i64, RenewError> {
         let (reply, answer) = oneshot::channel();
         let gone = || RenewError::Consensus(ConsensusError::Fatal("the lease renewer stopped".into()));
         self.queue.send((id, reply)).await.map_err(|_| gone())?;
@@ -73,7 +67,7 @@ impl Renewer {
     }
 }
 
-async fn run(group: Group, mut rx: mpsc::Receiver<Waiter>, timeout: Duration) {
+async fn run(send: SendBatch, mut rx: mpsc::Receiver<Waiter>) {
     let slots = Arc::new(Semaphore::new(RENEW_BATCHES_IN_FLIGHT));
     loop {
         // The slot is taken before the batch is gathered: while every slot is busy,
@@ -87,10 +81,10 @@ async fn run(group: Group, mut rx: mpsc::Receiver<Waiter>, timeout: Duration) {
                 Err(_) => break,
             }
         }
-        let group = group.clone();
+        let send = send.clone();
         tokio::spawn(async move {
             let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-            let outcome = group.propose(Command::LeaseRenewBatch(ids), timeout).await;
+            let outcome = send(ids).await;
             answer(batch, outcome);
             drop(slot);
         });
@@ -98,25 +92,19 @@ async fn run(group: Group, mut rx: mpsc::Receiver<Waiter>, timeout: Duration) {
 }
 
 /// Hands each waiter its part of a batch's outcome.
-fn answer(batch: Vec<Waiter>, outcome: Result<CommandResult, ConsensusError>) {
-    let decoded = match outcome {
-        Ok(CommandResult::Ok(bytes)) => match LeaseRenewals::decode(bytes.as_slice()) {
-            Ok(r) if r.ttl_s.len() == batch.len() => Ok(r),
-            Ok(r) => Err(RenewError::Apply(ApplyError::Malformed(format!(
-                "{} renewals answered for {} leases",
-                r.ttl_s.len(),
-                batch.len()
-            )))),
-            Err(e) => Err(RenewError::Apply(ApplyError::Malformed(e.to_string()))),
-        },
-        Ok(CommandResult::Err(e)) => Err(RenewError::Apply(e)),
-        Err(e) => Err(RenewError::Consensus(e)),
-    };
-    match decoded {
-        Ok(r) => {
-            let revision = r.header.map_or(0, |h| h.revision);
-            for ((_, reply), ttl_s) in batch.into_iter().zip(r.ttl_s) {
-                let _ = reply.send(Ok(Renewed { ttl_s, revision }));
+fn answer(batch: Vec<Waiter>, outcome: Result<Vec<i64>, RenewError>) {
+    let outcome = outcome.and_then(|ttls| {
+        if ttls.len() == batch.len() {
+            Ok(ttls)
+        } else {
+            let why = format!("{} renewals answered for {} leases", ttls.len(), batch.len());
+            Err(RenewError::Apply(ApplyError::Malformed(why)))
+        }
+    });
+    match outcome {
+        Ok(ttls) => {
+            for ((_, reply), ttl_s) in batch.into_iter().zip(ttls) {
+                let _ = reply.send(Ok(ttl_s));
             }
         }
         Err(e) => {

@@ -11,6 +11,9 @@
 //!   to the full TTL as in etcd.
 //! - `version` changes whenever `remaining_ms` is re-based, so observers can tell a
 //!   fresh base from one they already counted down.
+//! - `renewed` says the base is a keep-alive (not a grant or a checkpoint): the
+//!   leader may have renewed such a lease again in memory since, so a new leader
+//!   gives it a grace period (see `crate::lease`).
 //! - Revoking deletes every attached key in ONE revision (as etcd does).
 
 use redb::ReadableTable;
@@ -24,21 +27,29 @@ pub struct LeaseRecord {
     pub ttl_s: i64,
     pub remaining_ms: i64,
     pub version: u64,
+    /// The base is a keep-alive's (see the module doc).
+    pub renewed: bool,
 }
 
 impl LeaseRecord {
-    pub fn encode(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    /// ttl_s ‖ remaining_ms ‖ version (8 bytes each, big-endian) ‖ flags (bit 0:
+    /// `renewed`). Records written before the flags byte existed are 24 bytes long
+    /// and read as not renewed.
+    pub fn encode(&self) -> [u8; 25] {
+        let mut b = [0u8; 25];
         b[..8].copy_from_slice(&self.ttl_s.to_be_bytes());
         b[8..16].copy_from_slice(&self.remaining_ms.to_be_bytes());
-        b[16..].copy_from_slice(&self.version.to_be_bytes());
+        b[16..24].copy_from_slice(&self.version.to_be_bytes());
+        b[24] = u8::from(self.renewed);
         b
     }
 
     pub fn decode(id: i64, b: &[u8]) -> Result<Self> {
-        if b.len() != 24 {
-            return Err(MvccError::Corrupt(format!("lease {id:x} record has {} bytes", b.len())));
-        }
+        let renewed = match b.len() {
+            24 => false,
+            25 if b[24] <= 1 => b[24] == 1,
+            _ => return Err(MvccError::Corrupt(format!("lease {id:x} record has {} bytes", b.len()))),
+        };
         let i = |r: std::ops::Range<usize>| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&b[r]);
@@ -49,6 +60,7 @@ impl LeaseRecord {
             ttl_s: i64::from_be_bytes(i(0..8)),
             remaining_ms: i64::from_be_bytes(i(8..16)),
             version: u64::from_be_bytes(i(16..24)),
+            renewed,
         })
     }
 }
@@ -87,7 +99,7 @@ impl Writer<'_> {
         if get_record(&self.leases, id)?.is_some() {
             return Err(MvccError::LeaseExists);
         }
-        let rec = LeaseRecord { id, ttl_s, remaining_ms: ttl_s.saturating_mul(1000), version: 1 };
+        let rec = LeaseRecord { id, ttl_s, remaining_ms: ttl_s.saturating_mul(1000), version: 1, renewed: false };
         self.leases.insert(id.to_be_bytes().as_slice(), rec.encode().as_slice())?;
         Ok(rec)
     }
@@ -110,6 +122,7 @@ impl Writer<'_> {
         let mut rec = get_record(&self.leases, id)?.ok_or(MvccError::LeaseNotFound)?;
         rec.remaining_ms = rec.ttl_s.saturating_mul(1000);
         rec.version += 1;
+        rec.renewed = true;
         self.leases.insert(id.to_be_bytes().as_slice(), rec.encode().as_slice())?;
         Ok(rec)
     }
@@ -121,6 +134,7 @@ impl Writer<'_> {
         if let Some(mut rec) = get_record(&self.leases, id)?.filter(|r| r.version == version) {
             rec.remaining_ms = remaining_ms.clamp(0, rec.ttl_s.saturating_mul(1000));
             rec.version += 1;
+            rec.renewed = false;
             self.leases.insert(id.to_be_bytes().as_slice(), rec.encode().as_slice())?;
         }
         Ok(())

@@ -552,3 +552,22 @@ fn a_reader_open_across_a_compaction_keeps_its_snapshot() {
     assert_eq!(fresh.range(&rr("a", "")).unwrap().kvs[0].value, b"3");
     assert!(matches!(s.range(RangeRequest { revision: 4, ..rr("a", "") }), Err(MvccError::Compacted)));
 }
+
+#[test]
+fn lease_records_mark_their_base_and_read_the_older_layout() {
+    let s = Store::new();
+    let granted = s.write(|w| w.lease_grant(7, 10)).unwrap();
+    assert!(!granted.renewed);
+    let renewed = s.write(|w| w.lease_renew(7)).unwrap();
+    assert!(renewed.renewed && renewed.version == 2);
+    s.write(|w| w.lease_checkpoint(7, 2, 4_000)).unwrap();
+    let checkpointed = s.view().lease(7).unwrap().unwrap();
+    assert_eq!((checkpointed.remaining_ms, checkpointed.version, checkpointed.renewed), (4_000, 3, false));
+    // A record written before the flags byte existed (24 bytes) reads as a grant's.
+    let old = &renewed.encode()[..24];
+    assert_eq!(lease::LeaseRecord::decode(7, old).unwrap(), lease::LeaseRecord { renewed: false, ..renewed });
+    let mut bad = renewed.encode();
+    bad[24] = 2;
+    assert!(matches!(lease::LeaseRecord::decode(7, &bad), Err(MvccError::Corrupt(_))));
+    assert!(matches!(lease::LeaseRecord::decode(7, &bad[..20]), Err(MvccError::Corrupt(_))));
+}

@@ -1,5 +1,5 @@
-//! The etcd `Lease` service. Grants, revokes and keep-alives go through Raft;
-//! time-to-live answers come from this member's countdown (see `crate::lease`).
+//! The etcd `Lease` service. Grants and revokes go through Raft; keep-alives and
+//! time-to-live answers come from the leader's lessor (see `crate::lease`).
 
 use std::sync::Arc;
 
@@ -27,28 +27,16 @@ pub struct LeaseService {
     pub lessor: Arc<Lessor>,
 }
 
-/// One keep-alive: renewed through Raft with the other keep-alives this member
-/// has waiting (see `crate::lease::renewer`), unless the lease is already expired
-/// by this member's count, in which case the answer is TTL 0 (etcd's "lease not
-/// found"); a lease unknown to the log is answered the same way.
+/// One keep-alive, answered by the leader (see `crate::lease`): the TTL it was
+/// renewed to, or TTL 0 for a lease that does not exist or has expired (etcd's
+/// "lease not found" on a keep-alive stream).
 pub async fn keep_alive(node: &Node, lessor: &Lessor, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
-    // A local read (serializable): a lease this member has not applied yet is left
-    // to the log to find.
-    let view = node.read_view(true).await?;
-    let expired = view.lease(id).map_err(errors::from_mvcc)?.is_some_and(|rec| lessor.is_expired(&rec));
-    drop(view);
-    let mut resp = LeaseKeepAliveResponse { header: None, id, ttl: 0 };
-    if !expired {
-        match lessor.renewer.renew(id).await {
-            Ok(r) => {
-                resp.ttl = r.ttl_s;
-                resp.header =
-                    Some(crate::proto::etcdserverpb::ResponseHeader { revision: r.revision, ..Default::default() });
-            }
-            Err(RenewError::Apply(e)) => return Err(errors::from_apply(e)),
-            Err(RenewError::Consensus(e)) => return Err(errors::from_consensus(e)),
-        }
-    }
+    let ttl = match lessor.keep_alive(id).await {
+        Ok(ttl) => ttl,
+        Err(RenewError::Apply(e)) => return Err(errors::from_apply(e)),
+        Err(RenewError::Consensus(e)) => return Err(errors::from_consensus(e)),
+    };
+    let mut resp = LeaseKeepAliveResponse { header: None, id, ttl };
     node.fill_header(&mut resp.header);
     Ok(resp)
 }
@@ -119,17 +107,24 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = req.into_inner();
         let view = self.node.read_view(false).await?;
-        let mut resp = match view.lease(req.id).map_err(errors::from_mvcc)? {
-            None => LeaseTimeToLiveResponse { header: None, id: req.id, ttl: -1, granted_ttl: 0, keys: vec![] },
-            Some(rec) => LeaseTimeToLiveResponse {
-                header: None,
-                id: req.id,
-                ttl: self.lessor.remaining_ms(&rec).max(0) / 1000,
-                granted_ttl: rec.ttl_s,
-                keys: if req.keys { view.lease_keys(req.id).map_err(errors::from_mvcc)? } else { vec![] },
-            },
+        let found = match view.lease(req.id).map_err(errors::from_mvcc)? {
+            None => None,
+            Some(rec) => {
+                let keys = if req.keys { view.lease_keys(req.id).map_err(errors::from_mvcc)? } else { vec![] };
+                Some((rec, keys))
+            }
         };
         drop(view);
+        let mut resp = match found {
+            None => LeaseTimeToLiveResponse { header: None, id: req.id, ttl: -1, granted_ttl: 0, keys: vec![] },
+            Some((rec, keys)) => LeaseTimeToLiveResponse {
+                header: None,
+                id: req.id,
+                ttl: self.lessor.time_to_live_ms(&rec).await.max(0) / 1000,
+                granted_ttl: rec.ttl_s,
+                keys,
+            },
+        };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
