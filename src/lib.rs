@@ -17,3 +17,4 @@ pub mod proto;
 pub mod server;
 pub mod stats;
 pub mod storage;
+pub mod supervisor;

@@ -45,6 +45,7 @@ use crate::consensus::state_machine::LeaseRenewals;
 use crate::consensus::{ApplyError, Command, CommandResult, ConsensusError, Group, LeaderCalls, MemberId};
 use crate::mvcc::lease::LeaseRecord;
 use crate::mvcc::ReadView;
+use crate::supervisor::Supervisor;
 use renewer::{RenewError, Renewer};
 
 /// How often the lessor re-reads lease records and checks expiry. Bounds how late a
@@ -140,7 +141,13 @@ pub struct Lessor {
 impl Lessor {
     /// `election_timeout_ms` sets etcd's minimum TTL: 1.5 election timeouts, in whole
     /// seconds rounded up. `request_timeout` bounds each batch of keep-alives.
-    pub fn new(group: Group, member_id: MemberId, election_timeout_ms: u64, request_timeout: Duration) -> Arc<Lessor> {
+    pub fn new(
+        group: Group,
+        member_id: MemberId,
+        election_timeout_ms: u64,
+        request_timeout: Duration,
+        supervisor: &Supervisor,
+    ) -> Arc<Lessor> {
         let min_ttl_s = (3 * election_timeout_ms).div_ceil(2000).max(1) as i64;
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let logged = group.clone();
@@ -161,8 +168,8 @@ impl Lessor {
             })
         });
         let lessor = Arc::new(Lessor {
-            logger: Renewer::start(log_batch),
-            forwarder: Renewer::start(forward_batch),
+            logger: Renewer::start(log_batch, supervisor, "lease-renewer"),
+            forwarder: Renewer::start(forward_batch, supervisor, "lease-forwarder"),
             group: group.clone(),
             min_ttl_s,
             state: Mutex::default(),

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::consensus::{ApplyError, ConsensusError};
+use crate::supervisor::Supervisor;
 
 /// Most leases renewed by one batch.
 pub const MAX_RENEW_BATCH: usize = 1024;
@@ -50,10 +51,10 @@ pub struct Renewer {
 }
 
 impl Renewer {
-    /// Starts the batching task; every batch goes to `send`.
-    pub fn start(send: SendBatch) -> Renewer {
+    /// Starts the batching task (supervised as `name`); every batch goes to `send`.
+    pub fn start(send: SendBatch, supervisor: &Supervisor, name: &'static str) -> Renewer {
         let (queue, rx) = mpsc::channel(RENEW_QUEUE);
-        tokio::spawn(run(send, rx));
+        supervisor.spawn(name, run(send, rx));
         Renewer { queue }
     }
 

@@ -226,7 +226,6 @@ pub async fn run_monitor(node: Arc<Node>) {
     let stats = &node.stats;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::spawn(watch_leader(node.clone()));
     let mut members: Option<Vec<(u64, bool)>> = None;
     let mut alarms: Option<Vec<(u64, i32)>> = None;
     let mut last_rpcs = 0;
@@ -302,7 +301,7 @@ pub async fn run_monitor(node: Arc<Node>) {
 
 /// Counts leader changes as Raft reports them (not sampled: a change lasting less
 /// than a second still counts) and puts them on the timeline.
-async fn watch_leader(node: Arc<Node>) {
+pub async fn watch_leader(node: Arc<Node>) {
     let mut leader = None;
     let mut changes = node.group.role_changes();
     loop {

@@ -49,6 +49,7 @@ use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
+use crate::supervisor::Supervisor;
 use config::{ClusterState, Config};
 
 /// The etcd release whose v3 API and behaviour concord reproduces; reported as the
@@ -435,9 +436,11 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         stats: Arc::default(),
         auth: auth::AuthContext::new(jwt),
     });
-    tokio::spawn(metrics::run_monitor(node.clone()));
-    tokio::spawn(group.clone().run_prober());
-    tokio::spawn(sample_db_size(node.clone()));
+    let supervisor = Supervisor::new();
+    supervisor.spawn("metrics-monitor", metrics::run_monitor(node.clone()));
+    supervisor.spawn("leader-watch", metrics::watch_leader(node.clone()));
+    supervisor.spawn("peer-prober", group.clone().run_prober());
+    supervisor.spawn("db-size-sampler", sample_db_size(node.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
     for (url, l) in peer_listeners {
@@ -448,10 +451,15 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, false).await });
     }
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_client_connections));
-    let lessor =
-        crate::lease::Lessor::new(group.clone(), node.member_id, config.election_timeout_ms, config.request_timeout());
-    tokio::spawn(lessor.clone().run());
-    let event_cache = watch::EventCache::start(node.clone());
+    let lessor = crate::lease::Lessor::new(
+        group.clone(),
+        node.member_id,
+        config.election_timeout_ms,
+        config.request_timeout(),
+        &supervisor,
+    );
+    supervisor.spawn("lessor", lessor.clone().run());
+    let event_cache = watch::EventCache::start(node.clone(), &supervisor);
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
     for (url, l) in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
@@ -504,18 +512,19 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         });
     }
     tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));
-    tokio::spawn(publish(node.clone()));
-    tokio::spawn(group.clone().run_reconciler());
+    supervisor.spawn_finite("publish", publish(node.clone()));
+    supervisor.spawn("membership-reconciler", group.clone().run_reconciler());
     if let Some(every) = config.corrupt_check_interval {
-        tokio::spawn(corruption::run(node.clone(), every));
+        supervisor.spawn("corruption-checker", corruption::run(node.clone(), every));
     }
     if let Some(policy) = config.auto_compaction {
-        tokio::spawn(compactor::run(node.clone(), policy));
+        supervisor.spawn("auto-compactor", compactor::run(node.clone(), policy));
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome: Result<(), BoxError> = tokio::select! {
         reason = group.fatal() => Err(format!("raft group stopped: {reason}").into()),
+        why = supervisor.failed() => Err(why.into()),
         () = removed(group.clone(), config.election_timeout_ms, &identity) => Err("the member has been permanently removed from the cluster".into()),
         Some(res) = tasks.join_next() => match res {
             Ok(Ok(())) => Err("a server task ended unexpectedly".into()),
@@ -525,6 +534,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     };
+    supervisor.stop();
     tasks.abort_all();
     if let Err(e) = group.raft.shutdown().await {
         tracing::warn!("raft shutdown: {e}");

@@ -142,7 +142,7 @@ struct Ring {
 
 impl EventCache {
     /// An empty cache starting after the store's current revision, and its feed task.
-    pub fn start(node: Arc<Node>) -> Arc<EventCache> {
+    pub fn start(node: Arc<Node>, supervisor: &crate::supervisor::Supervisor) -> Arc<EventCache> {
         let rev = current_rev(&node);
         let (covered, _) = tokio::sync::watch::channel(rev);
         let cache = Arc::new(EventCache {
@@ -151,7 +151,7 @@ impl EventCache {
             watchers: AtomicUsize::new(0),
             first_watcher: tokio::sync::Notify::new(),
         });
-        tokio::spawn(cache.clone().feed(node));
+        supervisor.spawn("watch-feed", cache.clone().feed(node));
         cache
     }
 
