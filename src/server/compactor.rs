@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use prost::Message;
 
+use super::config::AutoCompaction;
 use super::Node;
 use crate::consensus::Command;
 use crate::proto::etcdserverpb::{CompactionRequest, CompactionResponse};
@@ -26,43 +27,6 @@ pub const REVISION_MODE_INTERVAL: Duration = Duration::from_secs(5 * 60);
 const PERIODIC_SAMPLES: usize = 11;
 /// Longest pause between periodic compactions (etcd: one hour).
 const PERIODIC_MAX_COMPACT_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// A configured auto-compaction policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AutoCompaction {
-    /// Keep this much history by time.
-    Periodic(Duration),
-    /// Keep this many revisions.
-    Revision(u64),
-}
-
-impl AutoCompaction {
-    /// Parses etcd's mode and retention; `None` when the retention is zero (off).
-    /// In periodic mode a bare number is hours, as in etcd.
-    pub fn parse(mode: &str, retention: &str) -> Result<Option<AutoCompaction>, String> {
-        let retention = retention.trim();
-        match mode {
-            "periodic" => {
-                if let Ok(hours) = retention.parse::<u64>() {
-                    return Ok((hours > 0).then(|| AutoCompaction::Periodic(Duration::from_secs(hours * 3600))));
-                }
-                if retention.trim_start_matches(['0', '.']).is_empty() || retention == "0s" {
-                    return Ok(None);
-                }
-                super::config::parse_duration(retention)
-                    .map(|d| Some(AutoCompaction::Periodic(d)))
-                    .map_err(|e| format!("invalid --auto-compaction-retention: {e}"))
-            }
-            "revision" => {
-                let n: u64 = retention.parse().map_err(|_| {
-                    format!("invalid --auto-compaction-retention {retention:?}: expected a revision count")
-                })?;
-                Ok((n > 0).then_some(AutoCompaction::Revision(n)))
-            }
-            other => Err(format!("invalid --auto-compaction-mode {other:?}: expected 'periodic' or 'revision'")),
-        }
-    }
-}
 
 /// Runs the compactor for the member's lifetime.
 pub async fn run(node: Arc<Node>, policy: AutoCompaction) {
@@ -114,22 +78,5 @@ async fn compact(node: &Node, rev: i64, mode: &str) {
     match node.propose::<CompactionResponse>(Command::Compact(req.encode_to_vec())).await {
         Ok(_) => tracing::info!(revision = rev, "completed auto-compaction"),
         Err(e) => tracing::warn!(revision = rev, "auto-compaction failed: {}", e.message()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_etcd_retention() {
-        let p = AutoCompaction::parse;
-        assert_eq!(p("periodic", "0"), Ok(None));
-        assert_eq!(p("periodic", "1"), Ok(Some(AutoCompaction::Periodic(Duration::from_secs(3600)))));
-        assert_eq!(p("periodic", "30m"), Ok(Some(AutoCompaction::Periodic(Duration::from_secs(1800)))));
-        assert_eq!(p("revision", "1000"), Ok(Some(AutoCompaction::Revision(1000))));
-        assert_eq!(p("revision", "0"), Ok(None));
-        assert!(p("revision", "1h").is_err());
-        assert!(p("hourly", "1").is_err());
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -187,7 +188,7 @@ pub struct Config {
     pub watch_progress_notify_interval: std::time::Duration,
     pub max_concurrent_streams: u32,
     /// `None` when auto-compaction is off (etcd's default retention "0").
-    pub auto_compaction: Option<super::compactor::AutoCompaction>,
+    pub auto_compaction: Option<AutoCompaction>,
     /// `None` when the periodic corruption check is off.
     pub corrupt_check_interval: Option<std::time::Duration>,
     pub slow_request_threshold: std::time::Duration,
@@ -305,6 +306,44 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// A configured auto-compaction policy (etcd's `--auto-compaction-mode` and
+/// `--auto-compaction-retention`; run by `super::compactor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep this much history by time.
+    Periodic(Duration),
+    /// Keep this many revisions.
+    Revision(u64),
+}
+
+impl AutoCompaction {
+    /// Parses etcd's mode and retention; `None` when the retention is zero (off).
+    /// In periodic mode a bare number is hours, as in etcd.
+    pub fn parse(mode: &str, retention: &str) -> Result<Option<AutoCompaction>, String> {
+        let retention = retention.trim();
+        match mode {
+            "periodic" => {
+                if let Ok(hours) = retention.parse::<u64>() {
+                    return Ok((hours > 0).then(|| AutoCompaction::Periodic(Duration::from_secs(hours * 3600))));
+                }
+                if retention.trim_start_matches(['0', '.']).is_empty() || retention == "0s" {
+                    return Ok(None);
+                }
+                parse_duration(retention)
+                    .map(|d| Some(AutoCompaction::Periodic(d)))
+                    .map_err(|e| format!("invalid --auto-compaction-retention: {e}"))
+            }
+            "revision" => {
+                let n: u64 = retention.parse().map_err(|_| {
+                    format!("invalid --auto-compaction-retention {retention:?}: expected a revision count")
+                })?;
+                Ok((n > 0).then_some(AutoCompaction::Revision(n)))
+            }
+            other => Err(format!("invalid --auto-compaction-mode {other:?}: expected 'periodic' or 'revision'")),
+        }
+    }
 }
 
 /// Parses a Go duration (`1h2m3s`, `500ms`, `10m`); zero is refused.
@@ -501,7 +540,7 @@ impl Config {
                 .map_err(|e| format!("invalid value for --experimental-watch-progress-notify-interval: {e}"))?;
         let max_concurrent_streams = u32::try_from(parse_u64(raw, "max-concurrent-streams", u32::MAX as u64)?)
             .map_err(|_| "--max-concurrent-streams must fit in 32 bits".to_string())?;
-        let auto_compaction = super::compactor::AutoCompaction::parse(
+        let auto_compaction = AutoCompaction::parse(
             raw.get("auto-compaction-mode").unwrap_or("periodic"),
             raw.get("auto-compaction-retention").unwrap_or("0"),
         )?;
@@ -726,6 +765,18 @@ mod tests {
         let argv = normalize_args(std::iter::once("concord").chain(args.iter().copied()).map(String::from));
         let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
         Config::from_flags(flags)
+    }
+
+    #[test]
+    fn parses_etcd_auto_compaction_retention() {
+        let p = AutoCompaction::parse;
+        assert_eq!(p("periodic", "0"), Ok(None));
+        assert_eq!(p("periodic", "1"), Ok(Some(AutoCompaction::Periodic(Duration::from_secs(3600)))));
+        assert_eq!(p("periodic", "30m"), Ok(Some(AutoCompaction::Periodic(Duration::from_secs(1800)))));
+        assert_eq!(p("revision", "1000"), Ok(Some(AutoCompaction::Revision(1000))));
+        assert_eq!(p("revision", "0"), Ok(None));
+        assert!(p("revision", "1h").is_err());
+        assert!(p("hourly", "1").is_err());
     }
 
     #[test]
