@@ -247,3 +247,55 @@ async fn healed_minority_rejoins_without_an_election() {
     assert_eq!(cluster.leader_index().await, Some(leader), "the members do not all follow the old leader");
     println!("no term inflation: runs 1, faults 1 (2 of 5 isolated for 5 s), term {term_before} before and after");
 }
+
+/// A leader cut off from its peers (clients can still reach it) keeps answering
+/// keep-alives from memory for a while: the leader the others elect meanwhile
+/// must not revoke the lease before the TTL those answers promised has run out,
+/// not even through its first checkpoint; and it must revoke it after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_answered_by_a_cut_off_leader_are_honoured_by_the_next() {
+    const TTL_S: i64 = 6;
+    let cluster = namespaced_cluster(3);
+    let old = cluster.wait_leader(Duration::from_secs(30)).await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let mut c = cluster.client(old).await;
+    let lease = c.lease_grant(TTL_S, None).await.expect("grant").id();
+    let leased = etcd_client::PutOptions::new().with_lease(lease);
+    c.put("held", "v", Some(leased)).await.expect("put with the lease");
+    // The first keep-alive is logged; the next ones are answered from memory.
+    let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.expect("keep-alive stream");
+    let mut last_answered = Instant::now();
+    let mut from_memory = 0;
+    let net = cluster.network.as_ref().expect("namespaced cluster");
+    net.partition(&[vec![old], others.clone()]).expect("partition");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let answered = async {
+            keeper.keep_alive().await.ok()?;
+            stream.message().await.ok()?
+        };
+        match tokio::time::timeout(Duration::from_secs(1), answered).await {
+            Ok(Some(r)) if r.ttl() == TTL_S => {
+                last_answered = Instant::now();
+                from_memory += 1;
+            }
+            _ => break,
+        }
+    }
+    drop((keeper, stream));
+    let mut s = cluster.client(others[0]).await;
+    let promised = last_answered + Duration::from_secs(TTL_S as u64);
+    tokio::time::sleep_until((promised - Duration::from_secs(1)).into()).await;
+    let held = s.get("held", None).await.expect("read through the majority").kvs().len();
+    assert_eq!(held, 1, "the new leader revoked a lease before the TTL the cut-off leader promised ran out");
+    let gone = concord_testkit::eventually(Duration::from_secs(15), || {
+        let mut s = s.clone();
+        async move { s.get("held", None).await.ok().filter(|r| r.kvs().is_empty()).map(|_| ()) }
+    })
+    .await;
+    net.heal().expect("heal");
+    assert!(gone.is_some(), "the lease outlived its TTL plus the grace period");
+    println!(
+        "cut-off leader: runs 1, faults 1 (leader isolated), {from_memory} keep-alives answered by it while cut off, lease held until the promised deadline, then revoked"
+    );
+}

@@ -3,10 +3,10 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use concord_testkit::free_port;
+use concord_testkit::{free_port, single_member_command};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_concord"))
@@ -16,17 +16,8 @@ fn bin() -> PathBuf {
 /// and its log, or fails if it still runs after 60 s.
 fn run_with_panic_in(task: &str) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (client, peer) = (free_port(), free_port());
-    let mut child = Command::new(bin())
-        .args(["--name", "solo", "--data-dir"])
-        .arg(dir.path())
-        .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-        .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-cluster", &format!("solo=http://127.0.0.1:{peer}")])
+    let mut child = single_member_command(&bin(), "solo", dir.path(), free_port(), free_port())
         .env("CONCORD_INJECT_PANIC", task)
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start concord");

@@ -33,6 +33,28 @@ use crate::storage::Backend;
 /// A member's identity in the cluster (etcd's member ID).
 pub type MemberId = u64;
 
+/// Identifies a Raft group among the groups a node hosts.
+pub type GroupId = u64;
+
+/// The group every member has hosted from the start (the etcd store's; its data
+/// directory is `group-1`). Peer requests that name no group are for it.
+pub const FIRST_GROUP: GroupId = 1;
+
+/// The groups this node hosts, by id: where the peer service sends each request.
+#[derive(Clone, Default)]
+pub struct GroupRegistry(Arc<std::sync::RwLock<std::collections::HashMap<GroupId, Group>>>);
+
+impl GroupRegistry {
+    /// Adds (or replaces) `group` under its id.
+    pub fn insert(&self, group: Group) {
+        self.0.write().expect("group registry poisoned").insert(group.group_id, group);
+    }
+
+    pub fn get(&self, id: GroupId) -> Option<Group> {
+        self.0.read().expect("group registry poisoned").get(&id).cloned()
+    }
+}
+
 /// What Raft knows about a member: etcd's peer URLs. The first URL is dialled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PeerInfo {
@@ -132,8 +154,16 @@ pub enum Command {
     /// Keep-alives gathered by one member (see `crate::lease::Renewer`): each lease
     /// re-based to its full TTL on every member, as [`Command::LeaseRenew`] does, in
     /// one entry; an unknown id is skipped. Answered with a [`state_machine::LeaseRenewals`].
-    /// Last, so that the variants before it keep their encoding.
     LeaseRenewBatch(Vec<i64>),
+    /// The leader's revoke of a lease it counted down to zero: applied only if the
+    /// lease is still at record `version`, so that a keep-alive committed before it
+    /// (which re-based the lease) is not undone. Answered like a revoke; a lease
+    /// that is gone or was re-based is left alone (answered "not found").
+    /// Last, as new variants go: the variants before it keep their encoding.
+    LeaseExpire {
+        id: i64,
+        version: u64,
+    },
 }
 
 impl Command {
@@ -173,6 +203,7 @@ impl fmt::Display for Command {
             Command::Authed { auth_revision, cmd } => write!(f, "authed@{auth_revision}({cmd})"),
             Command::Forwarded { from, id, cmd } => write!(f, "forwarded({from:x}#{id:x},{cmd})"),
             Command::LeaseRenewBatch(ids) => write!(f, "lease_renew_batch({} leases)", ids.len()),
+            Command::LeaseExpire { id, version } => write!(f, "lease_expire({id:x}@{version})"),
         }
     }
 }
@@ -328,7 +359,9 @@ pub fn client_write_error(
 #[derive(Clone)]
 pub struct Group {
     pub raft: Raft,
+    /// This member's id in the group.
     pub id: MemberId,
+    pub group_id: GroupId,
     pub backend: Arc<Backend>,
     /// The key index of `backend`'s file: what a [`crate::mvcc::ReadView`] needs.
     pub index: Arc<crate::mvcc::index::KeyIndex>,
@@ -359,9 +392,10 @@ pub trait LeaderCalls: Send + Sync {
 }
 
 impl Group {
-    /// Opens the group's durable state in `dir` and starts its Raft core.
+    /// Opens the durable state of group `group_id` in `dir` and starts its Raft core.
     pub async fn start(
         id: MemberId,
+        group_id: GroupId,
         dir: &std::path::Path,
         config: &GroupConfig,
     ) -> Result<(Group, log_store::LogStore), Box<dyn std::error::Error + Send + Sync>> {
@@ -378,7 +412,7 @@ impl Group {
         }
         let index = Arc::new(crate::mvcc::index::KeyIndex::open(&backend.begin_read()?)?);
         let stats = Arc::new(crate::stats::GroupStats::default());
-        let log = log_store::LogStore::open(&dir.join("log"), 1, id, stats.clone())?;
+        let log = log_store::LogStore::open(&dir.join("log"), group_id, id, stats.clone())?;
         let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));
         let answers = Arc::new(state_machine::LocalAnswers::new(id));
         let (sm, revision) = state_machine::StateMachine::new(
@@ -400,7 +434,8 @@ impl Group {
             config.peer_tls.clone(),
         )
         .with_local_answers(answers)
-        .with_log_progress(log.progress());
+        .with_log_progress(log.progress())
+        .with_group(group_id);
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))
@@ -408,6 +443,7 @@ impl Group {
         let group = Group {
             raft,
             id,
+            group_id,
             backend,
             index,
             revision,

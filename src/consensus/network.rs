@@ -42,12 +42,21 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::log_store::LogProgress;
 use super::state_machine::{Answer, LocalAnswers};
-use super::{Command, CommandResult, ConsensusError, Group, MemberId, PeerInfo, SnapshotData, TypeConfig};
+use super::{
+    Command, CommandResult, ConsensusError, Group, GroupId, GroupRegistry, MemberId, PeerInfo, SnapshotData,
+    TypeConfig, FIRST_GROUP,
+};
 use crate::proto::peer::peer_client::PeerClient;
 use crate::proto::peer::peer_server::{Peer, PeerServer};
 use crate::proto::peer::Payload;
 
 type C = TypeConfig;
+
+/// The request header that names the Raft group a peer request is for: every
+/// group of a node shares the node's peer connections, each request (each stream,
+/// for the streaming calls) tagged with its group. Requests without it are for
+/// [`FIRST_GROUP`] (members from before groups were numbered send none).
+pub const GROUP_HEADER: &str = "concord-group";
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| e.to_string())
@@ -187,6 +196,8 @@ pub struct PeerPool {
     /// [`Window::acquire`]); without it every request waits as if it carried
     /// entries.
     log_progress: Option<LogProgress>,
+    /// The Raft group whose requests this pool carries (see [`GROUP_HEADER`]).
+    group: GroupId,
 }
 
 /// Dials a peer and runs the TLS handshake, verifying it with `tls`.
@@ -235,6 +246,7 @@ impl PeerPool {
             min_rpc_timeout,
             local_answers: None,
             log_progress: None,
+            group: FIRST_GROUP,
         }
     }
 
@@ -250,6 +262,19 @@ impl PeerPool {
     pub fn with_local_answers(mut self, answers: Arc<LocalAnswers>) -> Self {
         self.local_answers = Some(answers);
         self
+    }
+
+    /// Requests from this pool belong to its group.
+    pub fn with_group(mut self, group: GroupId) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// A request tagged with this pool's group (see [`GROUP_HEADER`]).
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(GROUP_HEADER, self.group.into());
+        request
     }
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
@@ -294,7 +319,7 @@ impl PeerPool {
     {
         let client = self.client(node).map_err(CallError::Unreachable)?;
         let data = encode(req).map_err(CallError::Network)?;
-        let mut request = Request::new(Payload { data });
+        let mut request = self.request(Payload { data });
         request.set_timeout(timeout);
         match tokio::time::timeout(timeout, f(client, request)).await {
             Err(_) => Err(CallError::Network(format!("peer call timed out after {timeout:?}"))),
@@ -482,7 +507,7 @@ impl MuxLane {
                 continue;
             }
             let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
-            let mut results = match tokio::time::timeout_at(deadline, client.mux(requests)).await {
+            let mut results = match tokio::time::timeout_at(deadline, client.mux(self.pool.request(requests))).await {
                 Ok(Ok(r)) => r.into_inner(),
                 Ok(Err(s)) => {
                     let e = status_error(s);
@@ -620,7 +645,8 @@ impl Lane {
             }
             pending.push_back(first);
             let requests = futures::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
-            let mut results = match tokio::time::timeout_at(deadline, client.append_stream(requests)).await {
+            let append = client.append_stream(self.pool.request(requests));
+            let mut results = match tokio::time::timeout_at(deadline, append).await {
                 Ok(Ok(r)) => r.into_inner(),
                 Ok(Err(s)) => {
                     let e = status_error(s);
@@ -1204,7 +1230,7 @@ impl RaftNetworkV2<C> for PeerConn {
                         Some((Payload { data }, (input, window, sent, log, sent_through, commit_sent)))
                     }
                 });
-            let resp = match tokio::time::timeout(timeout, client.append_stream(Request::new(requests))).await {
+            let resp = match tokio::time::timeout(timeout, client.append_stream(self.pool.request(requests))).await {
                 Err(_) => {
                     return Err(CallError::Network(format!("append stream not answered in {timeout:?}")).into_rpc())
                 }
@@ -1260,14 +1286,31 @@ impl RaftNetworkV2<C> for PeerConn {
 
 /// The server side of the peer service.
 pub struct PeerService {
-    group: Group,
+    groups: GroupRegistry,
 }
 
 impl PeerService {
-    pub fn server(group: Group, max_message_bytes: usize) -> PeerServer<PeerService> {
-        PeerServer::new(PeerService { group })
+    /// Serves the peer requests of every group in `groups`.
+    pub fn server(groups: GroupRegistry, max_message_bytes: usize) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService { groups })
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+impl PeerService {
+    /// The group `req` is for (see [`GROUP_HEADER`]); an unknown or malformed
+    /// group is refused before anything of the request is looked at.
+    fn group_of<T>(&self, req: &Request<T>) -> Result<Group, Status> {
+        let id = match req.metadata().get(GROUP_HEADER) {
+            None => FIRST_GROUP,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse::<GroupId>().ok())
+                .ok_or_else(|| Status::invalid_argument(format!("malformed {GROUP_HEADER} header")))?,
+        };
+        self.groups.get(id).ok_or_else(|| Status::not_found(format!("raft group {id} is not on this member")))
     }
 }
 
@@ -1285,7 +1328,8 @@ impl Peer for PeerService {
     type MuxStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
 
     async fn append(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        reply(&self.group.raft.append_entries(arg(req)?).await)
+        let group = self.group_of(&req)?;
+        reply(&group.raft.append_entries(arg(req)?).await)
     }
 
     /// Feeds the leader's requests to openraft's streaming append and answers each
@@ -1295,6 +1339,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<Payload>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let group = self.group_of(&req)?;
         let requests = futures::stream::unfold(req.into_inner(), |mut incoming| async move {
             match incoming.message().await {
                 Ok(Some(p)) => match decode::<AppendEntriesRequest<C>>(&p.data) {
@@ -1314,7 +1359,7 @@ impl Peer for PeerService {
         // openraft spawns the pipeline's task when the stream is made, and the
         // spawn needs the runtime's seeded scope; the results stream itself is
         // the response body (no relay task: one hand-off fewer per append).
-        let raft = self.group.raft.clone();
+        let raft = group.raft.clone();
         let results = super::Runtime::scope(rand::random(), async move {
             let results: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send + 'static>> =
                 Box::pin(raft.stream_append(requests));
@@ -1329,24 +1374,28 @@ impl Peer for PeerService {
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        reply(&self.group.raft.vote(arg(req)?).await)
+        let group = self.group_of(&req)?;
+        reply(&group.raft.vote(arg(req)?).await)
     }
 
     async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        reply(&self.group.raft.pre_vote(arg(req)?).await)
+        let group = self.group_of(&req)?;
+        reply(&group.raft.pre_vote(arg(req)?).await)
     }
 
     async fn snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let group = self.group_of(&req)?;
         let (vote, meta, data): (VoteOf<C>, _, Vec<u8>) = arg(req)?;
         let snapshot = Snapshot { meta, snapshot: std::io::Cursor::new(data) };
         let res: Result<SnapshotResponse<C>, RaftError<C>> =
-            self.group.raft.install_full_snapshot(vote, snapshot).await.map_err(RaftError::Fatal);
+            group.raft.install_full_snapshot(vote, snapshot).await.map_err(RaftError::Fatal);
         reply(&res)
     }
 
     async fn transfer_leader(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let group = self.group_of(&req)?;
         let res: Result<TransferLeaderResponse<C>, RaftError<C>> =
-            self.group.raft.handle_transfer_leader(arg(req)?).await.map_err(RaftError::Fatal);
+            group.raft.handle_transfer_leader(arg(req)?).await.map_err(RaftError::Fatal);
         reply(&res)
     }
 
@@ -1354,8 +1403,8 @@ impl Peer for PeerService {
     /// in its own task (up to [`MAX_MUX_IN_FLIGHT`] at once) and answered when it
     /// finishes. A message that does not decode ends the call.
     async fn mux(&self, req: Request<Streaming<Payload>>) -> Result<Response<Self::MuxStream>, Status> {
+        let group = self.group_of(&req)?;
         let mut incoming = req.into_inner();
-        let group = self.group.clone();
         let (tx, rx) = mpsc::channel(MAX_MUX_IN_FLIGHT);
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(MAX_MUX_IN_FLIGHT));
@@ -1405,20 +1454,21 @@ impl Peer for PeerService {
     }
 
     async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let group = self.group_of(&req)?;
         match arg(req)? {
             AdminRequest::ClusterInfo => {
-                let info = self.group.cluster_info().map_err(|e| e.to_string());
+                let info = group.cluster_info().map_err(|e| e.to_string());
                 reply(&info)
             }
             AdminRequest::LearnerCaughtUp(id) => {
-                let out = match self.group.local_learner_caught_up(id) {
+                let out = match group.local_learner_caught_up(id) {
                     Ok(ready) => ForwardReply::Ok(ready),
                     Err(ConsensusError::NotLeader) => ForwardReply::NotLeader,
                     Err(e) => ForwardReply::Failed(e.to_string()),
                 };
                 reply(&out)
             }
-            AdminRequest::HashKvAt(rev) => reply(&self.group.local_hash_kv_at(rev, HASH_KV_WAIT).await),
+            AdminRequest::HashKvAt(rev) => reply(&group.local_hash_kv_at(rev, HASH_KV_WAIT).await),
             AdminRequest::Probe => reply(&()),
         }
     }

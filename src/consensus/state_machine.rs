@@ -434,6 +434,13 @@ impl<'txn> BatchApplier<'txn> {
                 w.lease_revoke(*id)?;
                 Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
             }),
+            Command::LeaseExpire { id, version } => self.lease(|w| {
+                match w.lease_at(*id)? {
+                    Some(rec) if rec.version == *version => w.lease_revoke(*id)?,
+                    _ => return Err(MvccError::LeaseNotFound),
+                }
+                Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
+            }),
             Command::LeaseRenew { id } => self.lease(|w| {
                 let rec = w.lease_renew(*id)?;
                 Ok(LeaseKeepAliveResponse { header: header(w.current_rev()), id: rec.id, ttl: rec.ttl_s })
@@ -754,6 +761,41 @@ mod tests {
         assert!(answers.unpark(id).is_none(), "answered once, then gone");
         // All four were applied as puts: the other member's and the taken-back one too.
         assert_eq!(*sm.revision.borrow(), 5);
+    }
+
+    /// The leader's expiry of a lease applies only to the record version it
+    /// counted down: a keep-alive committed before it re-based the lease and wins.
+    #[tokio::test]
+    async fn an_expiry_is_skipped_when_a_keep_alive_re_based_the_lease_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let answers = Arc::new(LocalAnswers::new(1));
+        let mut sm = state_machine(dir.path(), &answers);
+        let lease_put = |key: &str| {
+            let req = PutRequest { key: key.into(), value: b"v".to_vec(), lease: 7, ..Default::default() };
+            Command::Put(req.encode_to_vec())
+        };
+        apply_as_follower(
+            &mut sm,
+            vec![
+                Command::LeaseGrant { id: 7, ttl_s: 10 },
+                lease_put("held"),
+                Command::LeaseRenewBatch(vec![7]),
+                // Counted down at version 1, but version 2 is live: left alone.
+                Command::LeaseExpire { id: 7, version: 1 },
+            ],
+        )
+        .await;
+        let view = |sm: &StateMachine| crate::mvcc::ReadView::open(&sm.backend, &sm.index).expect("view");
+        assert_eq!(view(&sm).lease(7).expect("read").map(|r| r.version), Some(2));
+        assert_eq!(*sm.revision.borrow(), 2, "the skipped expiry deleted nothing");
+        // At the live version it revokes, and the attached key goes with it.
+        let entries: Vec<io::Result<EntryResponder<C>>> = vec![Ok((
+            EntryOf::<C>::new_normal(log_id::<C>(1, 1, 5), Command::LeaseExpire { id: 7, version: 2 }),
+            None,
+        ))];
+        sm.apply(futures::stream::iter(entries)).await.expect("apply");
+        assert_eq!(view(&sm).lease(7).expect("read"), None);
+        assert_eq!(*sm.revision.borrow(), 3);
     }
 
     /// Forwarded ids differ between runs of a member, so an entry forwarded before

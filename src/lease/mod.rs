@@ -16,15 +16,21 @@
 //! - Why the TTL a client is told survives a leader change: an in-memory renewal at
 //!   time r promises r + TTL, and r is at most [`RENEWAL_GRACE`] after the logged
 //!   renewal that every later leader holds (a record marked `renewed`). A member
-//!   that becomes leader extends each lease whose base is such a renewal by
-//!   [`RENEWAL_GRACE`], so it never revokes a lease earlier than promised. The
-//!   price, and the staleness bound: after a leader change a lease kept alive may
-//!   outlive its last keep-alive by up to [`RENEWAL_GRACE`]. Leases never renewed
-//!   (or checkpointed since) get no grace: their remaining TTL carries over exactly.
-//! - Only the leader acts: it proposes a revoke for each expired lease, and every
-//!   [`CHECKPOINT_INTERVAL`] it proposes a checkpoint of all remaining TTLs (its
-//!   in-memory renewals included) so that a member that restarts resumes from a
-//!   recent value.
+//!   that becomes leader first applies everything committed, then extends each
+//!   lease whose base is such a renewal by [`RENEWAL_GRACE`] ([`Lessor::take_over`];
+//!   keep-alives wait until it is done), so it never revokes a lease earlier than
+//!   promised, even by a deposed leader still answering from memory. Later counts
+//!   never shorten that grace: a logged renewal re-bases to the later of the two
+//!   deadlines, and a lease counted beyond its TTL is left out of checkpoints
+//!   until it is back within it. The price, and the staleness bound: after a
+//!   leader change a lease kept alive may outlive its last keep-alive by up to
+//!   [`RENEWAL_GRACE`]. Leases never renewed (or checkpointed since) get no grace:
+//!   their remaining TTL carries over exactly.
+//! - Only the leader acts: it proposes the expiry of each lease it counted down
+//!   ([`Command::LeaseExpire`], conditional on the record version it counted, so a
+//!   keep-alive committed first wins), and every [`CHECKPOINT_INTERVAL`] it
+//!   proposes a checkpoint of the remaining TTLs (its in-memory renewals
+//!   included) so that a member that restarts resumes from a recent value.
 //! - Expiry is a replicated revoke like a client's, so all members delete the
 //!   attached keys at the same revision.
 //! - Time-to-live answers on a follower ask the leader, whose count includes its
@@ -57,6 +63,9 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// and so the most a new leader adds to a lease last renewed by a keep-alive (see
 /// the module doc).
 pub const RENEWAL_GRACE: Duration = CHECKPOINT_INTERVAL;
+/// How long a new leader's lessor waits to apply what is committed before it
+/// takes over (retried every tick).
+const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a follower waits for the leader's count of a lease's time to live
 /// before it answers from its own.
 const REMAINING_ASK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -81,14 +90,19 @@ struct State {
     /// Bumped whenever `logged_at` is cleared: a logged renewal proposed before a
     /// clear must not enter it after.
     epoch: u64,
+    /// The term in which this member took over as the lessor's leader (see
+    /// [`Lessor::take_over`]); `None` while it follows. Keep-alives are answered
+    /// only once the take-over of the current term is done.
+    led_term: Option<u64>,
 }
 
 impl State {
+    /// Milliseconds left on `rec` by this member's count; may exceed the TTL on a
+    /// new leader (the grace of [`Lessor::take_over`]).
     fn remaining_ms(&self, rec: &LeaseRecord) -> i64 {
-        let full_ms = rec.ttl_s.saturating_mul(1000);
         match self.tracked.get(&rec.id) {
             Some(t) if t.version == rec.version => {
-                (t.deadline.saturating_duration_since(Instant::now()).as_millis() as i64).min(full_ms)
+                t.deadline.saturating_duration_since(Instant::now()).as_millis() as i64
             }
             _ => rec.remaining_ms,
         }
@@ -110,7 +124,7 @@ enum LeaderCall {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum LeaderAnswer {
-    Renewed(Result<Vec<i64>, RenewError>),
+    Renewed(Result<renewer::Renewals, RenewError>),
     Remaining(Option<(u64, i64)>),
 }
 
@@ -202,9 +216,15 @@ impl Lessor {
         self.state.lock().expect("lessor state poisoned")
     }
 
-    /// Milliseconds left on `rec` as this member counts it.
+    /// Milliseconds left on `rec` as this member counts it (at most its TTL).
     pub fn remaining_ms(&self, rec: &LeaseRecord) -> i64 {
-        self.state().remaining_ms(rec)
+        self.state().remaining_ms(rec).min(rec.ttl_s.saturating_mul(1000))
+    }
+
+    /// Whether this member leads and has taken over as the lessor's leader in
+    /// the current term.
+    fn in_charge(&self, st: &State) -> bool {
+        self.group.is_leader() && st.led_term == Some(self.group.current_term())
     }
 
     /// Milliseconds left on `rec` (read linearizably by the caller) as the leader
@@ -231,24 +251,26 @@ impl Lessor {
         if self.group.is_leader() {
             match self.renew_as_leader(vec![id]).await {
                 Err(RenewError::Consensus(ConsensusError::NotLeader)) => {}
-                r => return r.map(|ttls| ttls[0]),
+                Err(e) => return Err(e),
+                Ok(mut each) => return each.pop().unwrap_or(Ok(0)),
             }
         }
         self.forwarder.renew(id).await
     }
 
     /// Renews `ids` on the leader: in memory where allowed (see the module doc),
-    /// through the log otherwise. Answers each lease's TTL, in order.
-    async fn renew_as_leader(&self, ids: Vec<i64>) -> Result<Vec<i64>, RenewError> {
-        if !self.group.is_leader() {
-            return Err(RenewError::Consensus(ConsensusError::NotLeader));
-        }
+    /// through the log otherwise. Answers each lease's outcome, in order;
+    /// `NotLeader` for all of them until this member has taken over.
+    async fn renew_as_leader(&self, ids: Vec<i64>) -> Result<renewer::Renewals, RenewError> {
         let now = Instant::now();
-        let mut ttls = vec![0; ids.len()];
+        let mut each: renewer::Renewals = vec![Ok(0); ids.len()];
         let mut to_log = Vec::new();
         let epoch = {
             let mut st = self.state();
-            let State { tracked, logged_at, epoch } = &mut *st;
+            if !self.in_charge(&st) {
+                return Err(RenewError::Consensus(ConsensusError::NotLeader));
+            }
+            let State { tracked, logged_at, epoch, .. } = &mut *st;
             for (i, id) in ids.iter().enumerate() {
                 let recent = logged_at.get(id).is_some_and(|at| now.duration_since(*at) <= RENEWAL_GRACE);
                 match tracked.get_mut(id) {
@@ -256,8 +278,9 @@ impl Lessor {
                     // answers "lease not found" too).
                     Some(t) if t.deadline <= now => {}
                     Some(t) if recent => {
-                        t.deadline = now + Duration::from_secs(t.ttl_s.max(0) as u64);
-                        ttls[i] = t.ttl_s;
+                        // Never shortened: a new leader's grace may reach further.
+                        t.deadline = t.deadline.max(now + Duration::from_secs(t.ttl_s.max(0) as u64));
+                        each[i] = Ok(t.ttl_s);
                     }
                     _ => to_log.push(i),
                 }
@@ -265,13 +288,13 @@ impl Lessor {
             *epoch
         };
         if to_log.is_empty() {
-            return Ok(ttls);
+            return Ok(each);
         }
         let logged = futures::future::join_all(to_log.iter().map(|&i| self.logger.renew(ids[i]))).await;
         let mut st = self.state();
         for (i, r) in to_log.into_iter().zip(logged) {
-            let ttl_s = r?;
-            ttls[i] = ttl_s;
+            each[i] = r.clone();
+            let Ok(ttl_s) = r else { continue };
             if ttl_s > 0 {
                 // `now` is before the proposal: the in-memory window ends no later
                 // than RENEWAL_GRACE after the logged renewal.
@@ -283,7 +306,7 @@ impl Lessor {
                 }
             }
         }
-        Ok(ttls)
+        Ok(each)
     }
 
     fn observe(&self, records: &[LeaseRecord]) {
@@ -293,23 +316,44 @@ impl Lessor {
         st.tracked.retain(|id, _| live.contains(id));
         st.logged_at.retain(|id, _| live.contains(id));
         for r in records {
-            let fresh = st.tracked.get(&r.id).is_none_or(|t| t.version != r.version);
-            if fresh {
-                let deadline = now + Duration::from_millis(r.remaining_ms.max(0) as u64);
-                let t = Tracked { version: r.version, deadline, ttl_s: r.ttl_s, renewed: r.renewed };
-                st.tracked.insert(r.id, t);
+            let known = st.tracked.get(&r.id);
+            if known.is_some_and(|t| t.version == r.version) {
+                continue;
             }
+            let mut deadline = now + Duration::from_millis(r.remaining_ms.max(0) as u64);
+            if r.renewed {
+                // A logged keep-alive never cuts short a deadline a take-over's
+                // grace (or an in-memory renewal) set.
+                deadline = known.map_or(deadline, |t| t.deadline.max(deadline));
+            } else {
+                // A grant or checkpoint base: in-memory renewals need a fresh
+                // logged one (a re-grant under the same id starts anew).
+                st.logged_at.remove(&r.id);
+            }
+            let t = Tracked { version: r.version, deadline, ttl_s: r.ttl_s, renewed: r.renewed };
+            st.tracked.insert(r.id, t);
         }
     }
 
-    /// On becoming leader: the previous leader may have renewed leases based on a
-    /// logged keep-alive in memory since; give them [`RENEWAL_GRACE`].
-    fn take_over(&self) {
+    /// On becoming leader in `term`: first applies everything committed (so that
+    /// every logged keep-alive of earlier leaders is counted), then gives each
+    /// lease whose base is a logged keep-alive [`RENEWAL_GRACE`] (an earlier leader
+    /// may have renewed it in memory since). Until this is done, keep-alives on
+    /// this member wait (`NotLeader`, retried).
+    async fn take_over(&self, term: u64) -> bool {
+        if let Err(e) = self.group.read_barrier(TAKE_OVER_TIMEOUT).await {
+            tracing::debug!("lessor take-over in term {term} not done yet: {e}");
+            return false;
+        }
+        let Some(records) = self.records() else { return false };
+        self.observe(&records);
         let mut st = self.state();
         st.forget_logged();
         for t in st.tracked.values_mut().filter(|t| t.renewed) {
             t.deadline += RENEWAL_GRACE;
         }
+        st.led_term = Some(term);
+        true
     }
 
     fn records(&self) -> Option<Vec<LeaseRecord>> {
@@ -318,26 +362,33 @@ impl Lessor {
 
     /// Runs until the process stops.
     pub async fn run(self: Arc<Self>) {
-        let mut last_checkpoint = Instant::now();
+        // `None`: a checkpoint is due (a new leader persists its count at once).
+        let mut last_checkpoint: Option<Instant> = Some(Instant::now());
         let mut tick = tokio::time::interval(TICK);
-        let mut leading = false;
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let term = self.group.current_term();
+            let led_term = self.state().led_term;
+            if !self.group.is_leader() {
+                if led_term.is_some() {
+                    let mut st = self.state();
+                    st.led_term = None;
+                    st.forget_logged();
+                }
+            } else if led_term != Some(term) {
+                if !self.take_over(term).await {
+                    continue;
+                }
+                last_checkpoint = None;
+            }
             let Some(records) = self.records() else { continue };
             self.observe(&records);
-            if !self.group.is_leader() {
-                if leading {
-                    self.state().forget_logged();
-                    leading = false;
-                }
+            if !self.in_charge(&self.state()) {
                 continue;
             }
-            if !leading {
-                self.take_over();
-                leading = true;
-            }
             let now = Instant::now();
-            let expired: Vec<i64> = {
+            let expired: Vec<(i64, u64)> = {
                 let st = self.state();
                 let mut revoking = self.revoking.lock().expect("lessor map poisoned");
                 revoking.retain(|id, _| st.tracked.contains_key(id));
@@ -347,26 +398,38 @@ impl Lessor {
                         t.deadline <= now
                             && revoking.get(*id).is_none_or(|at| now.duration_since(*at) > Duration::from_secs(2))
                     })
-                    .map(|(id, _)| *id)
+                    .map(|(id, t)| (*id, t.version))
                     .collect()
             };
-            for id in expired {
+            for (id, version) in expired {
                 self.revoking.lock().expect("lessor map poisoned").insert(id, now);
                 let group = self.group.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = group.propose(Command::LeaseRevoke { id }, Duration::from_secs(5)).await {
+                    // Conditional on the version counted down: a keep-alive
+                    // committed first re-based the lease and wins.
+                    let expire = Command::LeaseExpire { id, version };
+                    if let Err(e) = group.propose(expire, Duration::from_secs(5)).await {
                         tracing::debug!("revoke of expired lease {id:x} not done: {e}");
                     }
                 });
             }
-            if now.duration_since(last_checkpoint) >= CHECKPOINT_INTERVAL && !records.is_empty() {
-                last_checkpoint = now;
+            let due = last_checkpoint.is_none_or(|at| now.duration_since(at) >= CHECKPOINT_INTERVAL);
+            if due && !records.is_empty() {
+                last_checkpoint = Some(now);
                 // Counted and cleared together: a renewal after this count must be
-                // logged, as the checkpoint replaces the renewed base.
+                // logged, as the checkpoint replaces the renewed base. A lease
+                // counted beyond its TTL (a take-over's grace) keeps its renewed
+                // base until it is back within it: a checkpoint would clamp it.
                 let items: Vec<(i64, u64, i64)> = {
                     let mut st = self.state();
                     st.forget_logged();
-                    records.iter().map(|r| (r.id, r.version, st.remaining_ms(r))).collect()
+                    records
+                        .iter()
+                        .filter_map(|r| {
+                            let ms = st.remaining_ms(r);
+                            (ms <= r.ttl_s.saturating_mul(1000)).then_some((r.id, r.version, ms))
+                        })
+                        .collect()
                 };
                 let group = self.group.clone();
                 tokio::spawn(async move {
@@ -380,7 +443,7 @@ impl Lessor {
 
     /// Answers a follower's [`LeaderCall`].
     async fn answer(&self, req: &[u8]) -> Result<Vec<u8>, ConsensusError> {
-        if !self.group.is_leader() {
+        if !self.in_charge(&self.state()) {
             return Err(ConsensusError::NotLeader);
         }
         let answer = match decode::<LeaderCall>(req)? {
@@ -396,7 +459,8 @@ impl Lessor {
                 let st = self.state();
                 LeaderAnswer::Remaining(st.tracked.get(&id).map(|t| {
                     let full_ms = t.ttl_s.saturating_mul(1000);
-                    (t.version, (t.deadline.saturating_duration_since(Instant::now()).as_millis() as i64).min(full_ms))
+                    let left_ms = t.deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
+                    (t.version, left_ms.min(full_ms))
                 }))
             }
         };
@@ -405,10 +469,10 @@ impl Lessor {
 }
 
 /// Proposes one batch of keep-alives as a single log entry.
-async fn log_renewals(group: &Group, ids: Vec<i64>, timeout: Duration) -> Result<Vec<i64>, RenewError> {
+async fn log_renewals(group: &Group, ids: Vec<i64>, timeout: Duration) -> Result<renewer::Renewals, RenewError> {
     match group.propose(Command::LeaseRenewBatch(ids), timeout).await {
         Ok(CommandResult::Ok(bytes)) => LeaseRenewals::decode(bytes.as_slice())
-            .map(|r| r.ttl_s)
+            .map(|r| r.ttl_s.into_iter().map(Ok).collect())
             .map_err(|e| RenewError::Apply(ApplyError::Malformed(e.to_string()))),
         Ok(CommandResult::Err(e)) => Err(RenewError::Apply(e)),
         Err(e) => Err(RenewError::Consensus(e)),

@@ -39,9 +39,13 @@ pub enum RenewError {
     Apply(ApplyError),
 }
 
-/// Sends one batch of lease ids; answers with each lease's TTL in seconds (0: no
-/// such lease, or expired), in order.
-pub type SendBatch = Arc<dyn Fn(Vec<i64>) -> BoxFuture<'static, Result<Vec<i64>, RenewError>> + Send + Sync>;
+/// Each lease's outcome in a batch, in order: its TTL in seconds (0: no such lease,
+/// or expired), or why it was not renewed.
+pub type Renewals = Vec<Result<i64, RenewError>>;
+
+/// Sends one batch of lease ids; answers each lease's outcome, or one error for
+/// the whole batch.
+pub type SendBatch = Arc<dyn Fn(Vec<i64>) -> BoxFuture<'static, Result<Renewals, RenewError>> + Send + Sync>;
 
 type Waiter = (i64, oneshot::Sender<Result<i64, RenewError>>);
 
@@ -93,19 +97,19 @@ async fn run(send: SendBatch, mut rx: mpsc::Receiver<Waiter>) {
 }
 
 /// Hands each waiter its part of a batch's outcome.
-fn answer(batch: Vec<Waiter>, outcome: Result<Vec<i64>, RenewError>) {
-    let outcome = outcome.and_then(|ttls| {
-        if ttls.len() == batch.len() {
-            Ok(ttls)
+fn answer(batch: Vec<Waiter>, outcome: Result<Renewals, RenewError>) {
+    let outcome = outcome.and_then(|each| {
+        if each.len() == batch.len() {
+            Ok(each)
         } else {
-            let why = format!("{} renewals answered for {} leases", ttls.len(), batch.len());
+            let why = format!("{} renewals answered for {} leases", each.len(), batch.len());
             Err(RenewError::Apply(ApplyError::Malformed(why)))
         }
     });
     match outcome {
-        Ok(ttls) => {
-            for ((_, reply), ttl_s) in batch.into_iter().zip(ttls) {
-                let _ = reply.send(Ok(ttl_s));
+        Ok(each) => {
+            for ((_, reply), outcome) in batch.into_iter().zip(each) {
+                let _ = reply.send(outcome);
             }
         }
         Err(e) => {

@@ -104,6 +104,11 @@ impl Writer<'_> {
         Ok(rec)
     }
 
+    /// The lease as stored now (inside this write).
+    pub fn lease_at(&self, id: i64) -> Result<Option<LeaseRecord>> {
+        get_record(&self.leases, id)
+    }
+
     /// Removes the lease and deletes its keys in one revision.
     pub fn lease_revoke(&mut self, id: i64) -> Result<()> {
         if get_record(&self.leases, id)?.is_none() {

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 
 use crate::consensus::members::{cluster_id, member_id, MemberChange};
 use crate::consensus::network::PeerService;
-use crate::consensus::{Command, CommandResult, Group, GroupConfig, MemberId, PeerInfo};
+use crate::consensus::{Command, CommandResult, Group, GroupConfig, GroupRegistry, MemberId, PeerInfo, FIRST_GROUP};
 use crate::mvcc::ReadView;
 use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
@@ -414,7 +414,8 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         None => join_identity(&config).await?,
     };
 
-    let (group, log) = Group::start(identity.member_id, &member_dir.join("group-1"), &group_config).await?;
+    let (group, log) =
+        Group::start(identity.member_id, FIRST_GROUP, &member_dir.join("group-1"), &group_config).await?;
     let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
     tracing::info!(entries, "raft log verified");
     check_log_end(&member_dir, log.last_index()?)?;
@@ -442,10 +443,12 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     supervisor.spawn("peer-prober", group.clone().run_prober());
     supervisor.spawn("db-size-sampler", sample_db_size(node.clone()));
 
+    let groups = GroupRegistry::default();
+    groups.insert(group.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (url, l) in peer_listeners {
-        let router =
-            tonic::transport::Server::builder().add_service(PeerService::server(group.clone(), max_peer_message_bytes));
+        let router = tonic::transport::Server::builder()
+            .add_service(PeerService::server(groups.clone(), max_peer_message_bytes));
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
         let tls = peer_server_tls.clone();
         tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, false).await });
