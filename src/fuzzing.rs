@@ -118,7 +118,7 @@ fn serve(kind: u8, req: Request) {
             }
         }
         (_, Request::Compact(r)) => write(|w| drop(w.compact(r.revision))),
-        (_, Request::Lease(r)) => write(|w| drop(w.lease_grant(r.id, r.ttl))),
+        (_, Request::Lease(r)) => write(|w| drop(w.lease_grant(r.id, r.ttl, 1))),
         (_, Request::Watch(r)) => {
             if let Some(crate::proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(c2)) = r.request_union {
                 let _ = c.check(&c2.key, &c2.range_end, crate::auth::Access::Read);

@@ -319,7 +319,10 @@ fn apply_entries(
     for entry in entries {
         results.push(match &entry.payload {
             EntryPayload::Blank => CommandResult::Ok(Vec::new()),
-            EntryPayload::Normal(cmd) => applier.apply(cmd)?,
+            EntryPayload::Normal(cmd) => {
+                applier.log_index = entry.log_id.index();
+                applier.apply(cmd)?
+            }
             EntryPayload::Membership(m) => {
                 applier.close_writer()?;
                 super::members::seed_from_membership(txn, m)?;
@@ -352,6 +355,10 @@ struct BatchApplier<'txn> {
     writer: Option<Writer<'txn>>,
     nospace: bool,
     auth_revision: u64,
+    /// The log index of the entry being applied: a granted lease's first record
+    /// version, so that versions never repeat across a revoke and a re-grant under
+    /// the same id (every later re-base of a lease is a later entry).
+    log_index: u64,
 }
 
 impl<'txn> BatchApplier<'txn> {
@@ -360,7 +367,8 @@ impl<'txn> BatchApplier<'txn> {
         index: &'txn KeyIndex,
         tokens: Option<&'txn crate::auth::SimpleTokens>,
     ) -> io::Result<Self> {
-        let mut applier = BatchApplier { txn, index, tokens, writer: None, nospace: false, auth_revision: 0 };
+        let mut applier =
+            BatchApplier { txn, index, tokens, writer: None, nospace: false, auth_revision: 0, log_index: 0 };
         applier.read_checks()?;
         Ok(applier)
     }
@@ -421,15 +429,18 @@ impl<'txn> BatchApplier<'txn> {
                 self.read_checks()?;
                 Ok(CommandResult::Ok(Vec::new()))
             }
-            Command::LeaseGrant { id, ttl_s } => self.lease(|w| {
-                let rec = w.lease_grant(*id, *ttl_s)?;
-                Ok(LeaseGrantResponse {
-                    header: header(w.current_rev()),
-                    id: rec.id,
-                    ttl: rec.ttl_s,
-                    error: String::new(),
+            Command::LeaseGrant { id, ttl_s } => {
+                let first_version = self.log_index;
+                self.lease(|w| {
+                    let rec = w.lease_grant(*id, *ttl_s, first_version)?;
+                    Ok(LeaseGrantResponse {
+                        header: header(w.current_rev()),
+                        id: rec.id,
+                        ttl: rec.ttl_s,
+                        error: String::new(),
+                    })
                 })
-            }),
+            }
             Command::LeaseRevoke { id } => self.lease(|w| {
                 w.lease_revoke(*id)?;
                 Ok(LeaseRevokeResponse { header: header(w.current_rev()) })
@@ -765,6 +776,7 @@ mod tests {
 
     /// The leader's expiry of a lease applies only to the record version it
     /// counted down: a keep-alive committed before it re-based the lease and wins.
+    /// A re-grant under the same id starts at a version never used before.
     #[tokio::test]
     async fn an_expiry_is_skipped_when_a_keep_alive_re_based_the_lease_first() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -796,6 +808,12 @@ mod tests {
         sm.apply(futures::stream::iter(entries)).await.expect("apply");
         assert_eq!(view(&sm).lease(7).expect("read"), None);
         assert_eq!(*sm.revision.borrow(), 3);
+        // Granted again under the same id: a version no observer has counted yet
+        // (the entry's log index), not 1 again.
+        let entries: Vec<io::Result<EntryResponder<C>>> =
+            vec![Ok((EntryOf::<C>::new_normal(log_id::<C>(1, 1, 6), Command::LeaseGrant { id: 7, ttl_s: 10 }), None))];
+        sm.apply(futures::stream::iter(entries)).await.expect("apply");
+        assert_eq!(view(&sm).lease(7).expect("read").map(|r| r.version), Some(6));
     }
 
     /// Forwarded ids differ between runs of a member, so an entry forwarded before

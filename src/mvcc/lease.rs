@@ -95,11 +95,15 @@ fn attached<T: ReadableTable<&'static [u8], &'static [u8]>>(t: &T, id: i64) -> R
 }
 
 impl Writer<'_> {
-    pub fn lease_grant(&mut self, id: i64, ttl_s: i64) -> Result<LeaseRecord> {
+    /// Grants lease `id` with record version `first_version` (at least 1): the
+    /// caller keeps versions increasing across a revoke and a re-grant of one id,
+    /// so that observers never take a new lease for one they already counted.
+    pub fn lease_grant(&mut self, id: i64, ttl_s: i64, first_version: u64) -> Result<LeaseRecord> {
         if get_record(&self.leases, id)?.is_some() {
             return Err(MvccError::LeaseExists);
         }
-        let rec = LeaseRecord { id, ttl_s, remaining_ms: ttl_s.saturating_mul(1000), version: 1, renewed: false };
+        let version = first_version.max(1);
+        let rec = LeaseRecord { id, ttl_s, remaining_ms: ttl_s.saturating_mul(1000), version, renewed: false };
         self.leases.insert(id.to_be_bytes().as_slice(), rec.encode().as_slice())?;
         Ok(rec)
     }
@@ -195,7 +199,7 @@ mod tests {
             }
             txn.commit().unwrap();
         };
-        write(&mut |w| w.lease_grant(7, 10).map(|_| ()));
+        write(&mut |w| w.lease_grant(7, 10, 1).map(|_| ()));
         let put = |k: &str, lease: i64| PutRequest { key: k.into(), value: b"v".to_vec(), lease, ..Default::default() };
         write(&mut |w| w.put(&put("a", 7)).map(|_| ()));
         write(&mut |w| w.put(&put("b", 7)).map(|_| ()));
@@ -221,8 +225,8 @@ mod tests {
             assert!(matches!(w.lease_revoke(7), Err(MvccError::LeaseNotFound)));
             assert!(matches!(w.put(&put("e", 7)), Err(MvccError::LeaseNotFound)));
             assert!(matches!(w.lease_renew(7), Err(MvccError::LeaseNotFound)));
-            w.lease_grant(8, 5).unwrap();
-            assert!(matches!(w.lease_grant(8, 5), Err(MvccError::LeaseExists)));
+            w.lease_grant(8, 5, 1).unwrap();
+            assert!(matches!(w.lease_grant(8, 5, 1), Err(MvccError::LeaseExists)));
             w.lease_checkpoint(8, 1, 1234).unwrap();
             w.lease_checkpoint(8, 1, 99).unwrap();
             assert_eq!(w.finish().unwrap(), 7);

@@ -556,7 +556,7 @@ fn a_reader_open_across_a_compaction_keeps_its_snapshot() {
 #[test]
 fn lease_records_mark_their_base_and_read_the_older_layout() {
     let s = Store::new();
-    let granted = s.write(|w| w.lease_grant(7, 10)).unwrap();
+    let granted = s.write(|w| w.lease_grant(7, 10, 1)).unwrap();
     assert!(!granted.renewed);
     let renewed = s.write(|w| w.lease_renew(7)).unwrap();
     assert!(renewed.renewed && renewed.version == 2);
