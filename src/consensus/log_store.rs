@@ -141,18 +141,28 @@ impl Recent {
     }
 }
 
-struct Inner {
+/// One node's journal: the fjall database and the syncer thread that every
+/// group's [`LogStore`] on the node shares (see [`NodeLog`]).
+struct Journal {
     db: Database,
     log: Keyspace,
     meta: Keyspace,
+    /// Where fsync timings go.
+    stats: Arc<crate::stats::GroupStats>,
+    /// Hands append callbacks to the syncer thread; bounded so a slow disk pushes
+    /// back on the Raft cores instead of growing memory.
+    sync_tx: mpsc::SyncSender<IOFlushed<C>>,
+    /// The groups with an open [`LogStore`]: at most one store per group, or two
+    /// handles would keep different views of the same keys.
+    open_groups: Mutex<std::collections::HashSet<u64>>,
+}
+
+struct Inner {
+    journal: Arc<Journal>,
     group: u64,
     /// This member's id: tells a follower's append (entries of another leader)
     /// from the leader's own (see [`LogStore::append`]).
     member: u64,
-    stats: Arc<crate::stats::GroupStats>,
-    /// Hands append callbacks to the syncer thread; bounded so a slow disk pushes
-    /// back on the Raft core instead of growing memory.
-    sync_tx: mpsc::SyncSender<IOFlushed<C>>,
     /// See [`Recent`]. A std mutex: held only to copy entries, never across an await.
     recent: Mutex<Recent>,
     /// The index of the last entry appended (0 for none), set before the append
@@ -186,6 +196,52 @@ impl LogProgress {
     /// store is gone.
     pub async fn committed_changed(&mut self) -> bool {
         self.committed.changed().await.is_ok()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.journal.open_groups.lock().expect("open groups poisoned").remove(&self.group);
+    }
+}
+
+/// A node's Raft log journal, shared by the log stores of all its groups: one
+/// fsync (the syncer's, or a follower append's) covers the appends of every group
+/// made before it (group commit across groups). Cheap to clone.
+#[derive(Clone)]
+pub struct NodeLog {
+    journal: Arc<Journal>,
+}
+
+impl NodeLog {
+    /// Opens the journal at `dir`, starting its syncer thread (which ends when the
+    /// last handle on the journal is dropped). Fsync timings go to `stats`.
+    pub fn open(dir: &Path, stats: Arc<crate::stats::GroupStats>) -> io::Result<NodeLog> {
+        let db = Database::builder(dir).cache_size(LOG_CACHE_BYTES).open().map_err(io_err)?;
+        let log = db
+            .keyspace("log", || KeyspaceCreateOptions::default().max_memtable_size(LOG_MEMTABLE_BYTES))
+            .map_err(io_err)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io_err)?;
+        let (sync_tx, sync_rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
+        let (syncer_db, syncer_stats) = (db.clone(), stats.clone());
+        std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx, syncer_stats))?;
+        let journal = Journal { db, log, meta, stats, sync_tx, open_groups: Mutex::default() };
+        Ok(NodeLog { journal: Arc::new(journal) })
+    }
+
+    /// The log store of `group` on member `member`; refused while that group's
+    /// store is open already.
+    pub fn group(&self, group: u64, member: u64) -> io::Result<LogStore> {
+        if !self.journal.open_groups.lock().expect("open groups poisoned").insert(group) {
+            let why = format!("the log of raft group {group} is open already");
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, why));
+        }
+        let recent = Mutex::default();
+        let (tail, committed) = (Arc::default(), tokio::sync::watch::Sender::new(0));
+        let inner = Inner { journal: self.journal.clone(), group, member, recent, tail, committed };
+        let store = LogStore { inner: Arc::new(inner) };
+        store.inner.tail.store(store.last_index()?, Ordering::Release);
+        Ok(store)
     }
 }
 
@@ -235,23 +291,10 @@ pub fn decode_entry(rec: &[u8]) -> io::Result<EntryOf<C>> {
 }
 
 impl LogStore {
-    /// Opens the journal at `dir` for `group` of member `member`, starting its
-    /// syncer thread.
+    /// Opens a journal of its own at `dir` for `group` of member `member` (see
+    /// [`NodeLog`] for a journal shared by several groups).
     pub fn open(dir: &Path, group: u64, member: u64, stats: Arc<crate::stats::GroupStats>) -> io::Result<LogStore> {
-        let db = Database::builder(dir).cache_size(LOG_CACHE_BYTES).open().map_err(io_err)?;
-        let log = db
-            .keyspace("log", || KeyspaceCreateOptions::default().max_memtable_size(LOG_MEMTABLE_BYTES))
-            .map_err(io_err)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io_err)?;
-        let (sync_tx, sync_rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
-        let (syncer_db, syncer_stats) = (db.clone(), stats.clone());
-        std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx, syncer_stats))?;
-        let recent = Mutex::default();
-        let (tail, committed) = (Arc::default(), tokio::sync::watch::Sender::new(0));
-        let inner = Inner { db, log, meta, group, member, stats, sync_tx, recent, tail, committed };
-        let store = LogStore { inner: Arc::new(inner) };
-        store.inner.tail.store(store.last_index()?, Ordering::Release);
-        Ok(store)
+        NodeLog::open(dir, stats)?.group(group, member)
     }
 
     /// How far this log has been appended and committed, kept current by every
@@ -274,14 +317,14 @@ impl LogStore {
     }
 
     fn get_meta<T: DeserializeOwned>(&self, name: &str) -> io::Result<Option<T>> {
-        match self.inner.meta.get(self.meta_key(name)).map_err(io_err)? {
+        match self.inner.journal.meta.get(self.meta_key(name)).map_err(io_err)? {
             None => Ok(None),
             Some(v) => Ok(Some(decode(unseal(name, &v)?)?)),
         }
     }
 
     fn put_meta<T: Serialize>(&self, name: &str, v: &T) -> io::Result<()> {
-        self.inner.meta.insert(self.meta_key(name), seal(&encode(v)?)).map_err(io_err)
+        self.inner.journal.meta.insert(self.meta_key(name), seal(&encode(v)?)).map_err(io_err)
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
@@ -289,13 +332,13 @@ impl LogStore {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.inner.db.persist(PersistMode::SyncData).map_err(io_err)
+        self.inner.journal.db.persist(PersistMode::SyncData).map_err(io_err)
     }
 
     fn last_entry_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
         let lo = self.log_key(0);
         let hi = self.log_key(u64::MAX);
-        match self.inner.log.range(lo..=hi).next_back() {
+        match self.inner.journal.log.range(lo..=hi).next_back() {
             None => Ok(None),
             Some(guard) => {
                 let v = guard.value().map_err(io_err)?;
@@ -318,7 +361,7 @@ impl LogStore {
         let hi = self.log_key(u64::MAX);
         let mut n = 0;
         let mut expect: Option<u64> = None;
-        for guard in self.inner.log.range(lo..=hi) {
+        for guard in self.inner.journal.log.range(lo..=hi) {
             let (k, v) = guard.into_inner().map_err(io_err)?;
             let entry = decode_entry(&v)?;
             let index = k
@@ -392,7 +435,7 @@ impl RaftLogReader<C> for LogStore {
             Bound::Unbounded => Bound::Included(self.log_key(u64::MAX)),
         };
         let mut out = Vec::new();
-        for guard in self.inner.log.range((Bound::Included(self.log_key(start)), end)) {
+        for guard in self.inner.journal.log.range((Bound::Included(self.log_key(start)), end)) {
             let v = guard.value().map_err(io_err)?;
             out.push(decode_entry(&v)?);
         }
@@ -438,14 +481,14 @@ impl RaftLogStorage<C> for LogStore {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = self.inner.db.batch();
+        let mut batch = self.inner.journal.db.batch();
         let mut appended = Vec::new();
         let mut from_other_leader = false;
         for entry in entries {
             from_other_leader = entry.log_id.leader_id.node_id != self.inner.member;
             let record = seal(&encode(&entry)?);
             let size = record.len();
-            batch.insert(&self.inner.log, self.log_key(entry.log_id.index()), record);
+            batch.insert(&self.inner.journal.log, self.log_key(entry.log_id.index()), record);
             appended.push((entry, size));
         }
         batch.commit().map_err(io_err)?;
@@ -471,7 +514,7 @@ impl RaftLogStorage<C> for LogStore {
             // that long, so a slow disk stalls its clients as long as its acks.
             // Rejected: `block_in_place`, which hands the worker's other tasks to
             // another thread for the fsync: +170 µs per put (interleaved runs).
-            let result = timed_fsync(&self.inner.db, &self.inner.stats);
+            let result = timed_fsync(&self.inner.journal.db, &self.inner.journal.stats);
             if let Err(e) = &result {
                 tracing::error!("log fsync failed: {e}; the raft group stops");
             }
@@ -480,7 +523,7 @@ impl RaftLogStorage<C> for LogStore {
         }
         // The leader: its entries go to the followers while the syncer fsyncs them,
         // and the syncer acknowledges them after the fsync that covers this batch.
-        self.inner.sync_tx.send(callback).map_err(|_| io_err("log syncer stopped"))
+        self.inner.journal.sync_tx.send(callback).map_err(|_| io_err("log syncer stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
@@ -489,13 +532,14 @@ impl RaftLogStorage<C> for LogStore {
         self.inner.tail.fetch_min(from.saturating_sub(1), Ordering::AcqRel);
         let keys: Vec<_> = self
             .inner
+            .journal
             .log
             .range(self.log_key(from)..=self.log_key(u64::MAX))
             .map(|g| g.key().map_err(io_err))
             .collect::<Result<_, _>>()?;
-        let mut batch = self.inner.db.batch();
+        let mut batch = self.inner.journal.db.batch();
         for k in keys {
-            batch.remove(&self.inner.log, k);
+            batch.remove(&self.inner.journal.log, k);
         }
         batch.commit().map_err(io_err)
     }
@@ -507,13 +551,14 @@ impl RaftLogStorage<C> for LogStore {
         self.recent().purge(log_id.index());
         let keys: Vec<_> = self
             .inner
+            .journal
             .log
             .range(self.log_key(0)..=self.log_key(log_id.index()))
             .map(|g| g.key().map_err(io_err))
             .collect::<Result<_, _>>()?;
-        let mut batch = self.inner.db.batch();
+        let mut batch = self.inner.journal.db.batch();
         for k in keys {
-            batch.remove(&self.inner.log, k);
+            batch.remove(&self.inner.journal.log, k);
         }
         batch.commit().map_err(io_err)
     }
@@ -589,6 +634,42 @@ mod tests {
         let (tx, rx) = C::oneshot();
         log.append(entries, IOFlushed::signal(tx)).await.expect("append");
         rx.await.expect("syncer answers").expect("fsync");
+    }
+
+    /// Groups sharing one journal keep separate logs: appends, reads, truncation,
+    /// purge and votes of one never show in another; a group's store opens once
+    /// at a time, and again after it is dropped, with its entries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_sharing_a_journal_keep_separate_logs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        let node = NodeLog::open(dir.path(), stats.clone()).expect("open journal");
+        let mut one = node.group(1, 1).expect("group 1");
+        let mut two = node.group(2, 1).expect("group 2");
+        let again = node.group(1, 1).map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(again, Err(io::ErrorKind::AlreadyExists));
+        flushed_append(&mut one, (1..=5).map(|i| entry(1, i)).collect()).await;
+        flushed_append(&mut two, (1..=3).map(|i| entry(2, i)).collect()).await;
+        let indexes = |entries: Vec<EntryOf<C>>| {
+            entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index())).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            indexes(one.try_get_log_entries(1..10).await.expect("read")),
+            (1..=5).map(|i| (1, i)).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            indexes(two.try_get_log_entries(1..10).await.expect("read")),
+            (1..=3).map(|i| (2, i)).collect::<Vec<_>>()
+        );
+        one.truncate_after(Some(log_id::<C>(1, 1, 2))).await.expect("truncate");
+        two.purge(log_id::<C>(2, 1, 1)).await.expect("purge");
+        two.save_vote(&openraft::Vote::new(7, 1)).await.expect("vote");
+        assert_eq!((one.last_index().expect("last"), two.last_index().expect("last")), (2, 3));
+        assert_eq!(one.read_vote().await.expect("vote"), None);
+        drop(one);
+        let mut one = node.group(1, 1).expect("group 1 reopened");
+        assert_eq!(indexes(one.try_get_log_entries(1..10).await.expect("read")), vec![(1, 1), (1, 2)]);
+        assert_eq!(indexes(two.try_get_log_entries(0..10).await.expect("read")), vec![(2, 2), (2, 3)]);
     }
 
     /// A follower's append (entries of another leader) is durable when the call
