@@ -21,6 +21,7 @@ fn main() {
         Some("snapshot") => std::process::exit(concord::cli::snapshot::main(&args[2..])),
         Some("status") => std::process::exit(concord::cli::status::main(&args[2..])),
         Some("bench") => std::process::exit(concord::cli::bench::main(&args[2..])),
+        Some("bench-log") => std::process::exit(concord::cli::bench_log::main(&args[2..])),
         _ => {}
     }
     let flags = match Flags::try_parse_from(normalize_args(args)) {

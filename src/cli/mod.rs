@@ -1,5 +1,6 @@
 //! `concord` subcommands other than serving (serving takes etcd's flags directly).
 
 pub mod bench;
+pub mod bench_log;
 pub mod snapshot;
 pub mod status;

@@ -416,6 +416,75 @@ fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stat
     }
 }
 
+/// How the groups of [`measure_appends`] keep their logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalLayout {
+    /// One [`NodeLog`] shared by every group.
+    Shared,
+    /// A journal per group (what a node would have without [`NodeLog`]).
+    PerGroup,
+}
+
+/// What one [`measure_appends`] run did.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendRun {
+    pub entries: u64,
+    pub elapsed: std::time::Duration,
+    pub fsyncs: u64,
+}
+
+/// Durable appends as a node's Raft cores make them, timed (`concord bench-log`):
+/// `groups` groups each append `entries_per_group` entries of `value_bytes` as
+/// leader, one entry at a time, each waiting for its fsync before the next, all
+/// groups at once; with `groups` = 1 the group appends `batch` entries at a time
+/// instead (a leader's batch of concurrent writes). Runs in `dir`.
+pub async fn measure_appends(
+    dir: &Path,
+    layout: JournalLayout,
+    groups: u64,
+    entries_per_group: u64,
+    batch: u64,
+    value_bytes: usize,
+) -> io::Result<AppendRun> {
+    use openraft::entry::RaftEntry;
+    use openraft::type_config::TypeConfigExt;
+    let stats = Arc::new(crate::stats::GroupStats::default());
+    let shared = NodeLog::open(&dir.join("shared"), stats.clone())?;
+    let mut stores = Vec::new();
+    for g in 1..=groups {
+        stores.push(match layout {
+            JournalLayout::Shared => shared.group(g, 1)?,
+            JournalLayout::PerGroup => NodeLog::open(&dir.join(format!("group-{g}")), stats.clone())?.group(g, 1)?,
+        });
+    }
+    let value = vec![0x5a; value_bytes];
+    let started = std::time::Instant::now();
+    let writers = stores.into_iter().map(|mut store| {
+        let value = value.clone();
+        tokio::spawn(async move {
+            let mut next = 1;
+            while next <= entries_per_group {
+                let last = (next + batch.max(1) - 1).min(entries_per_group);
+                let entries: Vec<EntryOf<C>> = (next..=last)
+                    .map(|i| {
+                        let log_id = openraft::testing::common::log_id::<C>(1, 1, i);
+                        EntryOf::<C>::new_normal(log_id, super::Command::Put(value.clone()))
+                    })
+                    .collect();
+                let (tx, rx) = C::oneshot();
+                store.append(entries, IOFlushed::signal(tx)).await?;
+                rx.await.map_err(|_| io_err("syncer dropped a callback"))?.map_err(io_err)?;
+                next = last + 1;
+            }
+            Ok::<(), io::Error>(())
+        })
+    });
+    for w in futures::future::join_all(writers).await {
+        w.map_err(io_err)??;
+    }
+    Ok(AppendRun { entries: groups * entries_per_group, elapsed: started.elapsed(), fsyncs: stats.wal_fsync.count() })
+}
+
 impl RaftLogReader<C> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
