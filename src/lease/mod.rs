@@ -66,6 +66,8 @@ pub const RENEWAL_GRACE: Duration = CHECKPOINT_INTERVAL;
 /// How long a new leader's lessor waits to apply what is committed before it
 /// takes over (retried every tick).
 const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before a follower sends again a batch of keep-alives whose answer was lost.
+const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How long a follower waits for the leader's count of a lease's time to live
 /// before it answers from its own.
 const REMAINING_ASK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -174,7 +176,7 @@ impl Lessor {
             let group = forwarded.clone();
             Box::pin(async move {
                 let req = encode(&LeaderCall::Renew(ids)).map_err(RenewError::Consensus)?;
-                let answer = group.call_leader(req, request_timeout).await.map_err(RenewError::Consensus)?;
+                let answer = forward_renewals(&group, req, request_timeout).await.map_err(RenewError::Consensus)?;
                 match decode(&answer).map_err(RenewError::Consensus)? {
                     LeaderAnswer::Renewed(r) => r,
                     other => Err(RenewError::Apply(ApplyError::Malformed(format!("renewal answered with {other:?}")))),
@@ -465,6 +467,23 @@ impl Lessor {
             }
         };
         encode(&answer)
+    }
+}
+
+/// Sends a follower's batch of keep-alives to the leader. A batch whose answer was
+/// lost (the leader failed or stepped down with it in flight) is sent again until
+/// `timeout`: renewing a lease twice is harmless, and the client's keep-alive
+/// stream then survives a leader change instead of ending with a timeout.
+async fn forward_renewals(group: &Group, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ConsensusError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match group.call_leader(req.clone(), left).await {
+            Err(ConsensusError::Timeout | ConsensusError::LeaderLost) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(FORWARD_RETRY_PAUSE).await;
+            }
+            other => return other,
+        }
     }
 }
 
