@@ -264,6 +264,35 @@ async fn in_memory_renewal_is_honoured_by_the_next_leader() {
     assert!(gone.is_some(), "the lease outlived its TTL plus the grace period");
 }
 
+/// A keep-alive stream on a follower rides through the leader's death: the
+/// follower holds its keep-alives (re-sending any lost with the old leader) until
+/// the new leader has taken over, and every one is answered with the full TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_streams_on_a_follower_survive_a_leader_kill() {
+    const TTL_S: i64 = 10;
+    let mut cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let mut s = cluster.client((leader + 1) % 3).await;
+    let lease = s.lease_grant(TTL_S, None).await.unwrap().id();
+    let (mut keeper, mut stream) = s.lease_keep_alive(lease).await.unwrap();
+    let mut answered = 0;
+    for round in 0..40 {
+        if round == 10 {
+            cluster.kill(leader);
+        }
+        keeper.keep_alive().await.expect("send a keep-alive");
+        let answer = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+        let ttl = match answer {
+            Ok(Ok(Some(r))) => r.ttl(),
+            other => panic!("keep-alive {round} not answered across the leader change: {other:?}"),
+        };
+        assert_eq!(ttl, TTL_S, "keep-alive {round}");
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("{answered} keep-alives answered on one follower stream across a leader kill");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_is_mutually_exclusive_with_increasing_fencing_tokens_under_member_kill() {
     let mut cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
