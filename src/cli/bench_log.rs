@@ -55,16 +55,17 @@ fn run(args: &Args, scratch: &std::path::Path) -> i32 {
         }
     };
     let total = args.groups * args.entries_per_group;
+    let n = args.groups;
     let runs = [
-        ("1 group, batches of N", JournalLayout::Shared, 1, total, args.groups),
-        ("N groups, one shared journal", JournalLayout::Shared, args.groups, args.entries_per_group, 1),
-        ("N groups, a journal each", JournalLayout::PerGroup, args.groups, args.entries_per_group, 1),
+        (format!("1 group, batches of {n}"), JournalLayout::Shared, 1, total, n),
+        (format!("{n} groups, one shared journal"), JournalLayout::Shared, n, args.entries_per_group, 1),
+        (format!("{n} groups, a journal each"), JournalLayout::PerGroup, n, args.entries_per_group, 1),
     ];
     for (i, (label, layout, groups, per_group, batch)) in runs.into_iter().enumerate() {
         let dir = scratch.join(format!("run-{i}"));
         let run = runtime.block_on(measure_appends(&dir, layout, groups, per_group, batch, args.value_bytes));
         match run {
-            Ok(r) => print_run(label, args.groups, &r, args.json),
+            Ok(r) => print_run(&label, &r, args.json),
             Err(e) => {
                 eprintln!("concord bench-log: {label}: {e}");
                 return 1;
@@ -74,11 +75,10 @@ fn run(args: &Args, scratch: &std::path::Path) -> i32 {
     0
 }
 
-fn print_run(label: &str, n: u64, r: &AppendRun, json: bool) {
+fn print_run(label: &str, r: &AppendRun, json: bool) {
     let secs = r.elapsed.as_secs_f64().max(1e-9);
     let per_s = r.entries as f64 / secs;
     let per_fsync = r.entries as f64 / r.fsyncs.max(1) as f64;
-    let label = label.replace('N', &n.to_string());
     if json {
         println!(
             "{{\"run\":\"{label}\",\"entries\":{},\"seconds\":{secs:.3},\"entries_per_s\":{per_s:.0},\"fsyncs\":{},\"entries_per_fsync\":{per_fsync:.1}}}",

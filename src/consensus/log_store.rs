@@ -449,12 +449,15 @@ pub async fn measure_appends(
     use openraft::entry::RaftEntry;
     use openraft::type_config::TypeConfigExt;
     let stats = Arc::new(crate::stats::GroupStats::default());
-    let shared = NodeLog::open(&dir.join("shared"), stats.clone())?;
+    let shared = match layout {
+        JournalLayout::Shared => Some(NodeLog::open(&dir.join("shared"), stats.clone())?),
+        JournalLayout::PerGroup => None,
+    };
     let mut stores = Vec::new();
     for g in 1..=groups {
-        stores.push(match layout {
-            JournalLayout::Shared => shared.group(g, 1)?,
-            JournalLayout::PerGroup => NodeLog::open(&dir.join(format!("group-{g}")), stats.clone())?.group(g, 1)?,
+        stores.push(match &shared {
+            Some(node) => node.group(g, 1)?,
+            None => NodeLog::open(&dir.join(format!("group-{g}")), stats.clone())?.group(g, 1)?,
         });
     }
     let value = vec![0x5a; value_bytes];

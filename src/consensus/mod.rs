@@ -461,30 +461,50 @@ impl Group {
     /// the leader over the peer service.
     pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, ConsensusError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let cmd = &cmd;
+        let local = || async move {
+            match tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone())).await {
+                Err(_) => Err(ConsensusError::Timeout),
+                Ok(Ok(resp)) => Ok(resp.data),
+                Ok(Err(e)) => Err(client_write_error(e)),
+            }
+        };
+        let remote = |node: PeerInfo, left| async move { self.peers.propose(&node, cmd, left).await };
+        self.at_leader(deadline, local, remote).await
+    }
+
+    /// Runs a request at the current leader: `local` when this member leads, else
+    /// `remote` with the leader's peer info and the time left. Retried while the
+    /// member asked is not the leader or none is known (the request was then not
+    /// submitted anywhere), until `deadline`, after which it fails with `NoLeader`.
+    async fn at_leader<T, L, LF, R, RF>(
+        &self,
+        deadline: tokio::time::Instant,
+        local: L,
+        remote: R,
+    ) -> Result<T, ConsensusError>
+    where
+        L: Fn() -> LF,
+        LF: std::future::Future<Output = Result<T, ConsensusError>>,
+        R: Fn(PeerInfo, Duration) -> RF,
+        RF: std::future::Future<Output = Result<T, ConsensusError>>,
+    {
         loop {
             let leader = self.wait_leader(deadline).await?;
             let attempt = if leader == self.id {
-                let write = tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()));
-                match write.await {
-                    Err(_) => Err(ConsensusError::Timeout),
-                    Ok(Ok(resp)) => return Ok(resp.data),
-                    Ok(Err(e)) => Err(client_write_error(e)),
-                }
+                local().await
             } else {
                 let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
-                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.peers.propose(&node, &cmd, remaining).await
+                remote(node, deadline.saturating_duration_since(tokio::time::Instant::now())).await
             };
             match attempt {
-                Ok(r) => return Ok(r),
-                // Not submitted anywhere: safe to retry once a leader is known.
                 Err(ConsensusError::NotLeader | ConsensusError::NoLeader) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ConsensusError::NoLeader);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
     }
@@ -508,28 +528,15 @@ impl Group {
     /// next leader while the one asked is not the leader, until `timeout`.
     pub async fn call_leader(&self, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ConsensusError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let leader = self.wait_leader(deadline).await?;
-            let attempt = if leader == self.id {
-                match tokio::time::timeout_at(deadline, self.local_leader_call(req.clone())).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ConsensusError::Timeout),
-                }
-            } else {
-                let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
-                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.peers.call_leader(&node, req.clone(), remaining).await
-            };
-            match attempt {
-                Err(ConsensusError::NotLeader | ConsensusError::NoLeader) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(ConsensusError::NoLeader);
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other,
+        let req = &req;
+        let local = || async move {
+            match tokio::time::timeout_at(deadline, self.local_leader_call(req.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(ConsensusError::Timeout),
             }
-        }
+        };
+        let remote = |node: PeerInfo, left| async move { self.peers.call_leader(&node, req.clone(), left).await };
+        self.at_leader(deadline, local, remote).await
     }
 
     /// Waits until the local state machine has applied everything committed before

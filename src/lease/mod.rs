@@ -110,6 +110,15 @@ impl State {
         }
     }
 
+    /// The (record version, milliseconds left, at most the TTL) this member counts
+    /// for lease `id`, if it tracks it.
+    fn count_of(&self, id: i64) -> Option<(u64, i64)> {
+        self.tracked.get(&id).map(|t| {
+            let left_ms = t.deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
+            (t.version, left_ms.min(t.ttl_s.saturating_mul(1000)))
+        })
+    }
+
     fn forget_logged(&mut self) {
         self.logged_at.clear();
         self.epoch += 1;
@@ -250,20 +259,21 @@ impl Lessor {
     /// One keep-alive: the lease's TTL in seconds once renewed, or 0 if it does not
     /// exist or has expired (its revoke is on the way).
     pub async fn keep_alive(&self, id: i64) -> Result<i64, RenewError> {
-        if self.group.is_leader() {
-            match self.renew_as_leader(vec![id]).await {
-                Err(RenewError::Consensus(ConsensusError::NotLeader)) => {}
-                Err(e) => return Err(e),
-                Ok(mut each) => return each.pop().unwrap_or(Ok(0)),
-            }
+        match self.renew_as_leader(vec![id]).await {
+            Err(RenewError::Consensus(ConsensusError::NotLeader)) => self.forwarder.renew(id).await,
+            Err(e) => Err(e),
+            Ok(mut each) => each.pop().unwrap_or(Ok(0)),
         }
-        self.forwarder.renew(id).await
     }
 
     /// Renews `ids` on the leader: in memory where allowed (see the module doc),
     /// through the log otherwise. Answers each lease's outcome, in order;
     /// `NotLeader` for all of them until this member has taken over.
     async fn renew_as_leader(&self, ids: Vec<i64>) -> Result<renewer::Renewals, RenewError> {
+        // Checked before the lock too: a follower's keep-alives pass by here.
+        if !self.group.is_leader() {
+            return Err(RenewError::Consensus(ConsensusError::NotLeader));
+        }
         let now = Instant::now();
         let mut each: renewer::Renewals = vec![Ok(0); ids.len()];
         let mut to_log = Vec::new();
@@ -457,14 +467,7 @@ impl Lessor {
                 Err(RenewError::Consensus(ConsensusError::NotLeader)) => return Err(ConsensusError::NotLeader),
                 r => LeaderAnswer::Renewed(r),
             },
-            LeaderCall::Remaining(id) => {
-                let st = self.state();
-                LeaderAnswer::Remaining(st.tracked.get(&id).map(|t| {
-                    let full_ms = t.ttl_s.saturating_mul(1000);
-                    let left_ms = t.deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
-                    (t.version, left_ms.min(full_ms))
-                }))
-            }
+            LeaderCall::Remaining(id) => LeaderAnswer::Remaining(self.state().count_of(id)),
         };
         encode(&answer)
     }
