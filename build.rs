@@ -1,4 +1,4 @@
-//! Generates the gRPC code for the etcd v3 API and concord's peer service, and
+//! Generates the gRPC code for the etcd v3 API and concord's peer and groups services, and
 //! serde (proto3 JSON) impls for the etcd messages, used by the JSON gateway.
 //! A vendored `protoc` is used so a fresh machine needs no system protobuf compiler.
 
@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/etcd/v3lock.proto",
                 "proto/etcd/v3election.proto",
                 "proto/concord/peer.proto",
+                "proto/concord/groups.proto",
             ],
             &["proto"],
         )?;

@@ -28,8 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord::consensus::state_machine::StateMachine;
-use concord::consensus::{Command, CommandResult, GroupConfig, MemberId, PeerInfo, Runtime, SnapshotData, TypeConfig};
+use concord::consensus::service::{Proposal, ServiceMachine};
+use concord::consensus::{GroupConfig, MemberId, PeerInfo, Runtime, SnapshotData, TypeConfig};
+use concord::etcd_store::state_machine::StateMachine;
+use concord::etcd_store::{Command, CommandResult};
 use concord::mvcc::index::KeyIndex;
 use concord::mvcc::ReadView;
 use concord::proto::etcdserverpb::{
@@ -51,7 +53,7 @@ use openraft::{OptionalSend, Raft, RaftLogReader, RaftNetworkV2};
 use prost::Message;
 
 type C = TypeConfig;
-type Node = Raft<C, StateMachine>;
+type Node = Raft<C, ServiceMachine>;
 
 const MEMBERS: u64 = 3;
 const CLIENTS: usize = 3;
@@ -307,7 +309,6 @@ fn group_config() -> GroupConfig {
         snapshot_catchup_entries: 10,
         max_peer_message_bytes: 64 << 20,
         max_request_bytes: concord::server::config::DEFAULT_MAX_REQUEST_BYTES,
-        auth_token_ttl: Duration::from_secs(300),
         peer_tls: None,
     }
 }
@@ -322,6 +323,7 @@ async fn start(member: &mut Member, world: &Shared, seed: u64) -> Node {
     let tokens = Arc::new(concord::auth::SimpleTokens::new(Duration::from_secs(300)));
     let (sm, _revision) = StateMachine::new(backend.clone(), index.clone(), member.dir.join("snap"), stats, tokens)
         .expect("state machine");
+    let sm = ServiceMachine::new(Box::new(sm), None);
     member.backend = Some(backend);
     let config = Arc::new(group_config().raft_config().expect("raft config"));
     let net = SimNet { from: member.id, world: world.clone() };
@@ -359,8 +361,9 @@ async fn write(world: &Shared, mut via: MemberId, cmd: Command) -> Result<Comman
     for _ in 0..5 {
         let node = lock(world).nodes.get(&via).cloned();
         let Some(node) = node else { return Err(()) };
-        match tokio::time::timeout(OP_TIMEOUT, node.client_write(cmd.clone())).await {
-            Ok(Ok(resp)) => return Ok(resp.data),
+        let proposal = Proposal { origin: None, body: cmd.encode() };
+        match tokio::time::timeout(OP_TIMEOUT, node.client_write(proposal)).await {
+            Ok(Ok(resp)) => return Ok(CommandResult::decode(&resp.data)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id {
                 Some(l) => via = l,
                 None => return Err(()),

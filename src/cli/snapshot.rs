@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::consensus::state_machine::reset_raft_state;
+use crate::etcd_store::state_machine::reset_raft_state;
 use crate::server::config::{normalize_args, Config, Flags};
 use crate::storage::{decode_snapshot, decode_snapshot_file, snapshot_rows, Backend, HISTORY, RETIRED_LATEST};
 

@@ -18,6 +18,13 @@
 //!   the next fsync (which precedes any acknowledgement that depends on them) covers
 //!   them. A purge lost in a crash only leaves extra entries behind.
 //! - A record whose checksum does not match is an I/O error, never an entry.
+//! - Entry format: each group's meta records the format its entries are written
+//!   in ([`ENTRY_FORMAT`]). A log without the mark holds entries of the release
+//!   before the runtime's service-neutral entries; it opens only after its
+//!   service converted it ([`NodeLog::upgrade_legacy`]: all entries rewritten
+//!   and the mark set in one batch, fsynced, so a crash leaves the old log or the
+//!   new one). An empty log is marked on open; the mark needs no fsync of its
+//!   own, as any entry appended after it is fsynced with it.
 //!
 //! Recent entries: the last appended entries are also kept decoded in memory
 //! ([`Recent`], bounded by [`MAX_RECENT_ENTRIES`] and [`MAX_RECENT_BYTES`]).
@@ -46,6 +53,14 @@ use serde::Serialize;
 use super::TypeConfig;
 
 type C = TypeConfig;
+
+/// The format of the entries a group's log holds: `Entry<TypeConfig>` whose
+/// commands are [`super::service::Proposal`]s. (Logs from before hold etcd
+/// commands directly and carry no mark.)
+pub const ENTRY_FORMAT: u32 = 2;
+
+/// Meta name of a group's entry format mark.
+const META_FORMAT: &str = "format";
 
 /// Most callbacks one fsync acknowledges; bounds the syncer's batch memory.
 const MAX_SYNC_BATCH: usize = 4096;
@@ -230,18 +245,76 @@ impl NodeLog {
     }
 
     /// The log store of `group` on member `member`; refused while that group's
-    /// store is open already.
+    /// store is open already, or when the log is not in [`ENTRY_FORMAT`].
     pub fn group(&self, group: u64, member: u64) -> io::Result<LogStore> {
+        let store = self.open_store(group, member)?;
+        match store.get_meta::<u32>(META_FORMAT)? {
+            Some(ENTRY_FORMAT) => {}
+            Some(other) => {
+                let why = format!("the log of raft group {group} holds entries in format {other}, unknown here");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+            }
+            None if store.has_entries() => {
+                let why = format!("the log of raft group {group} was written by an earlier release and not converted");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+            }
+            None => store.put_meta(META_FORMAT, &ENTRY_FORMAT)?,
+        }
+        store.inner.tail.store(store.last_index()?, Ordering::Release);
+        Ok(store)
+    }
+
+    /// Converts the log of `group` from the entries of the release before
+    /// [`ENTRY_FORMAT`] with `convert` (given a record's payload, the entry it
+    /// becomes), unless it is marked converted already. Returns how many entries
+    /// were converted. Run before the group's store is opened.
+    pub fn upgrade_legacy(&self, group: u64, convert: &dyn Fn(&[u8]) -> io::Result<EntryOf<C>>) -> io::Result<u64> {
+        let store = self.open_store(group, 0)?;
+        if store.get_meta::<u32>(META_FORMAT)?.is_some() || !store.has_entries() {
+            return Ok(0);
+        }
+        let journal = &store.inner.journal;
+        let mut batch = journal.db.batch();
+        let mut n = 0;
+        for guard in journal.log.range(store.log_key(0)..=store.log_key(u64::MAX)) {
+            let (k, v) = guard.into_inner().map_err(io_err)?;
+            let entry = convert(unseal("log entry", &v)?)?;
+            batch.insert(&journal.log, k, seal(&encode(&entry)?));
+            n += 1;
+        }
+        batch.insert(&journal.meta, store.meta_key(META_FORMAT), seal(&encode(&ENTRY_FORMAT)?));
+        batch.commit().map_err(io_err)?;
+        store.sync()?;
+        Ok(n)
+    }
+
+    /// Deletes everything `group`'s log holds (entries, vote, marks), for a group
+    /// this node no longer hosts; refused while its store is open. Fsynced: a
+    /// removal lost in a crash would only leave unused keys, but a group created
+    /// again under the same id must not find the old vote.
+    pub fn remove_group(&self, group: u64) -> io::Result<()> {
+        let store = self.open_store(group, 0)?;
+        let journal = &store.inner.journal;
+        let mut batch = journal.db.batch();
+        for guard in journal.log.range(store.log_key(0)..=store.log_key(u64::MAX)) {
+            batch.remove(&journal.log, guard.key().map_err(io_err)?);
+        }
+        for guard in journal.meta.prefix(group.to_be_bytes()) {
+            batch.remove(&journal.meta, guard.key().map_err(io_err)?);
+        }
+        batch.commit().map_err(io_err)?;
+        store.sync()
+    }
+
+    /// A store on `group`'s keys that has read no entry yet, registered as open.
+    fn open_store(&self, group: u64, member: u64) -> io::Result<LogStore> {
         if !self.journal.open_groups.lock().expect("open groups poisoned").insert(group) {
             let why = format!("the log of raft group {group} is open already");
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, why));
         }
-        let recent = Mutex::default();
         let (tail, committed) = (Arc::default(), tokio::sync::watch::Sender::new(0));
-        let inner = Inner { journal: self.journal.clone(), group, member, recent, tail, committed };
-        let store = LogStore { inner: Arc::new(inner) };
-        store.inner.tail.store(store.last_index()?, Ordering::Release);
-        Ok(store)
+        let inner = Inner { journal: self.journal.clone(), group, member, recent: Mutex::default(), tail, committed };
+        Ok(LogStore { inner: Arc::new(inner) })
     }
 }
 
@@ -333,6 +406,11 @@ impl LogStore {
 
     fn sync(&self) -> io::Result<()> {
         self.inner.journal.db.persist(PersistMode::SyncData).map_err(io_err)
+    }
+
+    /// Whether the log holds any entry (read without decoding one).
+    fn has_entries(&self) -> bool {
+        self.inner.journal.log.range(self.log_key(0)..=self.log_key(u64::MAX)).next().is_some()
     }
 
     fn last_entry_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
@@ -471,7 +549,7 @@ pub async fn measure_appends(
                 let entries: Vec<EntryOf<C>> = (next..=last)
                     .map(|i| {
                         let log_id = openraft::testing::common::log_id::<C>(1, 1, i);
-                        EntryOf::<C>::new_normal(log_id, super::Command::Put(value.clone()))
+                        EntryOf::<C>::new_normal(log_id, super::service::Proposal { origin: None, body: value.clone() })
                     })
                     .collect();
                 let (tx, rx) = C::oneshot();
@@ -647,14 +725,14 @@ mod tests {
     use openraft::StorageError;
 
     use super::*;
-    use crate::consensus::state_machine::StateMachine;
-    use crate::consensus::Command;
+    use crate::consensus::service::{Proposal, ServiceMachine};
+    use crate::etcd_store::state_machine::StateMachine;
     use crate::storage::Backend;
 
     struct Builder;
 
-    impl StoreBuilder<C, LogStore, StateMachine, tempfile::TempDir> for Builder {
-        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<C>> {
+    impl StoreBuilder<C, LogStore, ServiceMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, ServiceMachine), StorageError<C>> {
             let fail = |e: &dyn std::fmt::Display| StorageError::read(C::err_from_string(e));
             let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
             let stats = Arc::new(crate::stats::GroupStats::default());
@@ -665,7 +743,7 @@ mod tests {
             let index = Arc::new(crate::mvcc::index::KeyIndex::open(&read).map_err(|e| fail(&e))?);
             let (sm, _) =
                 StateMachine::new(backend, index, dir.path().join("snap"), stats, tokens).map_err(|e| fail(&e))?;
-            Ok((dir, log, sm))
+            Ok((dir, log, ServiceMachine::new(Box::new(sm), None)))
         }
     }
 
@@ -699,7 +777,7 @@ mod tests {
 
     fn entry(term: u64, index: u64) -> EntryOf<C> {
         let payload = vec![(index % 251) as u8; (index % 7 * 40) as usize];
-        EntryOf::<C>::new_normal(log_id::<C>(term, 1, index), Command::Put(payload))
+        EntryOf::<C>::new_normal(log_id::<C>(term, 1, index), Proposal { origin: None, body: payload })
     }
 
     async fn flushed_append(log: &mut LogStore, entries: Vec<EntryOf<C>>) {

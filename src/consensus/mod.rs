@@ -1,7 +1,10 @@
-//! Consensus: openraft behind concord's own types.
+//! Consensus: the Raft runtime, openraft behind concord's own types. It knows
+//! nothing of the services it runs: a group replicates opaque command bytes and
+//! hands them to its [`service::Service`] (the etcd store is one, in
+//! `crate::etcd_store`).
 //!
-//! What this layer guarantees to the server above it:
-//! - [`Command`]s handed to [`Group::propose`] are applied in log order on every
+//! What this layer guarantees to the services above it:
+//! - Commands handed to [`Group::propose`] are applied in log order on every
 //!   member, exactly once per log entry, and the caller gets the applied result only
 //!   after the entry is committed (durable on a majority: every log append is
 //!   fsynced before it is acknowledged, see [`log_store`]).
@@ -14,10 +17,9 @@
 //! Nothing outside this module names an openraft type except through the aliases here.
 
 pub mod log_store;
-pub mod members;
+pub mod membership;
 pub mod network;
-pub mod reconcile;
-pub mod state_machine;
+pub mod service;
 
 use std::fmt;
 use std::io::Cursor;
@@ -27,8 +29,6 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
 use serde::{Deserialize, Serialize};
-
-use crate::storage::Backend;
 
 /// A member's identity in the cluster (etcd's member ID).
 pub type MemberId = u64;
@@ -53,6 +53,11 @@ impl GroupRegistry {
     pub fn get(&self, id: GroupId) -> Option<Group> {
         self.0.read().expect("group registry poisoned").get(&id).cloned()
     }
+
+    /// Stops routing requests to group `id`.
+    pub fn remove(&self, id: GroupId) -> Option<Group> {
+        self.0.write().expect("group registry poisoned").remove(&id)
+    }
 }
 
 /// What Raft knows about a member: etcd's peer URLs. The first URL is dialled.
@@ -71,7 +76,7 @@ impl fmt::Display for PeerInfo {
 /// bytes, not as a sequence of `u8` values (serde's default for `Vec<u8>`, which
 /// costs a call per byte: ~3% of a follower's CPU under puts). In bincode both
 /// forms are the same bytes on the wire, so logs written before read the same.
-mod raw_bytes {
+pub mod raw_bytes {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -103,138 +108,6 @@ mod raw_bytes {
     }
 }
 
-/// A replicated state-machine command. KV requests are carried in their protobuf
-/// encoding so the log holds exactly what the client sent (after validation).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Command {
-    Put(#[serde(with = "raw_bytes")] Vec<u8>),
-    DeleteRange(#[serde(with = "raw_bytes")] Vec<u8>),
-    Txn(#[serde(with = "raw_bytes")] Vec<u8>),
-    Compact(#[serde(with = "raw_bytes")] Vec<u8>),
-    /// A change to the member registry (see [`members`]).
-    Member(members::MemberChange),
-    /// The lease id is chosen by the proposing member, so every replica agrees.
-    LeaseGrant {
-        id: i64,
-        ttl_s: i64,
-    },
-    LeaseRevoke {
-        id: i64,
-    },
-    /// A keep-alive: re-bases the lease to its full TTL on every member. No longer
-    /// proposed (keep-alives go in [`Command::LeaseRenewBatch`]); applied for logs
-    /// written by earlier versions.
-    LeaseRenew {
-        id: i64,
-    },
-    /// The leader's remaining-TTL view of leases: (id, record version, remaining ms).
-    LeaseCheckpoint(Vec<(i64, u64, i64)>),
-    /// Raise (`activate`) or clear an alarm (etcd `AlarmType`) for a member.
-    Alarm {
-        activate: bool,
-        member: MemberId,
-        alarm: i32,
-    },
-    /// A change to users, roles or the auth switch (see [`crate::auth`]).
-    Auth(crate::auth::AuthOp),
-    /// A command whose permissions were checked at `auth_revision`; refused at
-    /// apply if the auth store changed since.
-    Authed {
-        auth_revision: u64,
-        cmd: Box<Command>,
-    },
-    /// A command member `from` forwarded to the leader for one of its clients,
-    /// under an id of its own: `from` answers the client from its own apply (see
-    /// [`state_machine::LocalAnswers`]); applied as `cmd`.
-    Forwarded {
-        from: MemberId,
-        id: u64,
-        cmd: Box<Command>,
-    },
-    /// Keep-alives gathered by one member (see `crate::lease::Renewer`): each lease
-    /// re-based to its full TTL on every member, as [`Command::LeaseRenew`] does, in
-    /// one entry; an unknown id is skipped. Answered with a [`state_machine::LeaseRenewals`].
-    LeaseRenewBatch(Vec<i64>),
-    /// The leader's revoke of a lease it counted down to zero: applied only if the
-    /// lease is still at record `version`, so that a keep-alive committed before it
-    /// (which re-based the lease) is not undone. Answered like a revoke; a lease
-    /// that is gone or was re-based is left alone (answered "not found").
-    /// Last, as new variants go: the variants before it keep their encoding.
-    LeaseExpire {
-        id: i64,
-        version: u64,
-    },
-}
-
-impl Command {
-    /// Bytes of the client request a KV command carries (0 for the others): what
-    /// request-size limits are checked against.
-    pub fn payload_bytes(&self) -> usize {
-        match self.inner() {
-            Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) | Command::Compact(b) => b.len(),
-            _ => 0,
-        }
-    }
-
-    /// The command itself, without [`Command::Authed`] or
-    /// [`Command::Forwarded`] wrappers.
-    pub fn inner(&self) -> &Command {
-        match self {
-            Command::Authed { cmd, .. } | Command::Forwarded { cmd, .. } => cmd.inner(),
-            other => other,
-        }
-    }
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Command::Put(b) => write!(f, "put({}B)", b.len()),
-            Command::DeleteRange(b) => write!(f, "delete_range({}B)", b.len()),
-            Command::Txn(b) => write!(f, "txn({}B)", b.len()),
-            Command::Compact(b) => write!(f, "compact({}B)", b.len()),
-            Command::Member(c) => write!(f, "member({c:?})"),
-            Command::LeaseGrant { id, ttl_s } => write!(f, "lease_grant({id:x},{ttl_s}s)"),
-            Command::LeaseRevoke { id } => write!(f, "lease_revoke({id:x})"),
-            Command::LeaseRenew { id } => write!(f, "lease_renew({id:x})"),
-            Command::LeaseCheckpoint(l) => write!(f, "lease_checkpoint({} leases)", l.len()),
-            Command::Alarm { activate, member, alarm } => write!(f, "alarm({activate},{member:x},{alarm})"),
-            Command::Auth(op) => write!(f, "auth({})", op.name()),
-            Command::Authed { auth_revision, cmd } => write!(f, "authed@{auth_revision}({cmd})"),
-            Command::Forwarded { from, id, cmd } => write!(f, "forwarded({from:x}#{id:x},{cmd})"),
-            Command::LeaseRenewBatch(ids) => write!(f, "lease_renew_batch({} leases)", ids.len()),
-            Command::LeaseExpire { id, version } => write!(f, "lease_expire({id:x}@{version})"),
-        }
-    }
-}
-
-/// A request-level failure decided deterministically at apply time.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum ApplyError {
-    Compacted,
-    FutureRev,
-    KeyNotFound,
-    LeaseNotFound,
-    LeaseExists,
-    /// A NOSPACE alarm is active: only reads, deletes and compaction are applied.
-    NoSpace,
-    MemberExists,
-    PeerUrlExists,
-    MemberNotFound,
-    MemberNotLearner,
-    Auth(crate::auth::AuthError),
-    /// The command did not decode: only a bug or a corrupted log can cause it.
-    Malformed(String),
-}
-
-/// The result of applying one command: the protobuf-encoded etcd response
-/// (header revision filled), or the request's error.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum CommandResult {
-    Ok(#[serde(with = "raw_bytes")] Vec<u8>),
-    Err(ApplyError),
-}
-
 /// Tokio, with openraft's randomness (election timeouts, tick jitter) drawn from a
 /// seed carried by the task that starts Raft and inherited by every task Raft
 /// spawns. A member seeds it from the OS ([`Group::start`]); the deterministic
@@ -243,16 +116,16 @@ pub enum CommandResult {
 pub type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft::TokioRuntime>;
 
 openraft::declare_raft_types!(
-    /// concord's Raft type configuration.
+    /// concord's Raft type configuration: entries carry a service's bytes.
     pub TypeConfig:
-        D = Command,
-        R = CommandResult,
+        D = service::Proposal,
+        R = Vec<u8>,
         NodeId = MemberId,
         Node = PeerInfo,
         AsyncRuntime = Runtime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
+pub type Raft = openraft::Raft<TypeConfig, service::ServiceMachine>;
 pub type SnapshotData = Cursor<Vec<u8>>;
 pub type Membership = openraft::Membership<MemberId, PeerInfo>;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
@@ -292,8 +165,6 @@ pub struct GroupConfig {
     /// Largest command a client can make (`--max-request-bytes`): with the peer
     /// message limit, it bounds how many entries one AppendEntries may carry.
     pub max_request_bytes: u64,
-    /// Life of a simple auth token without use (`--auth-token-ttl`).
-    pub auth_token_ttl: Duration,
     /// TLS for connections to peers (`None`: plain http).
     pub peer_tls: Option<network::PeerTls>,
 }
@@ -355,31 +226,21 @@ pub fn client_write_error(
     }
 }
 
-/// One Raft group on this member: the consensus instance plus its state machine.
+/// One Raft group on this member: the consensus instance over its service.
 #[derive(Clone)]
 pub struct Group {
     pub raft: Raft,
     /// This member's id in the group.
     pub id: MemberId,
     pub group_id: GroupId,
-    pub backend: Arc<Backend>,
-    /// The key index of `backend`'s file: what a [`crate::mvcc::ReadView`] needs.
-    pub index: Arc<crate::mvcc::index::KeyIndex>,
-    /// The store's current revision, updated after every applied batch; watchers
-    /// and lock waiters wait on it instead of polling storage.
-    pub revision: tokio::sync::watch::Receiver<crate::mvcc::Rev>,
-    /// The auth store's revision as of the last applied batch: lets a request
-    /// reuse the cached auth state without opening a read transaction.
-    pub auth_revision: Arc<std::sync::atomic::AtomicU64>,
     peers: network::PeerPool,
-    apply_gate: Arc<state_machine::ApplyGate>,
     /// Disk and network timings for `/metrics`.
     pub stats: Arc<crate::stats::GroupStats>,
-    /// This member's copy of the replicated simple auth tokens.
-    pub tokens: Arc<crate::auth::SimpleTokens>,
     /// The service that answers [`Group::call_leader`] requests while this member
     /// leads (set once, after the group starts).
     leader_calls: Arc<std::sync::OnceLock<Arc<dyn LeaderCalls>>>,
+    /// The service that answers [`Group::call_member`] requests (set once).
+    member_calls: Arc<std::sync::OnceLock<Arc<dyn MemberCalls>>>,
 }
 
 /// Requests that only the leader can answer but that need no log entry (the
@@ -391,40 +252,26 @@ pub trait LeaderCalls: Send + Sync {
     fn call(&self, req: Vec<u8>) -> openraft::base::BoxFuture<'static, Result<Vec<u8>, ConsensusError>>;
 }
 
+/// Requests a service sends to one chosen member (a joining member's question
+/// for the member registry, a corruption check's HashKV), on the `Admin` peer
+/// call; the bytes are the service's own.
+pub trait MemberCalls: Send + Sync {
+    fn call(&self, req: Vec<u8>) -> openraft::base::BoxFuture<'static, Result<Vec<u8>, String>>;
+}
+
 impl Group {
-    /// Opens the durable state of group `group_id` in `dir` and starts its Raft core.
+    /// Starts the Raft core of group `group_id` over `log` and `service`. `stats`
+    /// gets the group's disk and network timings.
     pub async fn start(
         id: MemberId,
         group_id: GroupId,
-        dir: &std::path::Path,
+        log: log_store::LogStore,
+        service: Box<dyn service::Service>,
         config: &GroupConfig,
-    ) -> Result<(Group, log_store::LogStore), Box<dyn std::error::Error + Send + Sync>> {
-        std::fs::create_dir_all(dir)?;
-        // Crash point: a defragmentation that died before its switch-over leaves
-        // an unfinished copy; the live file is intact.
-        match std::fs::remove_file(dir.join("state.redb.defrag")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-        let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
-        if crate::mvcc::upgrade::upgrade_layout(&backend)? {
-            tracing::info!(dir = %dir.display(), "converted the state file to the revision-keyed history layout");
-        }
-        let index = Arc::new(crate::mvcc::index::KeyIndex::open(&backend.begin_read()?)?);
-        let stats = Arc::new(crate::stats::GroupStats::default());
-        let log = log_store::LogStore::open(&dir.join("log"), group_id, id, stats.clone())?;
-        let tokens = Arc::new(crate::auth::SimpleTokens::new(config.auth_token_ttl));
-        let answers = Arc::new(state_machine::LocalAnswers::new(id));
-        let (sm, revision) = state_machine::StateMachine::new(
-            backend.clone(),
-            index.clone(),
-            dir.join("snap"),
-            stats.clone(),
-            tokens.clone(),
-        )?;
-        let sm = sm.with_local_answers(answers.clone());
-        let apply_gate = sm.gate();
-        let auth_revision = sm.auth_revision();
+        stats: Arc<crate::stats::GroupStats>,
+    ) -> Result<Group, Box<dyn std::error::Error + Send + Sync>> {
+        let answers = Arc::new(service::LocalAnswers::new(id));
+        let sm = service::ServiceMachine::new(service, Some(answers.clone()));
         // Raft RPCs get at least two election timeouts (see `PeerPool::min_rpc_timeout`).
         let min_rpc_timeout = Duration::from_millis(config.election_timeout_ms * 2);
         let peers = network::PeerPool::new(
@@ -438,38 +285,30 @@ impl Group {
         .with_group(group_id);
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
-        let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log.clone(), sm))
-            .await?;
-        let group = Group {
-            raft,
-            id,
-            group_id,
-            backend,
-            index,
-            revision,
-            auth_revision,
-            peers,
-            apply_gate,
-            stats,
-            tokens,
-            leader_calls: Arc::default(),
-        };
-        Ok((group, log))
+        let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log, sm)).await?;
+        Ok(Group { raft, id, group_id, peers, stats, leader_calls: Arc::default(), member_calls: Arc::default() })
     }
 
-    /// Proposes a command and waits for its applied result. Followers forward it to
-    /// the leader over the peer service.
-    pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, ConsensusError> {
+    /// The connections this group's requests to peers go out on.
+    pub fn peers(&self) -> &network::PeerPool {
+        &self.peers
+    }
+
+    /// Proposes a service's command and waits for its applied reply. Followers
+    /// forward it to the leader over the peer service; `alone` when the reply may
+    /// be large (it then does not share a forwarding RPC with others).
+    pub async fn propose(&self, body: Vec<u8>, alone: bool, timeout: Duration) -> Result<Vec<u8>, ConsensusError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let cmd = &cmd;
+        let body = &body;
         let local = || async move {
-            match tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone())).await {
+            let proposal = service::Proposal { origin: None, body: body.clone() };
+            match tokio::time::timeout_at(deadline, self.raft.client_write(proposal)).await {
                 Err(_) => Err(ConsensusError::Timeout),
                 Ok(Ok(resp)) => Ok(resp.data),
                 Ok(Err(e)) => Err(client_write_error(e)),
             }
         };
-        let remote = |node: PeerInfo, left| async move { self.peers.propose(&node, cmd, left).await };
+        let remote = |node: PeerInfo, left| async move { self.peers.propose(&node, body, alone, left).await };
         self.at_leader(deadline, local, remote).await
     }
 
@@ -522,6 +361,29 @@ impl Group {
             Some(service) => service.call(req).await,
             None => Err(ConsensusError::Fatal("no service answers leader calls on this member".into())),
         }
+    }
+
+    /// Registers the service that answers [`Group::call_member`] on this member.
+    /// Only the first registration counts.
+    pub fn serve_member_calls(&self, service: Arc<dyn MemberCalls>) {
+        let _ = self.member_calls.set(service);
+    }
+
+    /// Answers a [`MemberCalls`] request on this member.
+    pub async fn local_member_call(&self, req: Vec<u8>) -> Result<Vec<u8>, String> {
+        match self.member_calls.get() {
+            Some(service) => service.call(req).await,
+            None => Err("no service answers member calls on this member yet".into()),
+        }
+    }
+
+    /// Has member `id` answer `req` (see [`MemberCalls`]).
+    pub async fn call_member(&self, id: MemberId, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+        if id == self.id {
+            return self.local_member_call(req).await;
+        }
+        let node = self.node_of(id).ok_or_else(|| format!("{id:x} is not a Raft member"))?;
+        self.peers.member_call(&node, req, timeout).await
     }
 
     /// Has the current leader answer `req` (see [`LeaderCalls`]); retried at the
@@ -608,21 +470,12 @@ impl Group {
         }
     }
 
-    fn node_of(&self, id: MemberId) -> Option<PeerInfo> {
+    pub fn node_of(&self, id: MemberId) -> Option<PeerInfo> {
         self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).cloned()
     }
 
     pub fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow_watched().clone()
-    }
-
-    /// Rewrites this member's state file densely without stopping reads or writes
-    /// (see [`state_machine::defragment`]).
-    pub async fn defragment(&self) -> std::io::Result<()> {
-        let (backend, gate) = (self.backend.clone(), self.apply_gate.clone());
-        tokio::task::spawn_blocking(move || state_machine::defragment(&backend, &gate))
-            .await
-            .map_err(std::io::Error::other)?
     }
 
     /// A subscription to changes of this member's role, vote (term), leader or
@@ -682,23 +535,6 @@ impl RoleChanges {
 mod tests {
     use super::*;
 
-    /// Commands keep the wire form they had as `u8` sequences, so existing logs,
-    /// snapshots and peers decode them unchanged.
-    #[test]
-    fn byte_strings_encode_as_before() {
-        #[derive(Serialize)]
-        enum Old {
-            Put(Vec<u8>),
-        }
-        let bytes: Vec<u8> = (0..=255u8).chain([0, 1, 250, 251, 252, 255]).collect();
-        let config = bincode::config::standard();
-        let old = bincode::serde::encode_to_vec(Old::Put(bytes.clone()), config).expect("encode");
-        let new = bincode::serde::encode_to_vec(Command::Put(bytes.clone()), config).expect("encode");
-        assert_eq!(old, new);
-        let (back, _): (Command, _) = bincode::serde::decode_from_slice(&old, config).expect("decode");
-        assert!(matches!(back, Command::Put(b) if b == bytes));
-    }
-
     #[test]
     fn append_entries_fit_in_a_peer_message() {
         let config = |peer: usize, request: u64| GroupConfig {
@@ -708,7 +544,6 @@ mod tests {
             snapshot_catchup_entries: 5000,
             max_peer_message_bytes: peer,
             max_request_bytes: request,
-            auth_token_ttl: Duration::from_secs(300),
             peer_tls: None,
         };
         let default = config((2 << 30) + (64 << 20), 1_572_864);

@@ -41,11 +41,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::log_store::LogProgress;
-use super::state_machine::{Answer, LocalAnswers};
-use super::{
-    Command, CommandResult, ConsensusError, Group, GroupId, GroupRegistry, MemberId, PeerInfo, SnapshotData,
-    TypeConfig, FIRST_GROUP,
-};
+use super::service::{Answer, LocalAnswers, Proposal};
+use super::{ConsensusError, Group, GroupId, GroupRegistry, MemberId, PeerInfo, SnapshotData, TypeConfig, FIRST_GROUP};
 use crate::proto::peer::peer_client::PeerClient;
 use crate::proto::peer::peer_server::{Peer, PeerServer};
 use crate::proto::peer::Payload;
@@ -81,7 +78,7 @@ enum ForwardReply<T> {
 #[derive(Debug, Serialize, Deserialize)]
 enum MuxRequest {
     /// A batch of forwarded client writes (at most [`MAX_FORWARD_BATCH`]).
-    Propose(Vec<Command>),
+    Propose(Vec<Proposal>),
     ReadIndex,
     /// A service's request for the leader (see [`super::LeaderCalls`]).
     Call(Vec<u8>),
@@ -90,7 +87,7 @@ enum MuxRequest {
 /// The leader's answer to a [`MuxRequest`] of the same variant.
 #[derive(Debug, Serialize, Deserialize)]
 enum MuxReply {
-    Propose(Vec<ForwardReply<CommandResult>>),
+    Propose(Vec<ForwardReply<Vec<u8>>>),
     ReadIndex(ForwardReply<u64>),
     Call(ForwardReply<Vec<u8>>),
     /// The request broke a limit; nothing of it was appended.
@@ -107,29 +104,13 @@ struct MuxFrame<T> {
 /// Member-to-member administration (the `Admin` peer RPC).
 #[derive(Debug, Serialize, Deserialize)]
 enum AdminRequest {
-    /// A joining member asks for the cluster ID and the member registry.
-    ClusterInfo,
     /// Whether the given learner has caught up with the leader (asked of the leader).
     LearnerCaughtUp(MemberId),
-    /// The receiver's HashKV at a revision, once it has applied that revision (the
-    /// leader's cross-member corruption check).
-    HashKvAt(i64),
     /// Answered at once: every member times these to each peer (see `Group::run_prober`).
     Probe,
+    /// A service's request for this member (see [`super::MemberCalls`]).
+    Service(Vec<u8>),
 }
-
-/// What a member tells a joining member about its cluster.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterInfo {
-    pub cluster_id: u64,
-    pub members: Vec<(MemberId, super::members::MemberRecord)>,
-    /// The answering member's applied log index (read before the registry, so the
-    /// registry is at least this fresh).
-    pub applied_index: u64,
-}
-
-/// How long a member waits to apply the revision a HashKV check asks about.
-const HASH_KV_WAIT: Duration = Duration::from_secs(5);
 
 /// Most writes one forwarding RPC carries (the leader refuses larger batches).
 pub const MAX_FORWARD_BATCH: usize = 512;
@@ -257,7 +238,7 @@ impl PeerPool {
         self
     }
 
-    /// Forwards writes as [`Command::Forwarded`], answered from `answers` when
+    /// Forwards proposals with an [`super::service::Origin`], answered from `answers` when
     /// this member applies them before the leader's answer arrives.
     pub fn with_local_answers(mut self, answers: Arc<LocalAnswers>) -> Self {
         self.local_answers = Some(answers);
@@ -330,26 +311,28 @@ impl PeerPool {
 
     /// Forwards a proposal to the leader `node` (batched with other writes to it,
     /// see [`Forwarder`]) and waits at most `timeout` for its applied result.
+    /// `alone`: its reply may be large, so it travels in an RPC of its own.
     pub async fn propose(
         &self,
         node: &PeerInfo,
-        cmd: &Command,
+        body: &[u8],
+        alone: bool,
         timeout: Duration,
-    ) -> Result<CommandResult, ConsensusError> {
+    ) -> Result<Vec<u8>, ConsensusError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let queue = queue_for(&self.forwarders, node, MAX_FORWARD_QUEUE, |queue| {
             Forwarder { pool: self.clone(), node: node.clone(), queue }.run()
         })?;
-        let item = |reply| Forwarded { cmd: cmd.clone(), deadline, reply };
+        let item = |reply| Forwarded { body: body.to_vec(), alone, deadline, reply };
         // Not queued in time: never sent, so nothing can have been appended.
         enqueue_and_wait(queue, deadline, item, ConsensusError::NoLeader).await
     }
 
-    /// Asks the member at `peer_url` for its cluster ID and member registry.
-    pub async fn cluster_info(&self, peer_url: &str, timeout: Duration) -> Result<ClusterInfo, String> {
-        let node = PeerInfo { peer_urls: vec![peer_url.to_string()] };
-        let r: Result<Result<ClusterInfo, String>, _> =
-            self.call(&node, &AdminRequest::ClusterInfo, timeout, |mut c, r| async move { c.admin(r).await }).await;
+    /// Has member `node` answer a service's request (see [`super::MemberCalls`]).
+    pub async fn member_call(&self, node: &PeerInfo, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+        let req = AdminRequest::Service(req);
+        let r: Result<Result<Vec<u8>, String>, _> =
+            self.call(node, &req, timeout, |mut c, r| async move { c.admin(r).await }).await;
         r.map_err(|e| format!("{e:?}"))?
     }
 
@@ -364,13 +347,6 @@ impl PeerPool {
         let r: Result<ForwardReply<bool>, _> =
             self.call(node, &req, timeout, |mut c, r| async move { c.admin(r).await }).await;
         forward_result(r)
-    }
-
-    /// Asks `node` for its (HashKV, compact revision) at `rev`.
-    pub async fn hash_kv_at(&self, node: &PeerInfo, rev: i64, timeout: Duration) -> Result<(u32, i64), String> {
-        let r: Result<Result<(u32, i64), String>, _> =
-            self.call(node, &AdminRequest::HashKvAt(rev), timeout, |mut c, r| async move { c.admin(r).await }).await;
-        r.map_err(|e| format!("{e:?}"))?
     }
 
     /// Times one round trip to `node` (an `Admin` probe on the shared peer
@@ -744,7 +720,9 @@ async fn enqueue_and_wait<T, R>(
 
 /// A write waiting to be forwarded, with where its result goes.
 struct Forwarded {
-    cmd: Command,
+    body: Vec<u8>,
+    /// Travels in an RPC of its own (see [`Forwarder`]).
+    alone: bool,
     /// The caller stops waiting then; a write not sent by then is dropped.
     deadline: tokio::time::Instant,
     reply: Answer,
@@ -780,18 +758,18 @@ impl Forwarder {
                     None => return,
                 },
             };
-            if !batchable(&first.cmd) {
+            if first.alone {
                 let (pool, node) = (self.pool.clone(), self.node.clone());
                 tokio::spawn(async move { send_batch(&pool, &node, vec![first]).await });
                 continue;
             }
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
-            let mut bytes = first.cmd.payload_bytes() + FORWARD_OVERHEAD_BYTES;
+            let mut bytes = first.body.len() + FORWARD_OVERHEAD_BYTES;
             let mut batch = vec![first];
             while batch.len() < MAX_FORWARD_BATCH {
                 let Ok(next) = self.queue.try_recv() else { break };
-                let size = next.cmd.payload_bytes() + FORWARD_OVERHEAD_BYTES;
-                if !batchable(&next.cmd) || bytes + size > max_bytes {
+                let size = next.body.len() + FORWARD_OVERHEAD_BYTES;
+                if next.alone || bytes + size > max_bytes {
                     carried = Some(next);
                     break;
                 }
@@ -858,25 +836,20 @@ impl ReadIndexer {
     }
 }
 
-/// Whether a write's answer is small enough to share a reply (see [`Forwarder`]).
-fn batchable(cmd: &Command) -> bool {
-    !matches!(cmd.inner(), Command::Txn(_) | Command::DeleteRange(_))
-}
-
 /// One forwarding RPC: every write in `batch` gets its own result, from this
 /// member's apply when that comes first (see [`LocalAnswers`]), else the leader's.
 async fn send_batch(pool: &PeerPool, node: &PeerInfo, batch: Vec<Forwarded>) {
     let now = tokio::time::Instant::now();
     let timeout = batch.iter().map(|f| f.deadline.saturating_duration_since(now)).max().unwrap_or_default();
     // Parked before sending: this member can apply an entry only after that.
-    let (cmds, replies): (Vec<Command>, Vec<Parked>) = batch
+    let (cmds, replies): (Vec<Proposal>, Vec<Parked>) = batch
         .into_iter()
         .map(|f| match &pool.local_answers {
             Some(answers) => {
-                let (cmd, id) = answers.park(f.cmd, f.reply);
-                (cmd, Parked::Local(id))
+                let (proposal, id) = answers.park(f.body, f.reply);
+                (proposal, Parked::Local(id))
             }
-            None => (f.cmd, Parked::Here(f.reply)),
+            None => (Proposal { origin: None, body: f.body }, Parked::Here(f.reply)),
         })
         .unzip();
     let r = match pool.mux_call(node, MuxRequest::Propose(cmds), timeout).await {
@@ -894,12 +867,12 @@ async fn send_batch(pool: &PeerPool, node: &PeerInfo, batch: Vec<Forwarded>) {
         Ok(answers) => {
             let e = format!("leader answered {} of {} forwarded writes", answers.len(), replies.len());
             for reply in replies {
-                reply.answer(pool, forward_result::<CommandResult>(Err(CallError::Network(e.clone()))));
+                reply.answer(pool, forward_result::<Vec<u8>>(Err(CallError::Network(e.clone()))));
             }
         }
         Err(e) => {
             for reply in replies {
-                reply.answer(pool, forward_result::<CommandResult>(Err(e.clone())));
+                reply.answer(pool, forward_result::<Vec<u8>>(Err(e.clone())));
             }
         }
     }
@@ -914,7 +887,7 @@ enum Parked {
 
 impl Parked {
     /// Sends the leader's result, unless this member's apply has answered.
-    fn answer(self, pool: &PeerPool, result: Result<CommandResult, ConsensusError>) {
+    fn answer(self, pool: &PeerPool, result: Result<Vec<u8>, ConsensusError>) {
         let answer = match self {
             Parked::Local(id) => pool.local_answers.as_ref().and_then(|a| a.unpark(id)),
             Parked::Here(answer) => Some(answer),
@@ -1456,10 +1429,6 @@ impl Peer for PeerService {
     async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let group = self.group_of(&req)?;
         match arg(req)? {
-            AdminRequest::ClusterInfo => {
-                let info = group.cluster_info().map_err(|e| e.to_string());
-                reply(&info)
-            }
             AdminRequest::LearnerCaughtUp(id) => {
                 let out = match group.local_learner_caught_up(id) {
                     Ok(ready) => ForwardReply::Ok(ready),
@@ -1468,14 +1437,14 @@ impl Peer for PeerService {
                 };
                 reply(&out)
             }
-            AdminRequest::HashKvAt(rev) => reply(&group.local_hash_kv_at(rev, HASH_KV_WAIT).await),
             AdminRequest::Probe => reply(&()),
+            AdminRequest::Service(req) => reply(&group.local_member_call(req).await.map_err(|e| e.to_string())),
         }
     }
 }
 
 /// Submits a batch of forwarded writes together; one answer per write, in order.
-async fn propose_forwarded(group: &Group, cmds: Vec<Command>) -> Vec<ForwardReply<CommandResult>> {
+async fn propose_forwarded(group: &Group, cmds: Vec<Proposal>) -> Vec<ForwardReply<Vec<u8>>> {
     let count = cmds.len();
     let mut out = Vec::with_capacity(count);
     match group.raft.client_write_many(cmds).await {

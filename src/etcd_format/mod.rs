@@ -152,7 +152,7 @@ pub fn export(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
         keys.push((rev_bytes(main, sub, !change.put), value));
     }
 
-    let applied = crate::consensus::state_machine::applied_index(txn).map_err(engine)?.unwrap_or(0);
+    let applied = crate::etcd_store::state_machine::applied_index(txn).map_err(engine)?.unwrap_or(0);
     let mut meta_rows = vec![(b"consistent_index".to_vec(), applied.to_be_bytes().to_vec())];
     if compacted > 0 {
         for name in ["scheduledCompactRev", "finishedCompactRev"] {
@@ -180,7 +180,7 @@ pub fn export(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
     let roles = auth.roles.iter().map(|(n, r)| (n.as_bytes().to_vec(), r.encode_to_vec())).collect();
 
     let mut members = Rows::new();
-    for (id, rec) in crate::consensus::members::records_in(&meta).map_err(engine)? {
+    for (id, rec) in crate::etcd_store::members::records_in(&meta).map_err(engine)? {
         let json = MemberJson {
             id,
             peer_urls: &rec.peer_urls,
@@ -190,7 +190,7 @@ pub fn export(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
         };
         members.push((format!("{id:x}").into_bytes(), serde_json::to_vec(&json).map_err(engine)?));
     }
-    let alarms = crate::consensus::state_machine::alarms(txn)
+    let alarms = crate::etcd_store::state_machine::alarms(txn)
         .map_err(engine)?
         .into_iter()
         .map(|(member_id, alarm)| (AlarmMember { member_id, alarm }.encode_to_vec(), Vec::new()))

@@ -47,8 +47,9 @@ use openraft::base::BoxFuture;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::consensus::state_machine::LeaseRenewals;
-use crate::consensus::{ApplyError, Command, CommandResult, ConsensusError, Group, LeaderCalls, MemberId};
+use crate::consensus::{ConsensusError, LeaderCalls, MemberId};
+use crate::etcd_store::state_machine::LeaseRenewals;
+use crate::etcd_store::{ApplyError, Command, CommandResult, EtcdStore};
 use crate::mvcc::lease::LeaseRecord;
 use crate::mvcc::ReadView;
 use crate::supervisor::Supervisor;
@@ -150,7 +151,7 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, ConsensusError> {
 }
 
 pub struct Lessor {
-    group: Group,
+    group: EtcdStore,
     min_ttl_s: i64,
     state: Mutex<State>,
     /// Leases whose revoke this member proposed, and when (retried after a while).
@@ -167,7 +168,7 @@ impl Lessor {
     /// `election_timeout_ms` sets etcd's minimum TTL: 1.5 election timeouts, in whole
     /// seconds rounded up. `request_timeout` bounds each batch of keep-alives.
     pub fn new(
-        group: Group,
+        group: EtcdStore,
         member_id: MemberId,
         election_timeout_ms: u64,
         request_timeout: Duration,
@@ -477,7 +478,7 @@ impl Lessor {
 /// lost (the leader failed or stepped down with it in flight) is sent again until
 /// `timeout`: renewing a lease twice is harmless, and the client's keep-alive
 /// stream then survives a leader change instead of ending with a timeout.
-async fn forward_renewals(group: &Group, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ConsensusError> {
+async fn forward_renewals(group: &EtcdStore, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ConsensusError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -491,7 +492,7 @@ async fn forward_renewals(group: &Group, req: Vec<u8>, timeout: Duration) -> Res
 }
 
 /// Proposes one batch of keep-alives as a single log entry.
-async fn log_renewals(group: &Group, ids: Vec<i64>, timeout: Duration) -> Result<renewer::Renewals, RenewError> {
+async fn log_renewals(group: &EtcdStore, ids: Vec<i64>, timeout: Duration) -> Result<renewer::Renewals, RenewError> {
     match group.propose(Command::LeaseRenewBatch(ids), timeout).await {
         Ok(CommandResult::Ok(bytes)) => LeaseRenewals::decode(bytes.as_slice())
             .map(|r| r.ttl_s.into_iter().map(Ok).collect())

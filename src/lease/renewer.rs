@@ -21,7 +21,8 @@ use openraft::base::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::consensus::{ApplyError, ConsensusError};
+use crate::consensus::ConsensusError;
+use crate::etcd_store::ApplyError;
 use crate::supervisor::Supervisor;
 
 /// Most leases renewed by one batch.

@@ -2,7 +2,8 @@
 //!
 //! The schemas live in `proto/` at the repository root. `etcd/*.proto` are written
 //! from etcd's documented v3 API (field numbers are the wire contract every etcd
-//! client relies on); `concord/peer.proto` is concord's member-to-member service.
+//! client relies on); `concord/peer.proto` is concord's member-to-member service, `concord/groups.proto`
+//! its group catalog and register service.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -33,4 +34,8 @@ pub mod v3electionpb {
 
 pub mod peer {
     tonic::include_proto!("concord.peer.v1");
+}
+
+pub mod groups {
+    tonic::include_proto!("concord.groups.v1");
 }

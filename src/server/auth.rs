@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::{errors, Node};
 use crate::auth::tokens::{JwtTokens, SimpleTokens};
 use crate::auth::{Access, AuthError, AuthOp, AuthState};
-use crate::consensus::Command;
+use crate::etcd_store::Command;
 use crate::proto::etcdserverpb::auth_server::Auth;
 use crate::proto::etcdserverpb::*;
 

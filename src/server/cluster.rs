@@ -1,5 +1,5 @@
 //! The etcd `Cluster` and `Maintenance` services: membership changes (through
-//! the replicated member registry, see `consensus::members`), status, alarms,
+//! the replicated member registry, see `etcd_store::members`), status, alarms,
 //! hashes, snapshots, defragmentation and leader transfer.
 
 use std::sync::Arc;
@@ -7,9 +7,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Node, ETCD_COMPAT_VERSION};
-use crate::consensus::members::{member_id, records, MemberChange};
-use crate::consensus::state_machine::alarms;
-use crate::consensus::{Command, CommandResult, MemberId};
+use crate::consensus::MemberId;
+use crate::etcd_store::members::{member_id, records, MemberChange};
+use crate::etcd_store::state_machine::alarms;
+use crate::etcd_store::{Command, CommandResult};
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
@@ -67,7 +68,7 @@ impl ClusterService {
     /// Waits (bounded by the request timeout) until Raft's membership reflects
     /// `done`; the registry change is already committed, so a timeout here is not
     /// an error: the leader's reconciler finishes the change.
-    async fn settle(&self, done: impl Fn(&crate::consensus::reconcile::RaftMembers) -> bool) {
+    async fn settle(&self, done: impl Fn(&crate::consensus::membership::RaftMembers) -> bool) {
         let deadline = tokio::time::Instant::now() + self.node.config.request_timeout() / 2;
         while !done(&self.node.group.raft_members()) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

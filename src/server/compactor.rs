@@ -17,7 +17,7 @@ use prost::Message;
 
 use super::config::AutoCompaction;
 use super::Node;
-use crate::consensus::Command;
+use crate::etcd_store::Command;
 use crate::proto::etcdserverpb::{CompactionRequest, CompactionResponse};
 
 /// etcd's revision-mode check interval.

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Node;
-use crate::consensus::state_machine::ALARM_CORRUPT;
-use crate::consensus::Command;
+use crate::etcd_store::state_machine::ALARM_CORRUPT;
+use crate::etcd_store::Command;
 
 /// How long the leader waits for one member's HashKV answer.
 const PEER_HASH_TIMEOUT: Duration = Duration::from_secs(10);

@@ -4,7 +4,8 @@
 
 use tonic::Status;
 
-use crate::consensus::{ApplyError, ConsensusError};
+use crate::consensus::ConsensusError;
+use crate::etcd_store::ApplyError;
 
 pub fn empty_key() -> Status {
     Status::invalid_argument("etcdserver: key is not provided")
@@ -92,6 +93,12 @@ pub fn from_apply(e: ApplyError) -> Status {
         ApplyError::MemberNotLearner => member_not_learner(),
         ApplyError::Auth(e) => from_auth(e),
         ApplyError::Malformed(m) => Status::internal(format!("etcdserver: malformed command in log: {m}")),
+        ApplyError::GroupExists => Status::already_exists("concord: raft group already exists"),
+        ApplyError::GroupNotFound => Status::not_found("concord: raft group not found"),
+        ApplyError::TooManyGroups => Status::resource_exhausted("concord: too many raft groups"),
+        ApplyError::BadReplicas => {
+            Status::invalid_argument("concord: replicas must be distinct registered members, at least one")
+        }
     }
 }
 

@@ -45,7 +45,7 @@ async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
         .backend
         .begin_read()
         .ok()
-        .and_then(|t| crate::consensus::state_machine::alarms(&t).ok())
+        .and_then(|t| crate::etcd_store::state_machine::alarms(&t).ok())
         .is_none_or(|a| !a.is_empty());
     let read_ok = read_ok && !alarmed;
     let (status, body) = if read_ok {
@@ -77,7 +77,7 @@ async fn dashboard_state(State(node): State<Arc<Node>>) -> impl IntoResponse {
         .backend
         .begin_read()
         .ok()
-        .and_then(|t| crate::consensus::state_machine::alarms(&t).ok())
+        .and_then(|t| crate::etcd_store::state_machine::alarms(&t).ok())
         .unwrap_or_default()
         .into_iter()
         .map(|(m, a)| {
@@ -115,8 +115,8 @@ async fn livez(State(node): State<Arc<Node>>) -> impl IntoResponse {
 async fn readyz(State(node): State<Arc<Node>>, uri: axum::http::Uri) -> impl IntoResponse {
     // The quorum read first: the alarms read after it are current cluster-wide.
     let read = node.group.read_barrier(HEALTH_TIMEOUT).await.map_err(|e| e.to_string());
-    let alarms = node.group.backend.begin_read().ok().and_then(|t| crate::consensus::state_machine::alarms(&t).ok());
-    let corrupt = crate::consensus::state_machine::ALARM_CORRUPT;
+    let alarms = node.group.backend.begin_read().ok().and_then(|t| crate::etcd_store::state_machine::alarms(&t).ok());
+    let corrupt = crate::etcd_store::state_machine::ALARM_CORRUPT;
     let checks: [(&str, Result<(), String>); 4] = [
         (
             "data_corruption",

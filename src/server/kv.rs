@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Caller, Credentials};
 use super::{errors, Node};
 use crate::auth::Access;
-use crate::consensus::Command;
+use crate::etcd_store::Command;
 use crate::mvcc::{self, keys::KeyRange};
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Credentials;
 use super::{errors, Node};
-use crate::consensus::Command;
+use crate::etcd_store::Command;
 use crate::lease::renewer::RenewError;
 use crate::lease::{Lessor, MAX_LEASE_TTL_S};
 use crate::proto::etcdserverpb::lease_server::Lease;

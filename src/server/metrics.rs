@@ -235,10 +235,10 @@ pub async fn run_monitor(node: Arc<Node>) {
         tick.tick().await;
         let (now_members, now_alarms, leases) = match node.group.backend.begin_read() {
             Ok(txn) => (
-                crate::consensus::members::records(&txn)
+                crate::etcd_store::members::records(&txn)
                     .map(|r| r.into_iter().map(|(id, r)| (id, r.learner)).collect::<Vec<_>>())
                     .ok(),
-                crate::consensus::state_machine::alarms(&txn).ok(),
+                crate::etcd_store::state_machine::alarms(&txn).ok(),
                 crate::mvcc::ReadView::new(&txn, &node.group.index).and_then(|v| v.lease_count()).unwrap_or(0),
             ),
             Err(_) => (None, None, 0),

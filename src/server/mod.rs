@@ -20,6 +20,7 @@ pub mod config;
 pub mod corruption;
 pub mod errors;
 pub mod gateway;
+pub mod groups;
 pub mod h2_authority;
 pub mod http;
 pub mod kv;
@@ -36,9 +37,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::consensus::members::{cluster_id, member_id, MemberChange};
+use crate::consensus::log_store::NodeLog;
 use crate::consensus::network::PeerService;
-use crate::consensus::{Command, CommandResult, Group, GroupConfig, GroupRegistry, MemberId, PeerInfo, FIRST_GROUP};
+use crate::consensus::{GroupConfig, GroupRegistry, MemberId, PeerInfo, FIRST_GROUP};
+use crate::etcd_store::members::{cluster_id, member_id, MemberChange};
+use crate::etcd_store::{Command, CommandResult, EtcdStore};
 use crate::mvcc::ReadView;
 use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
@@ -47,6 +50,8 @@ use crate::proto::etcdserverpb::lease_server::LeaseServer;
 use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::etcdserverpb::ResponseHeader;
+use crate::proto::groups::groups_server::GroupsServer;
+use crate::proto::groups::registers_server::RegistersServer;
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::supervisor::Supervisor;
@@ -123,7 +128,7 @@ async fn join_identity(config: &Config) -> Result<Identity, BoxError> {
     let mut last_error = String::new();
     while tokio::time::Instant::now() < deadline {
         for url in &peers {
-            match pool.cluster_info(url, Duration::from_secs(2)).await {
+            match crate::etcd_store::cluster_info_at(&pool, url, Duration::from_secs(2)).await {
                 Ok(info) => {
                     let found = info
                         .members
@@ -169,7 +174,7 @@ fn load_identity(path: &std::path::Path) -> Result<Option<Identity>, BoxError> {
 /// Everything a request handler needs about this member.
 pub struct Node {
     pub config: Config,
-    pub group: Group,
+    pub group: EtcdStore,
     pub member_id: MemberId,
     pub cluster_id: u64,
     /// Bytes the state machine holds in live pages (an upper bound: the file size,
@@ -201,7 +206,7 @@ impl Node {
             let alarm = Command::Alarm {
                 activate: true,
                 member: self.member_id,
-                alarm: crate::consensus::state_machine::ALARM_NOSPACE,
+                alarm: crate::etcd_store::state_machine::ALARM_NOSPACE,
             };
             if let Err(e) = self.group.propose(alarm, self.config.request_timeout()).await {
                 tracing::warn!("raising NOSPACE failed: {e}");
@@ -251,8 +256,8 @@ impl Node {
         loop {
             let txn = self.group.backend.begin_read().map_err(|e| tonic::Status::internal(e.to_string()))?;
             let alarms =
-                crate::consensus::state_machine::alarms(&txn).map_err(|e| tonic::Status::internal(e.to_string()))?;
-            if alarms.contains(&(self.member_id, crate::consensus::state_machine::ALARM_CORRUPT)) {
+                crate::etcd_store::state_machine::alarms(&txn).map_err(|e| tonic::Status::internal(e.to_string()))?;
+            if alarms.contains(&(self.member_id, crate::etcd_store::state_machine::ALARM_CORRUPT)) {
                 return Err(errors::corrupt());
             }
             match ReadView::new(&txn, &self.group.index) {
@@ -361,7 +366,6 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         snapshot_catchup_entries: config.snapshot_catchup_entries,
         max_peer_message_bytes,
         max_request_bytes: config.max_request_bytes,
-        auth_token_ttl: config.auth_token_ttl,
         peer_tls: peer_tls(&config)?,
     };
     let jwt = match &config.auth_token {
@@ -414,8 +418,21 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         None => join_identity(&config).await?,
     };
 
-    let (group, log) =
-        Group::start(identity.member_id, FIRST_GROUP, &member_dir.join("group-1"), &group_config).await?;
+    // The node's one log journal, shared by all its groups, lives where the
+    // etcd store's group has always kept its log.
+    let stats = Arc::new(crate::stats::GroupStats::default());
+    std::fs::create_dir_all(member_dir.join("group-1"))?;
+    let node_log = NodeLog::open(&member_dir.join("group-1").join("log"), stats.clone())?;
+    let (group, log) = EtcdStore::open(
+        identity.member_id,
+        FIRST_GROUP,
+        &member_dir.join("group-1"),
+        &node_log,
+        stats,
+        &group_config,
+        config.auth_token_ttl,
+    )
+    .await?;
     let entries = log.verify().map_err(|e| format!("raft log in {} is corrupt: {e}", member_dir.display()))?;
     tracing::info!(entries, "raft log verified");
     check_log_end(&member_dir, log.last_index()?)?;
@@ -440,15 +457,22 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let supervisor = Supervisor::new();
     supervisor.spawn("metrics-monitor", metrics::run_monitor(node.clone()));
     supervisor.spawn("leader-watch", metrics::watch_leader(node.clone()));
-    supervisor.spawn("peer-prober", group.clone().run_prober());
+    supervisor.spawn("peer-prober", group.group.clone().run_prober());
     supervisor.spawn("db-size-sampler", sample_db_size(node.clone()));
 
-    let groups = GroupRegistry::default();
-    groups.insert(group.clone());
+    let registry = GroupRegistry::default();
+    registry.insert(group.group.clone());
+    let host = Arc::new(groups::GroupHost::new(
+        identity.member_id,
+        member_dir.join("groups"),
+        node_log.clone(),
+        registry.clone(),
+        group_config.clone(),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     for (url, l) in peer_listeners {
         let router = tonic::transport::Server::builder()
-            .add_service(PeerService::server(groups.clone(), max_peer_message_bytes));
+            .add_service(PeerService::server(registry.clone(), max_peer_message_bytes));
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
         let tls = peer_server_tls.clone();
         tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, false).await });
@@ -482,6 +506,10 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let election = ElectionServer::new(recipes::ElectionService { node: node.clone(), lessor: lessor.clone() })
             .max_decoding_message_size(max_recv);
         let auth = AuthServer::new(auth::AuthService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let catalog =
+            GroupsServer::new(groups::GroupsService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let registers = RegistersServer::new(groups::RegistersService { node: node.clone(), host: host.clone() })
+            .max_decoding_message_size(max_recv);
         let max_streams = config.max_concurrent_streams;
         let routes = tonic::service::Routes::new(kv)
             .add_service(watch)
@@ -491,6 +519,8 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .add_service(lock)
             .add_service(election)
             .add_service(auth)
+            .add_service(catalog)
+            .add_service(registers)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(node.clone(), http::grpc_stats))
             .merge(http::routes(node.clone()))
@@ -517,6 +547,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     tracing::info!(name = %config.name, member = %format!("{:x}", node.member_id), cluster = %format!("{:x}", node.cluster_id), "serving clients on {}", config.listen_client_urls.join(","));
     supervisor.spawn_finite("publish", publish(node.clone()));
     supervisor.spawn("membership-reconciler", group.clone().run_reconciler());
+    supervisor.spawn("group-host", host.clone().run(node.clone()));
     if let Some(every) = config.corrupt_check_interval {
         supervisor.spawn("corruption-checker", corruption::run(node.clone(), every));
     }
@@ -627,7 +658,7 @@ const REMOVED_PEER_CHECK_EVERY: u32 = 5;
 /// has listed it (a bootstrap member always was listed; a joining member replays
 /// a log from before it was added), or a registry at least as fresh as where it
 /// was listed that lacks it — its own or a peer's.
-async fn removed(group: Group, election_timeout_ms: u64, identity: &Identity) {
+async fn removed(group: EtcdStore, election_timeout_ms: u64, identity: &Identity) {
     let mut tick = tokio::time::interval(Duration::from_millis(election_timeout_ms.max(100)));
     let mut ticks = 0u32;
     let mut was_member = identity.bootstrapped;

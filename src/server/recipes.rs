@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use super::auth::Credentials;
 use super::{errors, Node};
 use crate::auth::Access;
-use crate::consensus::Command;
+use crate::etcd_store::Command;
 use crate::lease::Lessor;
 use crate::mvcc::Rev;
 use crate::proto::etcdserverpb::{

@@ -4,7 +4,7 @@
 //! and a member that has not started yet is listed as "unstarted". concord does the
 //! same: the registry (rows `member/<id hex>` in META) is what `MemberList` shows
 //! and what the operator changes. Raft's own membership follows it: the leader's
-//! reconciler (`server::membership`) adds registry members as learners, promotes
+//! reconciler ([`super::reconcile`]) adds registry members as learners, promotes
 //! them to voters once they have caught up, and removes members the registry no
 //! longer lists, always through openraft's joint consensus.
 //!
@@ -21,7 +21,8 @@ use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
-use super::{ApplyError, CommandResult, MemberId, Membership};
+use super::{ApplyError, CommandResult};
+use crate::consensus::{MemberId, Membership};
 use crate::storage::META;
 
 const MEMBER_PREFIX: &str = "member/";
@@ -39,6 +40,16 @@ pub struct MemberRecord {
     pub peer_urls: Vec<String>,
     /// Requested role. A voter whose Raft role is still learner is catching up.
     pub learner: bool,
+}
+
+/// What a member tells a joining member about its cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster_id: u64,
+    pub members: Vec<(MemberId, MemberRecord)>,
+    /// The answering member's applied log index (read before the registry, so the
+    /// registry is at least this fresh).
+    pub applied_index: u64,
 }
 
 /// A change to the registry, decided by an operator request.

@@ -1,0 +1,266 @@
+//! This member's replicas of the catalog's groups (see
+//! [`crate::etcd_store::catalog`]), and the client services over them.
+//!
+//! [`GroupHost::run`] keeps the hosted replicas equal to what the applied
+//! catalog gives this member: it starts a replica of every group that lists it
+//! (data in `member/groups/<id>`, log in the node's shared journal) and stops
+//! and deletes one whose group left the catalog. The first replica listed
+//! initialises the group's Raft with every replica as a voter (a no-op once
+//! done, so a crash mid-way is repaired on the next pass). A member that
+//! restarts hosts its groups again from the catalog, which the etcd store's
+//! group keeps durable.
+//!
+//! Ordering rule: a group's data directory and log are deleted only after its
+//! Raft core has stopped and it no longer receives peer requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::Node;
+use crate::consensus::log_store::NodeLog;
+use crate::consensus::{GroupConfig, GroupId, GroupRegistry, MemberId, PeerInfo};
+use crate::etcd_store::catalog::{self, CatalogChange, GroupSpec, ServiceKind};
+use crate::etcd_store::{members, Command};
+use crate::proto::groups::groups_server::Groups;
+use crate::proto::groups::registers_server::Registers as RegistersApi;
+use crate::proto::groups::{
+    CasRequest, CasResponse, CreateRequest, CreateResponse, ListRequest, ListResponse, ReadRequest, ReadResponse,
+    RemoveRequest, RemoveResponse, WriteRequest, WriteResponse,
+};
+use crate::register::{RegisterError, Registers};
+
+/// Pause between passes that match the hosted replicas to the catalog.
+const HOST_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The catalog groups this member hosts.
+pub struct GroupHost {
+    member: MemberId,
+    /// `member/groups`: one directory per hosted group.
+    dir: PathBuf,
+    log: NodeLog,
+    /// Where the peer service finds each group.
+    registry: GroupRegistry,
+    config: GroupConfig,
+    hosted: Mutex<BTreeMap<GroupId, Registers>>,
+}
+
+impl GroupHost {
+    pub fn new(member: MemberId, dir: PathBuf, log: NodeLog, registry: GroupRegistry, config: GroupConfig) -> Self {
+        GroupHost { member, dir, log, registry, config, hosted: Mutex::default() }
+    }
+
+    /// The register group `id`, if this member hosts it.
+    pub fn registers(&self, id: GroupId) -> Option<Registers> {
+        self.hosted.lock().expect("hosted groups poisoned").get(&id).cloned()
+    }
+
+    /// Matches the hosted replicas to the catalog, every [`HOST_INTERVAL`], for
+    /// the member's lifetime.
+    pub async fn run(self: Arc<Self>, node: Arc<Node>) {
+        let mut tick = tokio::time::interval(HOST_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.pass(&node).await {
+                tracing::warn!("hosting catalog groups: {e}");
+            }
+        }
+    }
+
+    async fn pass(&self, node: &Node) -> Result<(), String> {
+        let (catalog, registry) = {
+            let txn = node.group.backend.begin_read().map_err(|e| e.to_string())?;
+            let catalog = catalog::groups(&txn).map_err(|e| e.to_string())?;
+            (catalog, members::records(&txn).map_err(|e| e.to_string())?)
+        };
+        let peers: BTreeMap<MemberId, PeerInfo> =
+            registry.into_iter().map(|(id, r)| (id, PeerInfo { peer_urls: r.peer_urls })).collect();
+        let mine: BTreeMap<GroupId, GroupSpec> =
+            catalog.into_iter().filter(|(_, spec)| spec.replicas.contains(&self.member)).collect();
+        let hosted: BTreeSet<GroupId> = self.hosted.lock().expect("hosted groups poisoned").keys().copied().collect();
+        for id in hosted.iter().filter(|id| !mine.contains_key(id)) {
+            self.stop(*id).await?;
+        }
+        for (id, spec) in &mine {
+            if !hosted.contains(id) {
+                self.start(*id, spec).await?;
+            }
+            if spec.replicas.first() == Some(&self.member) {
+                self.initialize(*id, spec, &peers).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&self, id: GroupId, spec: &GroupSpec) -> Result<(), String> {
+        let ServiceKind::Register = spec.service;
+        let log = self.log.group(id, self.member).map_err(|e| format!("group {id}: {e}"))?;
+        let dir = self.dir.join(id.to_string());
+        let group =
+            Registers::start(self.member, id, &dir, log, &self.config).await.map_err(|e| format!("group {id}: {e}"))?;
+        self.registry.insert(group.group.clone());
+        self.hosted.lock().expect("hosted groups poisoned").insert(id, group);
+        tracing::info!(group = id, service = spec.service.name(), "hosting a replica");
+        Ok(())
+    }
+
+    async fn initialize(
+        &self,
+        id: GroupId,
+        spec: &GroupSpec,
+        peers: &BTreeMap<MemberId, PeerInfo>,
+    ) -> Result<(), String> {
+        let Some(group) = self.registers(id) else { return Ok(()) };
+        if group.group.raft.is_initialized().await.map_err(|e| e.to_string())? {
+            return Ok(());
+        }
+        let voters: BTreeMap<MemberId, PeerInfo> =
+            spec.replicas.iter().filter_map(|r| Some((*r, peers.get(r)?.clone()))).collect();
+        if voters.len() != spec.replicas.len() {
+            return Err(format!("group {id}: a replica is not a registered member"));
+        }
+        match group.group.raft.initialize(voters).await {
+            Ok(()) => tracing::info!(group = id, "initialised a catalog group"),
+            Err(e) => tracing::debug!(group = id, "group already initialised: {e}"),
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, id: GroupId) -> Result<(), String> {
+        self.registry.remove(id);
+        let Some(group) = self.hosted.lock().expect("hosted groups poisoned").remove(&id) else { return Ok(()) };
+        group.group.raft.shutdown().await.map_err(|e| format!("group {id}: {e}"))?;
+        drop(group);
+        let dir = self.dir.join(id.to_string());
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", dir.display())),
+            _ => {}
+        }
+        // The log store is closed once the Raft core and every handle are gone;
+        // until then removing it is refused and retried on the next pass.
+        for _ in 0..50 {
+            match self.log.remove_group(id) {
+                Ok(()) => {
+                    tracing::info!(group = id, "stopped and deleted a replica");
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(format!("group {id}: {e}")),
+            }
+        }
+        Err(format!("group {id}: its log is still open"))
+    }
+}
+
+fn spec_message(id: GroupId, spec: &GroupSpec) -> crate::proto::groups::GroupSpec {
+    crate::proto::groups::GroupSpec { id, service: spec.service.name().to_string(), replicas: spec.replicas.clone() }
+}
+
+/// `concord.groups.v1.Groups`: the catalog, for administrators.
+pub struct GroupsService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl Groups for GroupsService {
+    async fn create(&self, req: Request<CreateRequest>) -> Result<Response<CreateResponse>, Status> {
+        self.node.require_admin(&req)?;
+        let want = req.into_inner().group.ok_or_else(|| Status::invalid_argument("concord: no group given"))?;
+        let service = ServiceKind::parse(&want.service)
+            .ok_or_else(|| Status::invalid_argument(format!("concord: unknown service {:?}", want.service)))?;
+        let replicas = if want.replicas.is_empty() {
+            let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+            let mut all: Vec<MemberId> = members::records(&txn)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            // The first replica initialises the group and so usually leads it:
+            // rotated by id, the groups' leaders spread over the members.
+            if !all.is_empty() {
+                let by = (want.id % all.len() as u64) as usize;
+                all.rotate_left(by);
+            }
+            all
+        } else {
+            want.replicas
+        };
+        let spec = GroupSpec { service, replicas };
+        let change = CatalogChange::Create { id: want.id, spec: spec.clone() };
+        self.node.propose::<RemoveResponse>(Command::Catalog(change)).await?;
+        Ok(Response::new(CreateResponse { group: Some(spec_message(want.id, &spec)) }))
+    }
+
+    async fn remove(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+        self.node.require_admin(&req)?;
+        let id = req.into_inner().id;
+        self.node.propose::<RemoveResponse>(Command::Catalog(CatalogChange::Remove { id })).await?;
+        Ok(Response::new(RemoveResponse {}))
+    }
+
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        self.node.require_admin(&req)?;
+        self.node
+            .group
+            .read_barrier(self.node.config.request_timeout())
+            .await
+            .map_err(super::errors::from_consensus)?;
+        let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+        let groups = catalog::groups(&txn).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ListResponse { groups: groups.iter().map(|(id, s)| spec_message(*id, s)).collect() }))
+    }
+}
+
+/// `concord.groups.v1.Registers`: the register service of the catalog's
+/// register groups, on any member hosting a replica.
+pub struct RegistersService {
+    pub node: Arc<Node>,
+    pub host: Arc<GroupHost>,
+}
+
+impl RegistersService {
+    fn group<T>(&self, req: &Request<T>, id: GroupId) -> Result<Registers, Status> {
+        self.node.require_admin(req)?;
+        self.host.registers(id).ok_or_else(|| Status::not_found(format!("concord: raft group {id} is not hosted here")))
+    }
+}
+
+fn register_status(e: RegisterError) -> Status {
+    match e {
+        RegisterError::Consensus(e) => super::errors::from_consensus(e),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl RegistersApi for RegistersService {
+    async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let group = self.group(&req, req.get_ref().group)?;
+        let req = req.into_inner();
+        group.write(&req.key, req.value, self.node.config.request_timeout()).await.map_err(register_status)?;
+        Ok(Response::new(WriteResponse {}))
+    }
+
+    async fn cas(&self, req: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
+        let group = self.group(&req, req.get_ref().group)?;
+        let req = req.into_inner();
+        let swapped = group
+            .cas(&req.key, req.expect, req.value, self.node.config.request_timeout())
+            .await
+            .map_err(register_status)?;
+        Ok(Response::new(CasResponse { swapped }))
+    }
+
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let group = self.group(&req, req.get_ref().group)?;
+        let value =
+            group.read(&req.get_ref().key, self.node.config.request_timeout()).await.map_err(register_status)?;
+        Ok(Response::new(ReadResponse { value }))
+    }
+}

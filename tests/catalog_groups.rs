@@ -1,0 +1,181 @@
+//! Groups created at runtime on a running cluster, through the catalog
+//! (`concord.groups.v1`), run by real processes: 3 members x 64 register
+//! groups, writers on every group, leaders and members killed with SIGKILL and
+//! restarted, and every group's history checked for linearizability.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use concord::proto::groups::groups_client::GroupsClient;
+use concord::proto::groups::registers_client::RegistersClient;
+use concord::proto::groups::{
+    CasRequest, CreateRequest, GroupSpec, ListRequest, ReadRequest, RemoveRequest, WriteRequest,
+};
+use concord_testkit::linearizability::{check, Event, Op, Outcome};
+use concord_testkit::{eventually, ClusterOptions, ProcessCluster};
+use rand::Rng;
+use tonic::transport::Channel;
+
+const GROUPS: u64 = 64;
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_concord"))
+}
+
+async fn channel(endpoint: &str) -> Channel {
+    Channel::from_shared(endpoint.to_string())
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(OP_TIMEOUT)
+        .connect_lazy()
+}
+
+/// One client's operations on its group's register, through every member in turn.
+async fn client(
+    channels: Vec<Channel>,
+    group: u64,
+    id: usize,
+    started: Instant,
+    run: Duration,
+    history: Arc<Mutex<Vec<Event>>>,
+) {
+    let key = format!("g{group}");
+    let mut value = (id as u64) << 32;
+    let mut turn = id;
+    while started.elapsed() < run {
+        turn += 1;
+        value += 1;
+        let mut c = RegistersClient::new(channels[turn % channels.len()].clone());
+        let op = match rand::rng().random_range(0..3) {
+            0 => Op::Read,
+            1 => Op::Write(value),
+            _ => Op::Cas { expect: value - 1, new: value },
+        };
+        let invoked = started.elapsed().as_nanos() as u64;
+        let outcome = match op {
+            Op::Read => {
+                c.read(ReadRequest { group, key: key.clone() }).await.map(|r| Outcome::Value(r.into_inner().value))
+            }
+            Op::Write(v) => c.write(WriteRequest { group, key: key.clone(), value: v }).await.map(|_| Outcome::Written),
+            Op::Cas { expect, new } => c
+                .cas(CasRequest { group, key: key.clone(), expect: Some(expect), value: new })
+                .await
+                .map(|r| Outcome::Swapped(r.into_inner().swapped)),
+        };
+        let completed = started.elapsed().as_nanos() as u64;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Outcome::Unknown
+            }
+        };
+        history.lock().expect("history").push(Event {
+            client: id,
+            key: key.clone(),
+            op,
+            outcome,
+            invoked,
+            completed,
+            revision: 0,
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_groups_created_at_runtime_survive_kills_and_stay_linearizable() {
+    let mut cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let endpoints = cluster.endpoints();
+    let mut admin = GroupsClient::new(channel(&endpoints[0]).await);
+    for id in 2..2 + GROUPS {
+        let spec = GroupSpec { id, service: "register".into(), replicas: vec![] };
+        let created = admin.create(CreateRequest { group: Some(spec) }).await.expect("create").into_inner();
+        assert_eq!(created.group.expect("spec").replicas.len(), 3);
+    }
+    let again =
+        admin.create(CreateRequest { group: Some(GroupSpec { id: 2, service: "register".into(), replicas: vec![] }) });
+    assert_eq!(again.await.unwrap_err().code(), tonic::Code::AlreadyExists);
+    let bad =
+        admin.create(CreateRequest { group: Some(GroupSpec { id: 999, service: "queue".into(), replicas: vec![] }) });
+    assert_eq!(bad.await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(admin.list(ListRequest {}).await.expect("list").into_inner().groups.len(), GROUPS as usize);
+
+    let mut channels = Vec::new();
+    for e in &endpoints {
+        channels.push(channel(e).await);
+    }
+    // Every group serves on every member before the faults start.
+    for g in 2..2 + GROUPS {
+        for ch in &channels {
+            let ch = ch.clone();
+            let ready = eventually(Duration::from_secs(60), || {
+                let mut c = RegistersClient::new(ch.clone());
+                async move { c.write(WriteRequest { group: g, key: format!("g{g}"), value: 0 }).await.ok() }
+            })
+            .await;
+            assert!(ready.is_some(), "group {g} never served");
+        }
+    }
+
+    let run = Duration::from_secs(12);
+    // The writes of 0 above, all complete before anything below starts.
+    let initial = (2..2 + GROUPS).map(|g| Event {
+        client: 0,
+        key: format!("g{g}"),
+        op: Op::Write(0),
+        outcome: Outcome::Written,
+        invoked: 0,
+        completed: 0,
+        revision: 0,
+    });
+    let history = Arc::new(Mutex::new(initial.collect::<Vec<_>>()));
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for g in 2..2 + GROUPS {
+        clients.spawn(client(channels.clone(), g, g as usize, started, run, history.clone()));
+    }
+    // Kill each member in turn (every member leads some groups) and bring it back.
+    for victim in [0, 1] {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.kill(victim);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.restart(victim);
+    }
+    while clients.join_next().await.is_some() {}
+    assert!(cluster.crashed().is_empty(), "a member exited on its own");
+
+    let history = history.lock().expect("history").clone();
+    let mut answered_groups = 0;
+    for g in 2..2 + GROUPS {
+        let of_group: Vec<Event> = history.iter().filter(|e| e.key == format!("g{g}")).cloned().collect();
+        if of_group.iter().any(|e| e.outcome != Outcome::Unknown) {
+            answered_groups += 1;
+        }
+        if let Err(v) = check(&of_group) {
+            panic!("group {g}: {v}");
+        }
+    }
+    assert_eq!(answered_groups, GROUPS, "every group answered some operations");
+    let answered = history.iter().filter(|e| e.outcome != Outcome::Unknown).count();
+    eprintln!("{answered} of {} operations answered over {GROUPS} groups", history.len());
+
+    // A removed group stops being served, on every member.
+    admin.remove(RemoveRequest { id: 2 }).await.expect("remove");
+    for ch in &channels {
+        let gone = eventually(Duration::from_secs(10), || {
+            let mut c = RegistersClient::new(ch.clone());
+            async move {
+                match c.read(ReadRequest { group: 2, key: "g2".into() }).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        assert!(gone.is_some(), "group 2 still served after its removal");
+    }
+    assert_eq!(admin.remove(RemoveRequest { id: 2 }).await.unwrap_err().code(), tonic::Code::NotFound);
+}
