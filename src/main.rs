@@ -4,7 +4,9 @@
 //! its defaults (client 127.0.0.1:2379, peer 2380, data in `./default.concord`).
 //! `concord snapshot status|restore ...` inspects and restores snapshot files;
 //! `concord status --endpoints ...` shows the cluster at a glance;
-//! `concord bench WORKLOAD ...` generates load against any etcd-v3 endpoints.
+//! `concord bench WORKLOAD ...` generates load against any etcd-v3 endpoints;
+//! `concord group ...` and `concord register ...` manage the group catalog and
+//! the register service.
 
 use clap::Parser;
 
@@ -22,6 +24,8 @@ fn main() {
         Some("status") => std::process::exit(concord::cli::status::main(&args[2..])),
         Some("bench") => std::process::exit(concord::cli::bench::main(&args[2..])),
         Some("bench-log") => std::process::exit(concord::cli::bench_log::main(&args[2..])),
+        Some("group") => std::process::exit(concord::cli::group::group_main(&args[2..])),
+        Some("register") => std::process::exit(concord::cli::group::register_main(&args[2..])),
         _ => {}
     }
     let flags = match Flags::try_parse_from(normalize_args(args)) {

@@ -179,3 +179,34 @@ async fn sixty_four_groups_created_at_runtime_survive_kills_and_stay_linearizabl
     }
     assert_eq!(admin.remove(RemoveRequest { id: 2 }).await.unwrap_err().code(), tonic::Code::NotFound);
 }
+
+/// The command-line client: create, use and remove a group; errors say why and
+/// exit non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_uses_and_removes_a_group() {
+    let cluster = ProcessCluster::start(&bin(), 1, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let endpoint = cluster.endpoints()[0].clone();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .args(["--endpoints", &endpoint])
+            .output()
+            .expect("run concord");
+        let text = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).to_string();
+        (out.status.success(), text.trim().to_string())
+    };
+    let (ok, created) = run(&["group", "create", "7"]);
+    assert!(ok && created.starts_with("7, register, "), "{created}");
+    assert_eq!(run(&["register", "write", "7", "x", "1"]), (true, "OK".into()));
+    assert_eq!(run(&["register", "cas", "7", "x", "1", "2"]), (true, "SWAPPED".into()));
+    assert_eq!(run(&["register", "cas", "7", "x", "none", "3"]), (true, "NOT SWAPPED".into()));
+    assert_eq!(run(&["register", "read", "7", "x"]), (true, "2".into()));
+    assert_eq!(run(&["register", "read", "7", "y"]), (true, "none".into()));
+    assert_eq!(run(&["group", "ls"]), (true, created.clone()));
+    assert_eq!(run(&["group", "create", "7"]), (false, "Error: concord: raft group already exists".into()));
+    assert_eq!(run(&["group", "create", "1"]), (false, "Error: concord: raft group already exists".into()));
+    assert_eq!(run(&["group", "rm", "7"]), (true, "Group 7 removed".into()));
+    assert_eq!(run(&["register", "read", "7", "x"]), (false, "Error: concord: raft group 7 is not hosted here".into()));
+    assert_eq!(run(&["group", "rm", "7"]), (false, "Error: concord: raft group not found".into()));
+}

@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod bench_log;
+pub mod group;
 pub mod snapshot;
 pub mod status;

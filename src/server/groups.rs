@@ -46,11 +46,13 @@ pub struct GroupHost {
     registry: GroupRegistry,
     config: GroupConfig,
     hosted: Mutex<BTreeMap<GroupId, Registers>>,
+    /// Wakes [`GroupHost::run`] for a pass now (after a catalog change here).
+    kick: tokio::sync::Notify,
 }
 
 impl GroupHost {
     pub fn new(member: MemberId, dir: PathBuf, log: NodeLog, registry: GroupRegistry, config: GroupConfig) -> Self {
-        GroupHost { member, dir, log, registry, config, hosted: Mutex::default() }
+        GroupHost { member, dir, log, registry, config, hosted: Mutex::default(), kick: tokio::sync::Notify::new() }
     }
 
     /// The register group `id`, if this member hosts it.
@@ -64,10 +66,31 @@ impl GroupHost {
         let mut tick = tokio::time::interval(HOST_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.kick.notified() => {}
+            }
             if let Err(e) = self.pass(&node).await {
                 tracing::warn!("hosting catalog groups: {e}");
             }
+        }
+    }
+
+    /// Waits until this member hosts group `id` (and its Raft knows a leader),
+    /// or no longer hosts it (`hosted` false), for at most `timeout`: a client
+    /// that changed the catalog here can use the change at once.
+    pub async fn settle(&self, id: GroupId, hosted: bool, timeout: Duration) {
+        self.kick.notify_one();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let done = match self.registers(id) {
+                Some(r) => hosted && r.group.metrics().current_leader.is_some(),
+                None => !hosted,
+            };
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -165,6 +188,7 @@ fn spec_message(id: GroupId, spec: &GroupSpec) -> crate::proto::groups::GroupSpe
 /// `concord.groups.v1.Groups`: the catalog, for administrators.
 pub struct GroupsService {
     pub node: Arc<Node>,
+    pub host: Arc<GroupHost>,
 }
 
 #[tonic::async_trait]
@@ -194,6 +218,9 @@ impl Groups for GroupsService {
         let spec = GroupSpec { service, replicas };
         let change = CatalogChange::Create { id: want.id, spec: spec.clone() };
         self.node.propose::<RemoveResponse>(Command::Catalog(change)).await?;
+        if spec.replicas.contains(&self.node.member_id) {
+            self.host.settle(want.id, true, self.node.config.request_timeout()).await;
+        }
         Ok(Response::new(CreateResponse { group: Some(spec_message(want.id, &spec)) }))
     }
 
@@ -201,6 +228,7 @@ impl Groups for GroupsService {
         self.node.require_admin(&req)?;
         let id = req.into_inner().id;
         self.node.propose::<RemoveResponse>(Command::Catalog(CatalogChange::Remove { id })).await?;
+        self.host.settle(id, false, self.node.config.request_timeout()).await;
         Ok(Response::new(RemoveResponse {}))
     }
 

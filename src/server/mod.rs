@@ -506,8 +506,8 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let election = ElectionServer::new(recipes::ElectionService { node: node.clone(), lessor: lessor.clone() })
             .max_decoding_message_size(max_recv);
         let auth = AuthServer::new(auth::AuthService { node: node.clone() }).max_decoding_message_size(max_recv);
-        let catalog =
-            GroupsServer::new(groups::GroupsService { node: node.clone() }).max_decoding_message_size(max_recv);
+        let catalog = GroupsServer::new(groups::GroupsService { node: node.clone(), host: host.clone() })
+            .max_decoding_message_size(max_recv);
         let registers = RegistersServer::new(groups::RegistersService { node: node.clone(), host: host.clone() })
             .max_decoding_message_size(max_recv);
         let max_streams = config.max_concurrent_streams;
