@@ -157,8 +157,9 @@ async fn lagging_member_catches_up_by_snapshot() {
     let lagger = (leader + 1) % 3;
     cluster.kill(lagger);
     let mut c = cluster.client(leader).await;
+    // 3 MB of values: the snapshot travels in several 1 MiB chunks.
     for i in 0..300 {
-        c.put(format!("s/{i:04}"), "x", None).await.unwrap();
+        c.put(format!("s/{i:04}"), "x".repeat(10_000), None).await.unwrap();
     }
     let want = keys_with_prefix(&mut c, "s/", false).await.unwrap();
     // The leader purges its log behind each snapshot only when no replication is

@@ -37,6 +37,8 @@ fn config() -> GroupConfig {
 
 struct Node {
     registers: BTreeMap<GroupId, Registers>,
+    /// Where the node's peer service finds its groups.
+    registry: GroupRegistry,
     _server: tokio::task::JoinHandle<()>,
 }
 
@@ -61,17 +63,24 @@ async fn start_node(id: MemberId, dir: &std::path::Path, listener: tokio::net::T
         registry.insert(r.group.clone());
         registers.insert(g, r);
     }
-    let router = tonic::transport::Server::builder().add_service(PeerService::server(registry, 16 << 20));
+    let router = tonic::transport::Server::builder().add_service(PeerService::server(registry.clone(), 16 << 20));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tokio::spawn(async move {
         let _ = router.serve_with_incoming(incoming).await;
     });
-    Node { registers, _server: server }
+    Node { registers, registry, _server: server }
 }
 
-/// One client's operations on its group's register, via random nodes.
+/// Replicas the test stopped, as (node, group): clients no longer use them.
+type Down = Arc<Mutex<std::collections::HashSet<(MemberId, GroupId)>>>;
+
+/// One client's operations on its group's register, via random nodes whose
+/// replica runs. A failed read is left out of the history (it had no effect); a
+/// failed write may or may not have happened, and the client pauses after one so
+/// that such operations stay few (each one widens the checker's search).
 async fn client(
     nodes: Arc<BTreeMap<MemberId, Node>>,
+    down: Down,
     group: GroupId,
     client: usize,
     started: Instant,
@@ -82,7 +91,9 @@ async fn client(
     while started.elapsed() < RUN {
         let (via, op) = {
             let mut rng = rand::rng();
-            let via = rng.random_range(1..=NODES);
+            let up: Vec<MemberId> =
+                (1..=NODES).filter(|n| !down.lock().expect("down").contains(&(*n, group))).collect();
+            let via = up[rng.random_range(0..up.len())];
             next_value += 1;
             let op = match rng.random_range(0..3) {
                 0 => Op::Read,
@@ -99,7 +110,14 @@ async fn client(
             Op::Cas { expect, new } => r.cas(&key, Some(expect), new, OP_TIMEOUT).await.map(Outcome::Swapped),
         };
         let completed = started.elapsed().as_nanos() as u64;
-        let outcome = outcome.unwrap_or(Outcome::Unknown);
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(_) if op == Op::Read => continue,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Outcome::Unknown
+            }
+        };
         history.lock().expect("history").push(Event {
             client,
             key: key.clone(),
@@ -144,17 +162,21 @@ async fn register_groups_stay_linearizable_while_leaders_stop() {
     let history = Arc::new(Mutex::new(initial.collect::<Vec<_>>()));
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
+    let down = Down::default();
     for g in 2..2 + GROUPS {
         for c in 0..2 {
-            clients.spawn(client(nodes.clone(), g, (g as usize) * 10 + c, started, history.clone()));
+            clients.spawn(client(nodes.clone(), down.clone(), g, (g as usize) * 10 + c, started, history.clone()));
         }
     }
-    // Half the groups lose the replica that leads them, mid-run.
+    // Half the groups lose the replica that leads them, mid-run, as a member's
+    // group host stops one: no longer routed to, then stopped.
     tokio::time::sleep(RUN / 3).await;
     let mut stopped = 0;
     for g in (2..2 + GROUPS).step_by(2) {
         let leader = nodes[&1].registers[&g].group.metrics().current_leader;
         if let Some(l) = leader {
+            down.lock().expect("down").insert((l, g));
+            nodes[&l].registry.remove(g);
             nodes[&l].registers[&g].group.raft.shutdown().await.expect("shutdown");
             stopped += 1;
         }

@@ -20,9 +20,9 @@ pub mod log_store;
 pub mod membership;
 pub mod network;
 pub mod service;
+pub mod snapshot;
 
 use std::fmt;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,7 +126,7 @@ openraft::declare_raft_types!(
 );
 
 pub type Raft = openraft::Raft<TypeConfig, service::ServiceMachine>;
-pub type SnapshotData = Cursor<Vec<u8>>;
+pub type SnapshotData = snapshot::SnapshotFile;
 pub type Membership = openraft::Membership<MemberId, PeerInfo>;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 
@@ -160,7 +160,8 @@ pub struct GroupConfig {
     pub snapshot_count: u64,
     /// Entries kept after a snapshot for followers to catch up from.
     pub snapshot_catchup_entries: u64,
-    /// Largest peer message (a whole snapshot travels in one): bounds peer memory.
+    /// Largest peer message (an AppendEntries batch; snapshots travel in chunks,
+    /// see [`snapshot`]): bounds peer memory.
     pub max_peer_message_bytes: usize,
     /// Largest command a client can make (`--max-request-bytes`): with the peer
     /// message limit, it bounds how many entries one AppendEntries may carry.
@@ -241,6 +242,8 @@ pub struct Group {
     leader_calls: Arc<std::sync::OnceLock<Arc<dyn LeaderCalls>>>,
     /// The service that answers [`Group::call_member`] requests (set once).
     member_calls: Arc<std::sync::OnceLock<Arc<dyn MemberCalls>>>,
+    /// Where snapshots sent by the leader are received (unlinked scratch files).
+    snapshot_dir: Arc<std::path::PathBuf>,
 }
 
 /// Requests that only the leader can answer but that need no log entry (the
@@ -260,13 +263,15 @@ pub trait MemberCalls: Send + Sync {
 }
 
 impl Group {
-    /// Starts the Raft core of group `group_id` over `log` and `service`. `stats`
-    /// gets the group's disk and network timings.
+    /// Starts the Raft core of group `group_id` over `log` and `service`;
+    /// snapshots from the leader are received in `snapshot_dir`. `stats` gets the
+    /// group's disk and network timings.
     pub async fn start(
         id: MemberId,
         group_id: GroupId,
         log: log_store::LogStore,
         service: Box<dyn service::Service>,
+        snapshot_dir: &std::path::Path,
         config: &GroupConfig,
         stats: Arc<crate::stats::GroupStats>,
     ) -> Result<Group, Box<dyn std::error::Error + Send + Sync>> {
@@ -286,7 +291,22 @@ impl Group {
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
         let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log, sm)).await?;
-        Ok(Group { raft, id, group_id, peers, stats, leader_calls: Arc::default(), member_calls: Arc::default() })
+        let snapshot_dir = Arc::new(snapshot_dir.to_path_buf());
+        Ok(Group {
+            raft,
+            id,
+            group_id,
+            peers,
+            stats,
+            leader_calls: Arc::default(),
+            member_calls: Arc::default(),
+            snapshot_dir,
+        })
+    }
+
+    /// Where snapshots sent by the leader are received.
+    pub fn snapshot_dir(&self) -> &std::path::Path {
+        &self.snapshot_dir
     }
 
     /// The connections this group's requests to peers go out on.

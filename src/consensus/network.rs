@@ -42,6 +42,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::log_store::LogProgress;
 use super::service::{Answer, LocalAnswers, Proposal};
+use super::snapshot::{IncomingSnapshot, SnapshotFrame};
 use super::{ConsensusError, Group, GroupId, GroupRegistry, MemberId, PeerInfo, SnapshotData, TypeConfig, FIRST_GROUP};
 use crate::proto::peer::peer_client::PeerClient;
 use crate::proto::peer::peer_server::{Peer, PeerServer};
@@ -326,6 +327,50 @@ impl PeerPool {
         let item = |reply| Forwarded { body: body.to_vec(), alone, deadline, reply };
         // Not queued in time: never sent, so nothing can have been appended.
         enqueue_and_wait(queue, deadline, item, ConsensusError::NoLeader).await
+    }
+
+    /// Sends `snapshot` to `node` in chunks (see [`super::snapshot`]) and waits at
+    /// most `timeout` for it to be installed there. The file is read on a blocking
+    /// thread, a chunk at a time, as the call takes them.
+    async fn send_snapshot(
+        &self,
+        node: &PeerInfo,
+        vote: VoteOf<C>,
+        snapshot: SnapshotOf<C, SnapshotData>,
+        timeout: Duration,
+    ) -> Result<SnapshotResponse<C>, RPCError<C>> {
+        let network = |e: String| RPCError::Network(NetworkError::from_string(e));
+        let mut client = self.client(node).map_err(|e| CallError::Unreachable(e).into_rpc())?;
+        let len = snapshot.snapshot.len();
+        let head = encode(&SnapshotFrame::Head { vote, meta: snapshot.meta, len }).map_err(network)?;
+        let data = snapshot.snapshot;
+        let (tx, rx) = mpsc::channel::<Payload>(2);
+        let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let send =
+                |data: Vec<u8>| tx.blocking_send(Payload { data }).map_err(|_| "the receiver went away".to_string());
+            send(head)?;
+            let mut crc = crc32fast::Hasher::new();
+            for chunk in data.chunks() {
+                let chunk = chunk.map_err(|e| format!("reading the snapshot: {e}"))?;
+                crc.update(&chunk);
+                send(encode(&SnapshotFrame::Chunk(chunk))?)?;
+            }
+            send(encode(&SnapshotFrame::End { crc32: crc.finalize() })?)
+        });
+        let mut request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.set_timeout(timeout);
+        let answer = match tokio::time::timeout(timeout, client.snapshot_stream(request)).await {
+            Err(_) => return Err(network(format!("snapshot transfer timed out after {timeout:?}"))),
+            Ok(Err(s)) => return Err(status_error(s).into_rpc()),
+            Ok(Ok(resp)) => resp.into_inner(),
+        };
+        if let Ok(Err(e)) = producer.await {
+            tracing::warn!("snapshot transfer: {e}");
+        }
+        match decode::<Result<SnapshotResponse<C>, RaftError<C>>>(&answer.data).map_err(network)? {
+            Ok(r) => Ok(r),
+            Err(e) => Err(network(format!("remote raft error: {e}"))),
+        }
     }
 
     /// Has member `node` answer a service's request (see [`super::MemberCalls`]).
@@ -1238,12 +1283,11 @@ impl RaftNetworkV2<C> for PeerConn {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let req = (vote, snapshot.meta, snapshot.snapshot.into_inner());
-        let call =
-            self.raft_call::<_, _, RaftError<C>, _, _>(&req, &option, |mut c, r| async move { c.snapshot(r).await });
+        let timeout = option.hard_ttl().max(self.pool.min_rpc_timeout);
+        let send = self.pool.send_snapshot(&self.node, vote, snapshot, timeout);
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            res = call => Ok(res?),
+            res = send => Ok(res?),
         }
     }
 
@@ -1284,6 +1328,16 @@ impl PeerService {
                 .ok_or_else(|| Status::invalid_argument(format!("malformed {GROUP_HEADER} header")))?,
         };
         self.groups.get(id).ok_or_else(|| Status::not_found(format!("raft group {id} is not on this member")))
+    }
+}
+
+/// The next frame of a snapshot stream; `None` when the stream ended.
+async fn next_frame(frames: &mut Streaming<Payload>) -> Result<Option<SnapshotFrame>, Status> {
+    match frames.message().await? {
+        Some(p) => {
+            decode(&p.data).map(Some).map_err(|e| Status::invalid_argument(format!("malformed snapshot stream: {e}")))
+        }
+        None => Ok(None),
     }
 }
 
@@ -1356,10 +1410,26 @@ impl Peer for PeerService {
         reply(&group.raft.pre_vote(arg(req)?).await)
     }
 
-    async fn snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+    /// Receives a snapshot in chunks (see [`super::snapshot`]) into a scratch file,
+    /// and installs it once it is complete and its checksum matches.
+    async fn snapshot_stream(&self, req: Request<Streaming<Payload>>) -> Result<Response<Payload>, Status> {
         let group = self.group_of(&req)?;
-        let (vote, meta, data): (VoteOf<C>, _, Vec<u8>) = arg(req)?;
-        let snapshot = Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+        let mut frames = req.into_inner();
+        let bad = |e: String| Status::invalid_argument(format!("malformed snapshot stream: {e}"));
+        let Some(SnapshotFrame::Head { vote, meta, len }) = next_frame(&mut frames).await? else {
+            return Err(bad("it does not start with a head".into()));
+        };
+        let dir = group.snapshot_dir();
+        let mut incoming = IncomingSnapshot::new(dir, len).map_err(|e| Status::internal(e.to_string()))?;
+        let data = loop {
+            match next_frame(&mut frames).await? {
+                Some(SnapshotFrame::Chunk(chunk)) => incoming.push(&chunk).map_err(|e| bad(e.to_string()))?,
+                Some(SnapshotFrame::End { crc32 }) => break incoming.finish(crc32).map_err(|e| bad(e.to_string()))?,
+                Some(SnapshotFrame::Head { .. }) => return Err(bad("a second head".into())),
+                None => return Err(bad("it ended before the snapshot did".into())),
+            }
+        };
+        let snapshot = Snapshot { meta, snapshot: data };
         let res: Result<SnapshotResponse<C>, RaftError<C>> =
             group.raft.install_full_snapshot(vote, snapshot).await.map_err(RaftError::Fatal);
         reply(&res)
@@ -1405,9 +1475,10 @@ impl Peer for PeerService {
                             cmds.len()
                         )),
                         MuxRequest::Propose(cmds) => MuxReply::Propose(propose_forwarded(&group, cmds).await),
+                        // A replica whose Raft core is gone (stopped or failed) is
+                        // no leader either: the reader asks the next one.
                         MuxRequest::ReadIndex => MuxReply::ReadIndex(match group.local_read_index().await {
                             Ok(i) => ForwardReply::Ok(i),
-                            Err(ConsensusError::Fatal(e)) => ForwardReply::Failed(e),
                             Err(_) => ForwardReply::NotLeader,
                         }),
                         MuxRequest::Call(req) => MuxReply::Call(match group.local_leader_call(req).await {
@@ -1448,7 +1519,12 @@ async fn propose_forwarded(group: &Group, cmds: Vec<Proposal>) -> Vec<ForwardRep
     let count = cmds.len();
     let mut out = Vec::with_capacity(count);
     match group.raft.client_write_many(cmds).await {
-        Err(fatal) => out.resize_with(count, || ForwardReply::Failed(fatal.to_string())),
+        // The Raft core is gone (this replica was stopped, or failed): nothing was
+        // appended, and a leader elected among the others can take the writes.
+        Err(fatal) => {
+            tracing::debug!("forwarded writes refused: {fatal}");
+            out.resize_with(count, || ForwardReply::NotLeader)
+        }
         Ok(mut results) => {
             while let Some(r) = results.next().await {
                 out.push(match r {
@@ -1458,7 +1534,8 @@ async fn propose_forwarded(group: &Group, cmds: Vec<Proposal>) -> Vec<ForwardRep
                         ConsensusError::LeaderLost => ForwardReply::Discarded,
                         other => ForwardReply::Failed(other.to_string()),
                     },
-                    Err(fatal) => ForwardReply::Failed(fatal.to_string()),
+                    // Stopped after it took the writes: they may have been appended.
+                    Err(_) => ForwardReply::Discarded,
                 });
             }
             // Results that never came: appended or not, nobody can say.

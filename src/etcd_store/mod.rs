@@ -180,7 +180,7 @@ impl EtcdStore {
         )?;
         let apply_gate = sm.gate();
         let auth_revision = sm.auth_revision();
-        let group = Group::start(member, group_id, log.clone(), Box::new(sm), config, stats).await?;
+        let group = Group::start(member, group_id, log.clone(), Box::new(sm), &dir.join("snap"), config, stats).await?;
         let calls = StoreCalls {
             raft: group.raft.clone(),
             backend: backend.clone(),

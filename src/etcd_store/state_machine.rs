@@ -10,7 +10,7 @@
 //! because openraft purges the log up to the snapshot; the bytes are written to
 //! `snap/current` (meta + data, fsynced, renamed into place) and served from there.
 
-use std::io::{self, Cursor};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::{ApplyError, Command, CommandResult};
 use crate::consensus::service::{Service, SnapshotSource};
+use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file, SnapshotFile};
 use crate::consensus::{MemberId, SnapshotData, TypeConfig};
 use crate::mvcc::index::KeyIndex;
 use crate::mvcc::{MvccError, Rev, Writer};
@@ -186,8 +187,8 @@ impl StateMachine {
     ) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
         // A corrupt snapshot file is refused at start, not when a follower needs it.
-        if let Some(snap) = read_snapshot_file(&snap_dir.join("current"))? {
-            crate::storage::decode_snapshot(snap.snapshot.get_ref())?;
+        if let Some((_, data)) = read_snapshot_file(&snap_dir.join("current"))? {
+            crate::storage::decode_snapshot(&data.read_all()?)?;
         }
         let (rev, auth_rev) = current_revs(&backend)?;
         let (revision, rx) = watch::channel(rev);
@@ -537,7 +538,8 @@ impl Service for StateMachine {
     }
 
     fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> io::Result<()> {
-        let data = snapshot.into_inner();
+        // The etcd store installs its snapshot in memory (bounded by the quota).
+        let data = snapshot.read_all()?;
         {
             // Replaces everything: a running defragmentation cannot replay this.
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
@@ -564,7 +566,8 @@ impl Service for StateMachine {
     }
 
     fn current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<C, SnapshotData>>> {
-        read_snapshot_file(&self.snapshot_path())
+        Ok(read_snapshot_file(&self.snapshot_path())?
+            .map(|(meta, snapshot)| SnapshotOf::<C, SnapshotData> { meta, snapshot }))
     }
 }
 
@@ -588,34 +591,10 @@ impl SnapshotSource for SnapshotBuilder {
             get(META_MEMBERSHIP)?.map(|b| decode::<StoredMembershipOf<C>>(&b)).transpose()?.unwrap_or_default();
         let meta = SnapshotMetaOf::<C> { last_log_id, last_membership };
         write_snapshot_file(&self.path, &meta, &data)?;
-        Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot: Cursor::new(data) })
+        let header = self.path.metadata()?.len() - data.len() as u64;
+        let snapshot = SnapshotFile::new(std::fs::File::open(&self.path)?, header, data.len() as u64);
+        Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot })
     }
-}
-
-/// `snap/current`: crc32 ‖ len(meta) ‖ meta ‖ data, replaced atomically.
-fn write_snapshot_file(path: &std::path::Path, meta: &SnapshotMetaOf<C>, data: &[u8]) -> io::Result<()> {
-    let meta_bytes = encode(meta)?;
-    let mut body = Vec::with_capacity(8 + meta_bytes.len() + data.len());
-    body.extend_from_slice(&(meta_bytes.len() as u64).to_be_bytes());
-    body.extend_from_slice(&meta_bytes);
-    body.extend_from_slice(data);
-    crate::storage::write_checksummed(path, &body)
-}
-
-fn read_snapshot_file(path: &std::path::Path) -> io::Result<Option<SnapshotOf<C, SnapshotData>>> {
-    let Some(body) = crate::storage::read_checksummed(path)? else { return Ok(None) };
-    let corrupt = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
-    if body.len() < 8 {
-        return Err(corrupt("truncated snapshot file"));
-    }
-    let meta_len = u64::from_be_bytes(body[..8].try_into().map_err(io_err)?) as usize;
-    if body.len() - 8 < meta_len {
-        // (meta_len came from the file; compared by subtraction so it cannot overflow)
-        return Err(corrupt("snapshot meta truncated"));
-    }
-    let meta: SnapshotMetaOf<C> = decode(&body[8..8 + meta_len])?;
-    let data = body[8 + meta_len..].to_vec();
-    Ok(Some(SnapshotOf::<C, SnapshotData> { meta, snapshot: Cursor::new(data) }))
 }
 
 #[cfg(test)]

@@ -11,10 +11,10 @@
 //! applied log id and the membership, committed together per batch without an
 //! fsync (the log is the durable record; a snapshot build makes the file durable
 //! before the log is purged, as the etcd store does). A snapshot is every
-//! register, bincode-encoded, in `snap/current` (crc32-checked): this service
-//! keeps few keys, so it is built in memory.
+//! register, bincode-encoded, in `snap/current` (the runtime's snapshot file
+//! format): this service keeps few keys, so it is built and installed in memory.
 
-use std::io::{self, Cursor};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +25,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::consensus::log_store::LogStore;
 use crate::consensus::service::{Entry, LogId, Service, Snapshot, SnapshotMeta, SnapshotSource, StoredMembership};
+use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file, SnapshotFile};
 use crate::consensus::{ConsensusError, Group, GroupConfig, GroupId, MemberId, SnapshotData};
 
 const REGISTERS: TableDefinition<&str, u64> = TableDefinition::new("registers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The last applied entry's log id (absent before any).
 const META_APPLIED: &str = "applied";
 const META_MEMBERSHIP: &str = "membership";
 
@@ -94,7 +96,9 @@ impl RegisterService {
         txn.commit().map_err(io_err)?;
         let service = RegisterService { db: Arc::new(db), snap_path: dir.join("snap").join("current") };
         // A corrupt snapshot file is refused at start, not when a follower needs it.
-        service.current_snapshot_file()?;
+        if let Some(snapshot) = service.current_snapshot_file()? {
+            decode::<SnapshotBody>(&snapshot.snapshot.read_all()?)?;
+        }
         Ok(service)
     }
 
@@ -104,10 +108,7 @@ impl RegisterService {
     }
 
     fn current_snapshot_file(&self) -> io::Result<Option<Snapshot>> {
-        let Some(body) = crate::storage::read_checksummed(&self.snap_path)? else { return Ok(None) };
-        let (meta, data): (SnapshotMeta, Vec<u8>) = decode(&body)?;
-        decode::<SnapshotBody>(&data)?;
-        Ok(Some(Snapshot { meta, snapshot: Cursor::new(data) }))
+        Ok(read_snapshot_file(&self.snap_path)?.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
@@ -175,7 +176,7 @@ impl Service for RegisterService {
     }
 
     fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> io::Result<()> {
-        let data = data.into_inner();
+        let data = data.read_all()?;
         let body: SnapshotBody = decode(&data)?;
         let mut txn = self.db.begin_write().map_err(io_err)?;
         txn.set_durability(Durability::Immediate).map_err(io_err)?;
@@ -186,11 +187,14 @@ impl Service for RegisterService {
                 registers.insert(k.as_str(), *v).map_err(io_err)?;
             }
             let mut m = txn.open_table(META).map_err(io_err)?;
-            m.insert(META_APPLIED, encode(&meta.last_log_id)?.as_slice()).map_err(io_err)?;
+            match &meta.last_log_id {
+                Some(id) => m.insert(META_APPLIED, encode(id)?.as_slice()).map_err(io_err)?,
+                None => m.remove(META_APPLIED).map_err(io_err)?,
+            };
             m.insert(META_MEMBERSHIP, encode(&meta.last_membership)?.as_slice()).map_err(io_err)?;
         }
         txn.commit().map_err(io_err)?;
-        crate::storage::write_checksummed(&self.snap_path, &encode(&(meta, data))?)
+        write_snapshot_file(&self.snap_path, meta, &data)
     }
 
     fn current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
@@ -220,12 +224,14 @@ impl SnapshotSource for RegisterSnapshots {
         let get = |k: &str| -> io::Result<Option<Vec<u8>>> {
             Ok(meta_table.get(k).map_err(io_err)?.map(|v| v.value().to_vec()))
         };
-        let last_log_id = get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten();
+        let last_log_id = get(META_APPLIED)?.map(|b| decode::<LogId>(&b)).transpose()?;
         let last_membership = get(META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
         let meta = SnapshotMeta { last_log_id, last_membership };
         let data = encode(&SnapshotBody { registers })?;
-        crate::storage::write_checksummed(&self.path, &encode(&(&meta, &data))?)?;
-        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
+        write_snapshot_file(&self.path, &meta, &data)?;
+        let header = self.path.metadata()?.len() - data.len() as u64;
+        let snapshot = SnapshotFile::new(std::fs::File::open(&self.path)?, header, data.len() as u64);
+        Ok(Snapshot { meta, snapshot })
     }
 }
 
@@ -260,7 +266,7 @@ impl Registers {
         let service = RegisterService::open(dir)?;
         let db = service.database();
         let stats = Arc::new(crate::stats::GroupStats::default());
-        let group = Group::start(member, group_id, log, Box::new(service), config, stats).await?;
+        let group = Group::start(member, group_id, log, Box::new(service), &dir.join("snap"), config, stats).await?;
         Ok(Registers { group, db })
     }
 

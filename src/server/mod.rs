@@ -64,8 +64,11 @@ pub const ETCD_COMPAT_VERSION: &str = "3.4.23";
 /// gRPC framing allowance on top of `--max-request-bytes` (etcd: 512 KiB).
 const GRPC_OVERHEAD_BYTES: u64 = 512 * 1024;
 
-/// Peer messages carry whole snapshots, which the quota bounds; this margin covers
-/// framing and log batches. A peer cannot make a member buffer more than this.
+/// The peer message limit is the quota plus this margin: an AppendEntries batch
+/// may carry as many entries of the largest allowed request as fit in it (see
+/// `GroupConfig::max_payload_entries`), and a peer cannot make a member buffer
+/// more than one such message. Snapshots travel in 1 MiB chunks
+/// (`consensus::snapshot`), not in one message.
 const PEER_MESSAGE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Peer connections served at once per peer listener (a cluster has a handful
