@@ -46,13 +46,25 @@ pub struct GroupHost {
     registry: GroupRegistry,
     config: GroupConfig,
     hosted: Mutex<BTreeMap<GroupId, Registers>>,
+    /// Hosted groups known to be initialised: not asked again every pass (each
+    /// question wakes the group's Raft core).
+    initialized: Mutex<BTreeSet<GroupId>>,
     /// Wakes [`GroupHost::run`] for a pass now (after a catalog change here).
     kick: tokio::sync::Notify,
 }
 
 impl GroupHost {
     pub fn new(member: MemberId, dir: PathBuf, log: NodeLog, registry: GroupRegistry, config: GroupConfig) -> Self {
-        GroupHost { member, dir, log, registry, config, hosted: Mutex::default(), kick: tokio::sync::Notify::new() }
+        GroupHost {
+            member,
+            dir,
+            log,
+            registry,
+            config,
+            hosted: Mutex::default(),
+            initialized: Mutex::default(),
+            kick: tokio::sync::Notify::new(),
+        }
     }
 
     /// The register group `id`, if this member hosts it.
@@ -138,7 +150,11 @@ impl GroupHost {
         peers: &BTreeMap<MemberId, PeerInfo>,
     ) -> Result<(), String> {
         let Some(group) = self.registers(id) else { return Ok(()) };
+        if self.initialized.lock().expect("initialized groups poisoned").contains(&id) {
+            return Ok(());
+        }
         if group.group.raft.is_initialized().await.map_err(|e| e.to_string())? {
+            self.initialized.lock().expect("initialized groups poisoned").insert(id);
             return Ok(());
         }
         let voters: BTreeMap<MemberId, PeerInfo> =
@@ -155,6 +171,7 @@ impl GroupHost {
 
     async fn stop(&self, id: GroupId) -> Result<(), String> {
         self.registry.remove(id);
+        self.initialized.lock().expect("initialized groups poisoned").remove(&id);
         let Some(group) = self.hosted.lock().expect("hosted groups poisoned").remove(&id) else { return Ok(()) };
         group.group.raft.shutdown().await.map_err(|e| format!("group {id}: {e}"))?;
         drop(group);
@@ -199,6 +216,9 @@ impl Groups for GroupsService {
         let service = ServiceKind::parse(&want.service)
             .ok_or_else(|| Status::invalid_argument(format!("concord: unknown service {:?}", want.service)))?;
         let replicas = if want.replicas.is_empty() {
+            // The registry as of now, not as this member last applied it.
+            let timeout = self.node.config.request_timeout();
+            self.node.group.read_barrier(timeout).await.map_err(super::errors::from_consensus)?;
             let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
             let mut all: Vec<MemberId> = members::records(&txn)
                 .map_err(|e| Status::internal(e.to_string()))?
