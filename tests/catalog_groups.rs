@@ -210,3 +210,43 @@ async fn the_cli_creates_uses_and_removes_a_group() {
     assert_eq!(run(&["register", "read", "7", "x"]), (false, "Error: concord: raft group 7 is not hosted here".into()));
     assert_eq!(run(&["group", "rm", "7"]), (false, "Error: concord: raft group not found".into()));
 }
+
+/// A catalog group whose Raft core stops (here: its snapshot cannot be written,
+/// a storage failure) is restarted by the member's group host from its own data,
+/// loudly (an error naming the group), while the member and its etcd store go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_is_restarted_from_its_data() {
+    let options = ClusterOptions { extra_args: vec!["--snapshot-count".into(), "50".into()], ..Default::default() };
+    let cluster = ProcessCluster::start(&bin(), 1, options);
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let ch = channel(&cluster.endpoints()[0]).await;
+    let spec = GroupSpec { id: 3, service: "register".into(), replicas: vec![] };
+    GroupsClient::new(ch.clone()).create(CreateRequest { group: Some(spec) }).await.expect("create");
+    let mut c = RegistersClient::new(ch.clone());
+    c.write(WriteRequest { group: 3, key: "kept".into(), value: 7 }).await.expect("write");
+
+    // Snapshots of group 3 go to member/groups/3/snap: a file in its place makes
+    // the next snapshot build fail, which stops the group's Raft core.
+    let snap = cluster.members[0].data_dir.join("member/groups/3/snap");
+    std::fs::remove_dir_all(&snap).expect("remove the snapshot dir");
+    std::fs::write(&snap, b"not a directory").expect("block it");
+    for i in 0..60 {
+        let _ = c.write(WriteRequest { group: 3, key: format!("k{i}"), value: i }).await;
+    }
+    let stopped = eventually(Duration::from_secs(20), || async {
+        cluster.log_text(0).contains("the Raft core of a hosted group stopped").then_some(())
+    })
+    .await;
+    assert!(stopped.is_some(), "the group never failed");
+    // Once it can write snapshots again, the restarted replica serves its data.
+    std::fs::remove_file(&snap).expect("unblock");
+    let back = eventually(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.read(ReadRequest { group: 3, key: "kept".into() }).await.ok().map(|r| r.into_inner().value) }
+    })
+    .await;
+    assert_eq!(back, Some(Some(7)));
+    c.write(WriteRequest { group: 3, key: "after".into(), value: 1 }).await.expect("write after the restart");
+    let mut kv = cluster.client(0).await;
+    kv.put("etcd", "still here", None).await.expect("the etcd store is unaffected");
+}

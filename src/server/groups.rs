@@ -33,6 +33,9 @@ use crate::proto::groups::{
 };
 use crate::register::{RegisterError, Registers};
 
+/// Least time between a hosted replica's failure and its restart.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Pause between passes that match the hosted replicas to the catalog.
 const HOST_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -49,6 +52,9 @@ pub struct GroupHost {
     /// Hosted groups known to be initialised: not asked again every pass (each
     /// question wakes the group's Raft core).
     initialized: Mutex<BTreeSet<GroupId>>,
+    /// Replicas closed after their Raft core stopped, and when: started again only
+    /// [`RESTART_BACKOFF`] later, so one that keeps failing does not spin.
+    failed: Mutex<BTreeMap<GroupId, std::time::Instant>>,
     /// Wakes [`GroupHost::run`] for a pass now (after a catalog change here).
     kick: tokio::sync::Notify,
 }
@@ -63,6 +69,7 @@ impl GroupHost {
             config,
             hosted: Mutex::default(),
             initialized: Mutex::default(),
+            failed: Mutex::default(),
             kick: tokio::sync::Notify::new(),
         }
     }
@@ -116,18 +123,71 @@ impl GroupHost {
             registry.into_iter().map(|(id, r)| (id, PeerInfo { peer_urls: r.peer_urls })).collect();
         let mine: BTreeMap<GroupId, GroupSpec> =
             catalog.into_iter().filter(|(_, spec)| spec.replicas.contains(&self.member)).collect();
+        self.restart_failed().await?;
+        // One group's trouble does not hold up the others: errors are collected.
+        let mut errors = Vec::new();
         let hosted: BTreeSet<GroupId> = self.hosted.lock().expect("hosted groups poisoned").keys().copied().collect();
         for id in hosted.iter().filter(|id| !mine.contains_key(id)) {
-            self.stop(*id).await?;
+            errors.extend(self.stop(*id).await.err());
         }
+        let backing_off: BTreeSet<GroupId> = {
+            let mut failed = self.failed.lock().expect("failed groups poisoned");
+            failed.retain(|_, at| at.elapsed() < RESTART_BACKOFF);
+            failed.keys().copied().collect()
+        };
         for (id, spec) in &mine {
-            if !hosted.contains(id) {
-                self.start(*id, spec).await?;
+            if !hosted.contains(id) && !backing_off.contains(id) {
+                if let Err(e) = self.start(*id, spec).await {
+                    errors.push(e);
+                    continue;
+                }
             }
             if spec.replicas.first() == Some(&self.member) {
-                self.initialize(*id, spec, &peers).await?;
+                errors.extend(self.initialize(*id, spec, &peers).await.err());
             }
         }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(errors.join("; ")),
+        }
+    }
+
+    /// Closes every hosted replica whose Raft core has stopped (a storage failure,
+    /// a panic in it), keeping its data: the rest of this pass starts it again
+    /// from its log and state. Supervision by design for catalog groups: one
+    /// failed group does not stop the member or its other groups, and is not left
+    /// silently dead either.
+    async fn restart_failed(&self) -> Result<(), String> {
+        let failed: Vec<(GroupId, String)> = self
+            .hosted
+            .lock()
+            .expect("hosted groups poisoned")
+            .iter()
+            .filter_map(|(id, r)| {
+                let metrics = r.group.raft.metrics();
+                let state = openraft::async_runtime::WatchReceiver::borrow_watched(&metrics);
+                state.running_state.as_ref().err().map(|e| (*id, e.to_string()))
+            })
+            .collect();
+        for (id, why) in failed {
+            tracing::error!(group = id, "the Raft core of a hosted group stopped ({why}); restarting its replica");
+            self.close(id).await?;
+            self.failed.lock().expect("failed groups poisoned").insert(id, std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Stops routing to replica `id`, stops its Raft core and waits until its log
+    /// store is closed; its data stays.
+    async fn close(&self, id: GroupId) -> Result<(), String> {
+        self.registry.remove(id);
+        self.initialized.lock().expect("initialized groups poisoned").remove(&id);
+        let Some(group) = self.hosted.lock().expect("hosted groups poisoned").remove(&id) else { return Ok(()) };
+        // A core that failed has stopped already; shutting it down again is harmless.
+        if let Err(e) = group.group.raft.shutdown().await {
+            tracing::debug!(group = id, "shutdown: {e}");
+        }
+        drop(group);
         Ok(())
     }
 
@@ -170,11 +230,7 @@ impl GroupHost {
     }
 
     async fn stop(&self, id: GroupId) -> Result<(), String> {
-        self.registry.remove(id);
-        self.initialized.lock().expect("initialized groups poisoned").remove(&id);
-        let Some(group) = self.hosted.lock().expect("hosted groups poisoned").remove(&id) else { return Ok(()) };
-        group.group.raft.shutdown().await.map_err(|e| format!("group {id}: {e}"))?;
-        drop(group);
+        self.close(id).await?;
         let dir = self.dir.join(id.to_string());
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", dir.display())),
