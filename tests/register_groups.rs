@@ -32,6 +32,7 @@ fn config() -> GroupConfig {
         max_peer_message_bytes: 16 << 20,
         max_request_bytes: 1 << 20,
         peer_tls: None,
+        peer_channels: Default::default(),
     }
 }
 
@@ -57,9 +58,11 @@ async fn start_node(id: MemberId, dir: &std::path::Path, listener: tokio::net::T
     let log = NodeLog::open(&dir.join("log"), Arc::default()).expect("open the node's journal");
     let registry = GroupRegistry::default();
     let mut registers = BTreeMap::new();
+    // One config for all the node's groups: they share its peer connections.
+    let config = config();
     for g in 2..2 + GROUPS {
         let store = log.group(g, id).expect("group log");
-        let r = Registers::start(id, g, &dir.join(format!("group-{g}")), store, &config()).await.expect("start group");
+        let r = Registers::start(id, g, &dir.join(format!("group-{g}")), store, &config).await.expect("start group");
         registry.insert(r.group.clone());
         registers.insert(g, r);
     }

@@ -310,6 +310,7 @@ fn group_config() -> GroupConfig {
         max_peer_message_bytes: 64 << 20,
         max_request_bytes: concord::server::config::DEFAULT_MAX_REQUEST_BYTES,
         peer_tls: None,
+        peer_channels: Default::default(),
     }
 }
 

@@ -168,6 +168,9 @@ pub struct GroupConfig {
     pub max_request_bytes: u64,
     /// TLS for connections to peers (`None`: plain http).
     pub peer_tls: Option<network::PeerTls>,
+    /// The node's connections to its peers, shared by all its groups (a group
+    /// started with a config clone uses the same connections).
+    pub peer_channels: network::PeerChannels,
 }
 
 /// Most entries one AppendEntries carries (openraft's default is 300). Under 1000
@@ -287,6 +290,7 @@ impl Group {
         )
         .with_local_answers(answers)
         .with_log_progress(log.progress())
+        .with_channels(config.peer_channels.clone())
         .with_group(group_id);
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
@@ -565,6 +569,7 @@ mod tests {
             max_peer_message_bytes: peer,
             max_request_bytes: request,
             peer_tls: None,
+            peer_channels: Default::default(),
         };
         let default = config((2 << 30) + (64 << 20), 1_572_864);
         assert_eq!(default.max_payload_entries(), 1407);

@@ -149,10 +149,23 @@ const MAX_LANE_QUEUE: usize = 64;
 /// The TLS client configuration peers are dialled with (`https://` peer URLs).
 pub type PeerTls = Arc<rustls::ClientConfig>;
 
+/// One HTTP/2 connection per peer URL, shared by every group of the node: each
+/// group's requests (and streams) are multiplexed on it, tagged with the group
+/// (see [`GROUP_HEADER`]). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct PeerChannels(Arc<Mutex<HashMap<String, Channel>>>);
+
+impl std::fmt::Debug for PeerChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peers = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "PeerChannels({peers} peers)")
+    }
+}
+
 /// Connections to peers, shared by every Raft client and forwarding call.
 #[derive(Clone)]
 pub struct PeerPool {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: PeerChannels,
     /// Used for `https://` peers; an `https://` peer without it is unreachable.
     tls: Option<PeerTls>,
     max_message_bytes: usize,
@@ -217,7 +230,7 @@ impl PeerPool {
         tls: Option<PeerTls>,
     ) -> Self {
         PeerPool {
-            channels: Arc::default(),
+            channels: PeerChannels::default(),
             forwarders: Arc::default(),
             read_indexers: Arc::default(),
             lanes: Arc::default(),
@@ -246,6 +259,12 @@ impl PeerPool {
         self
     }
 
+    /// Dials peers on `channels` (the node's, shared with its other groups).
+    pub fn with_channels(mut self, channels: PeerChannels) -> Self {
+        self.channels = channels;
+        self
+    }
+
     /// Requests from this pool belong to its group.
     pub fn with_group(mut self, group: GroupId) -> Self {
         self.group = group;
@@ -261,7 +280,7 @@ impl PeerPool {
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
         let url = node.peer_urls.first().ok_or_else(|| "member has no peer URL".to_string())?;
-        let mut map = self.channels.lock().expect("peer channel map poisoned");
+        let mut map = self.channels.0.lock().expect("peer channel map poisoned");
         let channel = match map.get(url) {
             Some(c) => c.clone(),
             None => {

@@ -71,6 +71,14 @@ const GRPC_OVERHEAD_BYTES: u64 = 512 * 1024;
 /// (`consensus::snapshot`), not in one message.
 const PEER_MESSAGE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 
+/// HTTP/2 streams open at once on one peer connection. A member pair shares one
+/// connection for all groups, and each group keeps up to ~4 long-lived streams on
+/// it (a replication stream and a heartbeat lane per follower, a follower's `Mux`
+/// to its leader) besides short calls: room for every catalog group
+/// (`etcd_store::catalog::MAX_GROUPS`) and the etcd store's. hyper's default, 200,
+/// would stall the groups past ~50.
+const MAX_PEER_STREAMS_PER_CONNECTION: u32 = 4 * (crate::etcd_store::catalog::MAX_GROUPS as u32 + 1) + 64;
+
 /// Peer connections served at once per peer listener (a cluster has a handful
 /// of members, each holding one or two connections).
 const MAX_PEER_CONNECTIONS: usize = 256;
@@ -370,6 +378,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         max_peer_message_bytes,
         max_request_bytes: config.max_request_bytes,
         peer_tls: peer_tls(&config)?,
+        peer_channels: Default::default(),
     };
     let jwt = match &config.auth_token {
         crate::auth::tokens::TokenConfig::Simple => None,
@@ -475,6 +484,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let mut tasks = tokio::task::JoinSet::new();
     for (url, l) in peer_listeners {
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_PEER_STREAMS_PER_CONNECTION))
             .add_service(PeerService::server(registry.clone(), max_peer_message_bytes));
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
         let tls = peer_server_tls.clone();
