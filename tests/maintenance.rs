@@ -63,16 +63,28 @@ async fn hash_is_equal_across_members_at_the_same_revision() {
         .expect("put with lease");
     c.delete("k1", None).await.expect("delete");
     let rev = c.get("k0", None).await.unwrap().header().unwrap().revision();
-    let mut hashes = Vec::new();
-    for i in 0..3 {
-        let mut m = cluster.client(i).await;
-        // Linearizable read first: the member has applied everything up to `rev`.
-        m.get("k0", None).await.expect("barrier read");
-        let h = m.hash().await.expect("hash");
-        assert_eq!(h.header().unwrap().revision(), rev);
-        hashes.push(h.hash());
-    }
-    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "Hash differs across members: {hashes:?}");
+    // The lessor's checkpoints (entries that rewrite the lease's remaining TTL but
+    // no revision) can be applied on one member a moment before another, so the
+    // members are asked until they agree: they must, at the same revision.
+    let last = std::sync::Mutex::new(Vec::new());
+    let agreed = eventually(Duration::from_secs(10), || {
+        let (last, cluster) = (&last, &cluster);
+        async move {
+            let mut hashes = Vec::new();
+            for i in 0..3 {
+                let mut m = cluster.client(i).await;
+                // Linearizable read first: the member has applied everything up to `rev`.
+                m.get("k0", None).await.ok()?;
+                let h = m.hash().await.ok()?;
+                assert_eq!(h.header().unwrap().revision(), rev);
+                hashes.push(h.hash());
+            }
+            *last.lock().expect("last hashes") = hashes.clone();
+            hashes.windows(2).all(|w| w[0] == w[1]).then_some(())
+        }
+    })
+    .await;
+    assert!(agreed.is_some(), "Hash differs across members: {last:?}");
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

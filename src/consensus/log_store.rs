@@ -754,6 +754,51 @@ mod tests {
         Suite::test_all(Builder).await.expect("openraft storage suite");
     }
 
+    /// A log with entries but no format mark (written before entries were
+    /// service-neutral) is refused until converted; a converted one opens with
+    /// every entry rewritten; a removed group leaves nothing behind, so one created
+    /// again under its id starts empty, without the old vote.
+    #[tokio::test]
+    async fn legacy_logs_convert_once_and_removed_groups_leave_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = NodeLog::open(dir.path(), Arc::default()).expect("open journal");
+        {
+            let mut store = log.group(7, 1).expect("open");
+            flushed_append(&mut store, (1..=3).map(|i| entry(1, i)).collect()).await;
+            store.save_vote(&VoteOf::<C>::new(2, 1)).await.expect("vote");
+        }
+        // Remove the mark: now it looks like a log of the previous release.
+        let key = {
+            let store = log.open_store(7, 0).expect("raw");
+            store.meta_key(META_FORMAT)
+        };
+        log.journal.meta.remove(key).expect("unmark");
+        let refused = log.group(7, 1).map(|_| ()).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidData, "{refused}");
+        let converted = log
+            .upgrade_legacy(7, &|payload| {
+                let mut e: EntryOf<C> = decode(payload)?;
+                if let openraft::EntryPayload::Normal(p) = &mut e.payload {
+                    p.body.push(0xAA);
+                }
+                Ok(e)
+            })
+            .expect("convert");
+        assert_eq!(converted, 3);
+        assert_eq!(log.upgrade_legacy(7, &|_| Err(io::Error::other("must not run again"))).expect("no-op"), 0);
+        {
+            let mut store = log.group(7, 1).expect("opens once converted");
+            let entries = store.try_get_log_entries(1..=3).await.expect("read");
+            assert!(entries
+                .iter()
+                .all(|e| matches!(&e.payload, openraft::EntryPayload::Normal(p) if p.body.last() == Some(&0xAA))));
+        }
+        log.remove_group(7).expect("remove");
+        let mut again = log.group(7, 1).expect("a new group under the same id");
+        assert_eq!(again.last_index().expect("index"), 0);
+        assert_eq!(again.read_vote().await.expect("vote"), None);
+    }
+
     /// The progress a leader's replication streams read follows appends,
     /// truncations and saved commit indexes, and survives a reopen.
     #[tokio::test]

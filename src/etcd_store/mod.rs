@@ -53,7 +53,7 @@ pub struct EtcdStore {
 }
 
 /// The store is its group with etcd's state beside it: the group's methods
-/// (reads barriers, metrics, leadership) are the store's.
+/// (read barriers, metrics, leadership) are the store's.
 impl std::ops::Deref for EtcdStore {
     type Target = Group;
 
