@@ -1323,12 +1323,15 @@ impl RaftNetworkV2<C> for PeerConn {
 /// The server side of the peer service.
 pub struct PeerService {
     groups: GroupRegistry,
+    /// Largest snapshot a peer may announce (the peer message limit, which the
+    /// quota bounds): a larger one is refused before anything is written.
+    max_snapshot_bytes: u64,
 }
 
 impl PeerService {
     /// Serves the peer requests of every group in `groups`.
     pub fn server(groups: GroupRegistry, max_message_bytes: usize) -> PeerServer<PeerService> {
-        PeerServer::new(PeerService { groups })
+        PeerServer::new(PeerService { groups, max_snapshot_bytes: max_message_bytes as u64 })
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
     }
@@ -1438,6 +1441,9 @@ impl Peer for PeerService {
         let Some(SnapshotFrame::Head { vote, meta, len }) = next_frame(&mut frames).await? else {
             return Err(bad("it does not start with a head".into()));
         };
+        if len > self.max_snapshot_bytes {
+            return Err(bad(format!("a snapshot of {len} bytes (at most {})", self.max_snapshot_bytes)));
+        }
         let dir = group.snapshot_dir();
         let mut incoming = IncomingSnapshot::new(dir, len).map_err(|e| Status::internal(e.to_string()))?;
         let data = loop {
