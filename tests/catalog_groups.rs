@@ -12,7 +12,7 @@ use concord::proto::groups::registers_client::RegistersClient;
 use concord::proto::groups::{
     CasRequest, CreateRequest, GroupSpec, ListRequest, ReadRequest, RemoveRequest, WriteRequest,
 };
-use concord_testkit::linearizability::{check, Event, Op, Outcome};
+use concord_testkit::linearizability::{check, initial_writes, Event, Op, Outcome};
 use concord_testkit::{eventually, ClusterOptions, ProcessCluster};
 use rand::Rng;
 use tonic::transport::Channel;
@@ -122,16 +122,7 @@ async fn sixty_four_groups_created_at_runtime_survive_kills_and_stay_linearizabl
 
     let run = Duration::from_secs(12);
     // The writes of 0 above, all complete before anything below starts.
-    let initial = (2..2 + GROUPS).map(|g| Event {
-        client: 0,
-        key: format!("g{g}"),
-        op: Op::Write(0),
-        outcome: Outcome::Written,
-        invoked: 0,
-        completed: 0,
-        revision: 0,
-    });
-    let history = Arc::new(Mutex::new(initial.collect::<Vec<_>>()));
+    let history = Arc::new(Mutex::new(initial_writes((2..2 + GROUPS).map(|g| format!("g{g}")), 0)));
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
     for g in 2..2 + GROUPS {

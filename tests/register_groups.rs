@@ -15,7 +15,7 @@ use concord::consensus::log_store::NodeLog;
 use concord::consensus::network::PeerService;
 use concord::consensus::{GroupConfig, GroupId, GroupRegistry, MemberId, PeerInfo};
 use concord::register::Registers;
-use concord_testkit::linearizability::{check, Event, Op, Outcome};
+use concord_testkit::linearizability::{check, initial_writes, Event, Op, Outcome};
 use rand::Rng;
 
 const GROUPS: u64 = 8;
@@ -153,16 +153,7 @@ async fn register_groups_stay_linearizable_while_leaders_stop() {
     }
 
     // The writes of 0 above, all complete before anything below starts.
-    let initial = (2..2 + GROUPS).map(|g| Event {
-        client: 0,
-        key: format!("g{g}"),
-        op: Op::Write(0),
-        outcome: Outcome::Written,
-        invoked: 0,
-        completed: 0,
-        revision: 0,
-    });
-    let history = Arc::new(Mutex::new(initial.collect::<Vec<_>>()));
+    let history = Arc::new(Mutex::new(initial_writes((2..2 + GROUPS).map(|g| format!("g{g}")), 0)));
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
     let down = Down::default();

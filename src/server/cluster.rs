@@ -186,12 +186,7 @@ impl Maintenance for MaintenanceService {
             alarm_request::AlarmAction::Get => {
                 // Linearizable, as etcd's (which goes through Raft): an alarm raised on
                 // another member is visible as soon as that member reported it.
-                self.node
-                    .group
-                    .read_barrier(self.node.config.request_timeout())
-                    .await
-                    .map_err(super::errors::from_consensus)?;
-                let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+                let txn = self.node.linearizable_txn().await?;
                 alarms(&txn)
                     .map_err(|e| Status::internal(e.to_string()))?
                     .into_iter()

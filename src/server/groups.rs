@@ -273,9 +273,7 @@ impl Groups for GroupsService {
             .ok_or_else(|| Status::invalid_argument(format!("concord: unknown service {:?}", want.service)))?;
         let replicas = if want.replicas.is_empty() {
             // The registry as of now, not as this member last applied it.
-            let timeout = self.node.config.request_timeout();
-            self.node.group.read_barrier(timeout).await.map_err(super::errors::from_consensus)?;
-            let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+            let txn = self.node.linearizable_txn().await?;
             let mut all: Vec<MemberId> = members::records(&txn)
                 .map_err(|e| Status::internal(e.to_string()))?
                 .into_iter()
@@ -310,12 +308,7 @@ impl Groups for GroupsService {
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         self.node.require_admin(&req)?;
-        self.node
-            .group
-            .read_barrier(self.node.config.request_timeout())
-            .await
-            .map_err(super::errors::from_consensus)?;
-        let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
+        let txn = self.node.linearizable_txn().await?;
         let groups = catalog::groups(&txn).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ListResponse { groups: groups.iter().map(|(id, s)| spec_message(*id, s)).collect() }))
     }

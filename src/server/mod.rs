@@ -204,6 +204,14 @@ pub struct Node {
 pub const QUOTA_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Node {
+    /// A read transaction on this member's state that holds everything committed
+    /// before the call (a read barrier first): linearizable reads of replicated
+    /// metadata (alarms, the member registry, the group catalog).
+    pub async fn linearizable_txn(&self) -> Result<redb::ReadTransaction, tonic::Status> {
+        self.group.read_barrier(self.config.request_timeout()).await.map_err(errors::from_consensus)?;
+        self.group.backend.begin_read().map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+
     /// Proposes a command and decodes its applied etcd response. Enforces
     /// `--max-request-bytes` on the encoded request first.
     pub async fn propose<Resp: prost::Message + Default>(&self, cmd: Command) -> Result<Resp, tonic::Status> {

@@ -93,6 +93,22 @@ impl fmt::Display for Violation {
     }
 }
 
+/// Writes of `value` to each of `keys` that completed at time 0, before anything
+/// a history records afterwards: what a test wrote while setting up.
+pub fn initial_writes(keys: impl IntoIterator<Item = String>, value: u64) -> Vec<Event> {
+    keys.into_iter()
+        .map(|key| Event {
+            client: 0,
+            key,
+            op: Op::Write(value),
+            outcome: Outcome::Written,
+            invoked: 0,
+            completed: 0,
+            revision: 0,
+        })
+        .collect()
+}
+
 /// Checks every key of `history`; the first violation found (keys in order).
 pub fn check(history: &[Event]) -> Result<(), Violation> {
     let mut by_key: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
