@@ -241,3 +241,93 @@ async fn a_failed_group_is_restarted_from_its_data() {
     let mut kv = cluster.client(0).await;
     kv.put("etcd", "still here", None).await.expect("the etcd store is unaffected");
 }
+
+/// (quiescent, hosted) groups of member `i`, from its `/metrics`.
+fn quiescence(cluster: &ProcessCluster, i: usize) -> Option<(u64, u64)> {
+    let (_, body) = concord_testkit::http_get(cluster.members[i].client_port, "/metrics").ok()?;
+    let gauge =
+        |name: &str| body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
+    Some((gauge("concord_raft_groups_quiescent")?, gauge("concord_raft_groups")?))
+}
+
+/// Waits until every group on every running member is quiescent.
+async fn all_quiescent(cluster: &ProcessCluster, groups: u64, why: &str) {
+    let quiet = eventually(Duration::from_secs(30), || async {
+        (0..cluster.members.len())
+            .filter(|i| cluster.members[*i].is_running())
+            .all(|i| quiescence(cluster, i) == Some((groups, groups)))
+            .then_some(())
+    })
+    .await;
+    let now: Vec<_> = (0..cluster.members.len()).map(|i| quiescence(cluster, i)).collect();
+    assert!(quiet.is_some(), "{why}: not every group went quiescent: {now:?}");
+}
+
+/// Writes `value` to every group's register through member `via`, each within
+/// `within` (retried: a group may be electing a leader).
+async fn write_all(channel: &Channel, groups: std::ops::Range<u64>, value: u64, within: Duration) {
+    for g in groups {
+        let written = eventually(within, || {
+            let mut c = RegistersClient::new(channel.clone());
+            async move { c.write(WriteRequest { group: g, key: "q".into(), value }).await.ok() }
+        })
+        .await;
+        assert!(written.is_some(), "group {g}: no write of {value} within {within:?}");
+    }
+}
+
+/// Idle groups stop ticking on every member (the etcd store's too) and still
+/// serve: a write wakes a group, which goes quiet again; when a member stops
+/// (SIGSTOP, then SIGKILL) while its groups are quiescent, the groups it led
+/// elect new leaders and serve through the others; a member that comes back
+/// catches up and every group goes quiet again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiescent_groups_serve_and_fail_over() {
+    const N: u64 = 8;
+    let mut cluster = ProcessCluster::start(&bin(), 3, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let endpoints = cluster.endpoints();
+    let mut admin = GroupsClient::new(channel(&endpoints[0]).await);
+    for id in 2..2 + N {
+        let spec = GroupSpec { id, service: "register".into(), replicas: vec![] };
+        admin.create(CreateRequest { group: Some(spec) }).await.expect("create");
+    }
+    let mut channels = Vec::new();
+    for e in &endpoints {
+        channels.push(channel(e).await);
+    }
+    let hosted = N + 1;
+    write_all(&channels[0], 2..2 + N, 1, Duration::from_secs(30)).await;
+    all_quiescent(&cluster, hosted, "idle after creation").await;
+
+    // Quiescent groups take writes and linearizable reads (which wake them).
+    write_all(&channels[1], 2..2 + N, 2, Duration::from_secs(5)).await;
+    for g in 2..2 + N {
+        let read = RegistersClient::new(channels[2].clone()).read(ReadRequest { group: g, key: "q".into() }).await;
+        assert_eq!(read.expect("read").into_inner().value, Some(2), "group {g}");
+    }
+    all_quiescent(&cluster, hosted, "idle after writes").await;
+
+    // A frozen member: the groups it led elect leaders among the other two.
+    cluster.pause(0);
+    write_all(&channels[1], 2..2 + N, 3, Duration::from_secs(20)).await;
+    let mut kv = cluster.client(1).await;
+    kv.put("quiet", "failover", None).await.expect("the etcd store serves without member 0");
+    cluster.resume(0);
+    write_all(&channels[0], 2..2 + N, 4, Duration::from_secs(20)).await;
+    all_quiescent(&cluster, hosted, "idle after the pause").await;
+
+    // A killed member, and its restart.
+    cluster.kill(1);
+    write_all(&channels[2], 2..2 + N, 5, Duration::from_secs(20)).await;
+    cluster.restart(1);
+    write_all(&channels[1], 2..2 + N, 6, Duration::from_secs(30)).await;
+    all_quiescent(&cluster, hosted, "idle after the restart").await;
+    for g in 2..2 + N {
+        for ch in &channels {
+            let read = RegistersClient::new(ch.clone()).read(ReadRequest { group: g, key: "q".into() }).await;
+            assert_eq!(read.expect("read").into_inner().value, Some(6), "group {g}");
+        }
+    }
+    assert!(cluster.crashed().is_empty(), "a member exited on its own");
+}

@@ -130,6 +130,7 @@ impl Group {
     /// Hands leadership from this member (which must lead) to voter `to`, and waits
     /// until `to` leads or `timeout` passes.
     pub async fn transfer_leadership(&self, to: MemberId, timeout: Duration) -> Result<(), ConsensusError> {
+        self.wake().await;
         self.raft.trigger().transfer_leader(to).await.map_err(|e| ConsensusError::Fatal(e.to_string()))?;
         self.raft
             .wait(Some(timeout))
@@ -147,6 +148,7 @@ impl Group {
     /// Makes one membership change through joint consensus, within [`CHANGE_TIMEOUT`].
     pub async fn change_membership(&self, change: ChangeMembers<MemberId, PeerInfo>, what: &str) -> Result<(), String> {
         tracing::info!(?change, "membership: {what}");
+        self.wake().await;
         match tokio::time::timeout(CHANGE_TIMEOUT, self.raft.change_membership(change, false)).await {
             Err(_) => Err(format!("{what}: timed out")),
             Ok(Err(e)) => Err(format!("{what}: {e}")),

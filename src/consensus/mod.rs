@@ -19,6 +19,7 @@
 pub mod log_store;
 pub mod membership;
 pub mod network;
+pub mod quiesce;
 pub mod service;
 pub mod snapshot;
 
@@ -40,23 +41,36 @@ pub type GroupId = u64;
 /// directory is `group-1`). Peer requests that name no group are for it.
 pub const FIRST_GROUP: GroupId = 1;
 
-/// The groups this node hosts, by id: where the peer service sends each request.
+/// The groups this node hosts, by id: where the peer service sends each request;
+/// and what the node heard from its peers' liveness pings (see [`quiesce`]).
 #[derive(Clone, Default)]
-pub struct GroupRegistry(Arc<std::sync::RwLock<std::collections::HashMap<GroupId, Group>>>);
+pub struct GroupRegistry {
+    groups: Arc<std::sync::RwLock<std::collections::BTreeMap<GroupId, Group>>>,
+    liveness: Arc<quiesce::Liveness>,
+}
 
 impl GroupRegistry {
     /// Adds (or replaces) `group` under its id.
     pub fn insert(&self, group: Group) {
-        self.0.write().expect("group registry poisoned").insert(group.group_id, group);
+        self.groups.write().expect("group registry poisoned").insert(group.group_id, group);
     }
 
     pub fn get(&self, id: GroupId) -> Option<Group> {
-        self.0.read().expect("group registry poisoned").get(&id).cloned()
+        self.groups.read().expect("group registry poisoned").get(&id).cloned()
     }
 
     /// Stops routing requests to group `id`.
     pub fn remove(&self, id: GroupId) -> Option<Group> {
-        self.0.write().expect("group registry poisoned").remove(&id)
+        self.groups.write().expect("group registry poisoned").remove(&id)
+    }
+
+    /// Every group hosted, in id order.
+    pub fn all(&self) -> Vec<Group> {
+        self.groups.read().expect("group registry poisoned").values().cloned().collect()
+    }
+
+    pub fn liveness(&self) -> &quiesce::Liveness {
+        &self.liveness
     }
 }
 
@@ -247,6 +261,9 @@ pub struct Group {
     member_calls: Arc<std::sync::OnceLock<Arc<dyn MemberCalls>>>,
     /// Where snapshots sent by the leader are received (unlinked scratch files).
     snapshot_dir: Arc<std::path::PathBuf>,
+    /// Whether this replica is quiescent (see [`quiesce`]): per Raft instance, so
+    /// a restarted replica starts awake.
+    quiet: Arc<std::sync::Mutex<quiesce::QuietState>>,
 }
 
 /// Requests that only the leader can answer but that need no log entry (the
@@ -305,6 +322,7 @@ impl Group {
             leader_calls: Arc::default(),
             member_calls: Arc::default(),
             snapshot_dir,
+            quiet: Arc::default(),
         })
     }
 
@@ -325,6 +343,7 @@ impl Group {
         let deadline = tokio::time::Instant::now() + timeout;
         let body = &body;
         let local = || async move {
+            self.wake().await;
             let proposal = service::Proposal { origin: None, body: body.clone() };
             match tokio::time::timeout_at(deadline, self.raft.client_write(proposal)).await {
                 Err(_) => Err(ConsensusError::Timeout),

@@ -413,6 +413,17 @@ impl PeerPool {
         forward_result(r)
     }
 
+    /// Sends this node's liveness ping to `node` (see [`super::quiesce`]).
+    pub async fn liveness(
+        &self,
+        node: &PeerInfo,
+        ping: &super::quiesce::LivenessPing,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let r: Result<(), _> = self.call(node, ping, timeout, |mut c, r| async move { c.liveness(r).await }).await;
+        r.map_err(|e| format!("{e:?}"))
+    }
+
     /// Times one round trip to `node` (an `Admin` probe on the shared peer
     /// connection) and records it as the round trip to member `id`.
     pub async fn probe(&self, id: MemberId, node: &PeerInfo, timeout: Duration) -> Result<Duration, String> {
@@ -1537,12 +1548,19 @@ impl Peer for PeerService {
             AdminRequest::Service(req) => reply(&group.local_member_call(req).await.map_err(|e| e.to_string())),
         }
     }
+
+    /// A peer node's liveness ping (node-level: no group header).
+    async fn liveness(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.groups.liveness().heard(arg(req)?);
+        reply(&())
+    }
 }
 
 /// Submits a batch of forwarded writes together; one answer per write, in order.
 async fn propose_forwarded(group: &Group, cmds: Vec<Proposal>) -> Vec<ForwardReply<Vec<u8>>> {
     let count = cmds.len();
     let mut out = Vec::with_capacity(count);
+    group.wake().await;
     match group.raft.client_write_many(cmds).await {
         // The Raft core is gone (this replica was stopped, or failed): nothing was
         // appended, and a leader elected among the others can take the writes.

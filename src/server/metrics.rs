@@ -362,7 +362,7 @@ pub fn render(node: &Node) -> String {
     let load = |g: &AtomicI64| g.load(Ordering::Relaxed).to_string();
     let (backlog, max_backlog) = stats.watch_backlog();
     let purged = m.purged.map(|l| l.index()).unwrap_or(0);
-    let series: [(&str, &str, String); 20] = [
+    let series: [(&str, &str, String); 22] = [
         (
             "etcd_server_has_leader",
             "Whether or not a leader exists. 1 is existence, 0 is not.",
@@ -435,6 +435,12 @@ pub fn render(node: &Node) -> String {
             stats.proposals_failed.load(Ordering::Relaxed).to_string(),
         ),
         ("concord_client_requests_total", "Client RPCs handled since start.", stats.total_rpcs().to_string()),
+        ("concord_raft_groups", "Raft groups this member hosts.", node.registry.all().len().to_string()),
+        (
+            "concord_raft_groups_quiescent",
+            "Hosted Raft groups idle and not ticking (no heartbeats, no election timer).",
+            node.registry.liveness().quiet_groups().to_string(),
+        ),
     ];
     let mut out = String::new();
     for (name, help, value) in series {

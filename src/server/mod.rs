@@ -197,6 +197,9 @@ pub struct Node {
     pub stats: Arc<metrics::ServerStats>,
     /// Token provider and auth-store cache (see [`auth`]).
     pub auth: auth::AuthContext,
+    /// Every Raft group this node hosts (the etcd store's and the catalog's),
+    /// and what it heard from its peers' liveness pings.
+    pub registry: GroupRegistry,
 }
 
 /// How often the quota's size sample is refreshed: writes can overshoot the quota
@@ -465,6 +468,8 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         }
     }
 
+    let registry = GroupRegistry::default();
+    registry.insert(group.group.clone());
     let node = Arc::new(Node {
         config: config.clone(),
         group: group.clone(),
@@ -473,6 +478,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         db_in_use_bytes: std::sync::atomic::AtomicU64::new(0),
         stats: Arc::default(),
         auth: auth::AuthContext::new(jwt),
+        registry: registry.clone(),
     });
     let supervisor = Supervisor::new();
     supervisor.spawn("metrics-monitor", metrics::run_monitor(node.clone()));
@@ -480,8 +486,14 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     supervisor.spawn("peer-prober", group.group.clone().run_prober());
     supervisor.spawn("db-size-sampler", sample_db_size(node.clone()));
 
-    let registry = GroupRegistry::default();
-    registry.insert(group.group.clone());
+    let quiescer = crate::consensus::quiesce::Quiescer::new(
+        identity.member_id,
+        registry.clone(),
+        group.group.peers().clone(),
+        Duration::from_millis(config.heartbeat_ms),
+        Duration::from_millis(config.election_timeout_ms),
+    );
+    supervisor.spawn("quiescer", quiescer.run());
     let host = Arc::new(groups::GroupHost::new(
         identity.member_id,
         member_dir.join("groups"),
