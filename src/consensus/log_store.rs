@@ -1,15 +1,17 @@
-//! The durable Raft log: one `fjall` journal shared by every group of the member.
+//! The durable Raft log: one journal shared by every group of the member
+//! (`fjall` in a member, a model disk in the simulation: see [`super::journal`]).
 //!
-//! Layout: keyspace `log` maps (group id ‖ index, both big-endian) to a record
+//! Layout: key space `log` maps (group id ‖ index, both big-endian) to a record
 //! `crc32 ‖ bincode(entry)`; keyspace `meta` maps (group id ‖ name) to the vote,
 //! the committed log id and the last purged log id. Keying by group lets later
 //! multi-group members share one journal, so one fsync covers many groups.
 //!
 //! Ordering rules relied upon:
 //! - An append is acknowledged to openraft (the `IOFlushed` callback) only after an
-//!   fsync (`PersistMode::SyncData`) that covers it. Appends are written to fjall
+//!   fsync ([`Journal::sync`]) that covers it. Appends are written to the journal
 //!   immediately (readable at once). The leader's appends are fsynced by a single
-//!   syncer thread, once per batch of waiting callbacks (group commit), in parallel
+//!   syncer (a thread; a task on a model disk), once per batch of waiting callbacks
+//!   (group commit), in parallel
 //!   with replication; a follower's append is fsynced by the call itself (see
 //!   [`LogStore::append`]).
 //! - The vote is fsynced before `save_vote` returns: a member must never forget a
@@ -43,13 +45,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::journal::{FjallJournal, Journal, Op, Space};
 use super::TypeConfig;
 
 type C = TypeConfig;
@@ -64,15 +66,6 @@ const META_FORMAT: &str = "format";
 
 /// Most callbacks one fsync acknowledges; bounds the syncer's batch memory.
 const MAX_SYNC_BATCH: usize = 4096;
-
-/// fjall's block cache (for log entries already flushed to tables; fjall's
-/// default is 32 MiB). Replication reads recent entries, which are still in
-/// the memtable.
-const LOG_CACHE_BYTES: u64 = 8 * 1024 * 1024;
-
-/// Log bytes held in memory before fjall flushes them to a table file. fjall's
-/// default, 64 MiB, kept that much of every member's log resident.
-const LOG_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Most entries [`Recent`] keeps: ~0.4 s of writes at 10,000 puts/s, far more
 /// than replication or apply lag behind a healthy member.
@@ -156,24 +149,28 @@ impl Recent {
     }
 }
 
-/// One node's journal: the fjall database and the syncer thread that every
-/// group's [`LogStore`] on the node shares (see [`NodeLog`]).
-struct Journal {
-    db: Database,
-    log: Keyspace,
-    meta: Keyspace,
+/// One node's journal and the syncer that every group's [`LogStore`] on the
+/// node shares (see [`NodeLog`]).
+struct NodeJournal {
+    disk: Arc<dyn Journal>,
     /// Where fsync timings go.
     stats: Arc<crate::stats::GroupStats>,
-    /// Hands append callbacks to the syncer thread; bounded so a slow disk pushes
-    /// back on the Raft cores instead of growing memory.
-    sync_tx: mpsc::SyncSender<IOFlushed<C>>,
+    /// Hands append callbacks to the syncer; bounded so a slow disk pushes back
+    /// on the Raft cores instead of growing memory.
+    sync_tx: SyncQueue,
     /// The groups with an open [`LogStore`]: at most one store per group, or two
     /// handles would keep different views of the same keys.
     open_groups: Mutex<std::collections::HashSet<u64>>,
 }
 
+/// Where a leader's append callbacks wait for the syncer's fsync.
+enum SyncQueue {
+    Thread(mpsc::SyncSender<IOFlushed<C>>),
+    Task(tokio::sync::mpsc::Sender<IOFlushed<C>>),
+}
+
 struct Inner {
-    journal: Arc<Journal>,
+    journal: Arc<NodeJournal>,
     group: u64,
     /// This member's id: tells a follower's append (entries of another leader)
     /// from the leader's own (see [`LogStore::append`]).
@@ -225,22 +222,32 @@ impl Drop for Inner {
 /// made before it (group commit across groups). Cheap to clone.
 #[derive(Clone)]
 pub struct NodeLog {
-    journal: Arc<Journal>,
+    journal: Arc<NodeJournal>,
 }
 
 impl NodeLog {
-    /// Opens the journal at `dir`, starting its syncer thread (which ends when the
-    /// last handle on the journal is dropped). Fsync timings go to `stats`.
+    /// Opens the `fjall` journal at `dir` (see [`NodeLog::with_journal`]).
     pub fn open(dir: &Path, stats: Arc<crate::stats::GroupStats>) -> io::Result<NodeLog> {
-        let db = Database::builder(dir).cache_size(LOG_CACHE_BYTES).open().map_err(io_err)?;
-        let log = db
-            .keyspace("log", || KeyspaceCreateOptions::default().max_memtable_size(LOG_MEMTABLE_BYTES))
-            .map_err(io_err)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io_err)?;
-        let (sync_tx, sync_rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
-        let (syncer_db, syncer_stats) = (db.clone(), stats.clone());
-        std::thread::Builder::new().name("log-sync".into()).spawn(move || syncer(syncer_db, sync_rx, syncer_stats))?;
-        let journal = Journal { db, log, meta, stats, sync_tx, open_groups: Mutex::default() };
+        NodeLog::with_journal(Arc::new(FjallJournal::open(dir)?), stats)
+    }
+
+    /// The node's log on `disk`, starting its syncer (a thread, or a tokio task
+    /// for a disk that asks for one; either ends when the last handle on the
+    /// journal is dropped). Fsync timings go to `stats`.
+    pub fn with_journal(disk: Arc<dyn Journal>, stats: Arc<crate::stats::GroupStats>) -> io::Result<NodeLog> {
+        let (syncer_disk, syncer_stats) = (disk.clone(), stats.clone());
+        let sync_tx = if disk.sync_on_thread() {
+            let (tx, rx) = mpsc::sync_channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
+            std::thread::Builder::new()
+                .name("log-sync".into())
+                .spawn(move || syncer_thread(syncer_disk, rx, syncer_stats))?;
+            SyncQueue::Thread(tx)
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel::<IOFlushed<C>>(MAX_SYNC_BATCH);
+            tokio::spawn(syncer_task(syncer_disk, rx, syncer_stats));
+            SyncQueue::Task(tx)
+        };
+        let journal = NodeJournal { disk, stats, sync_tx, open_groups: Mutex::default() };
         Ok(NodeLog { journal: Arc::new(journal) })
     }
 
@@ -254,7 +261,7 @@ impl NodeLog {
                 let why = format!("the log of raft group {group} holds entries in format {other}, unknown here");
                 return Err(io::Error::new(io::ErrorKind::InvalidData, why));
             }
-            None if store.has_entries() => {
+            None if store.has_entries()? => {
                 let why = format!("the log of raft group {group} was written by an earlier release and not converted");
                 return Err(io::Error::new(io::ErrorKind::InvalidData, why));
             }
@@ -270,20 +277,18 @@ impl NodeLog {
     /// were converted. Run before the group's store is opened.
     pub fn upgrade_legacy(&self, group: u64, convert: &dyn Fn(&[u8]) -> io::Result<EntryOf<C>>) -> io::Result<u64> {
         let store = self.open_store(group, 0)?;
-        if store.get_meta::<u32>(META_FORMAT)?.is_some() || !store.has_entries() {
+        if store.get_meta::<u32>(META_FORMAT)?.is_some() || !store.has_entries()? {
             return Ok(0);
         }
-        let journal = &store.inner.journal;
-        let mut batch = journal.db.batch();
-        let mut n = 0;
-        for guard in journal.log.range(store.log_key(0)..=store.log_key(u64::MAX)) {
-            let (k, v) = guard.into_inner().map_err(io_err)?;
-            let entry = convert(unseal("log entry", &v)?)?;
-            batch.insert(&journal.log, k, seal(&encode(&entry)?));
-            n += 1;
-        }
-        batch.insert(&journal.meta, store.meta_key(META_FORMAT), seal(&encode(&ENTRY_FORMAT)?));
-        batch.commit().map_err(io_err)?;
+        let mut batch = Vec::new();
+        store.scan_log(0, u64::MAX, &mut |k, v| {
+            let entry = convert(unseal("log entry", v)?)?;
+            batch.push(Op::Put(Space::Log, k.to_vec(), seal(&encode(&entry)?)));
+            Ok(true)
+        })?;
+        let n = batch.len() as u64;
+        batch.push(Op::Put(Space::Meta, store.meta_key(META_FORMAT), seal(&encode(&ENTRY_FORMAT)?)));
+        store.disk().write(batch)?;
         store.sync()?;
         Ok(n)
     }
@@ -294,15 +299,19 @@ impl NodeLog {
     /// again under the same id must not find the old vote.
     pub fn remove_group(&self, group: u64) -> io::Result<()> {
         let store = self.open_store(group, 0)?;
-        let journal = &store.inner.journal;
-        let mut batch = journal.db.batch();
-        for guard in journal.log.range(store.log_key(0)..=store.log_key(u64::MAX)) {
-            batch.remove(&journal.log, guard.key().map_err(io_err)?);
-        }
-        for guard in journal.meta.prefix(group.to_be_bytes()) {
-            batch.remove(&journal.meta, guard.key().map_err(io_err)?);
-        }
-        batch.commit().map_err(io_err)?;
+        let mut batch = Vec::new();
+        store.scan_log(0, u64::MAX, &mut |k, _| {
+            batch.push(Op::Delete(Space::Log, k.to_vec()));
+            Ok(true)
+        })?;
+        let (lo, hi) = (group.to_be_bytes(), (group + 1).to_be_bytes());
+        store.disk().scan(Space::Meta, &lo, &hi, &mut |k, _| {
+            if k.starts_with(&lo) {
+                batch.push(Op::Delete(Space::Meta, k.to_vec()));
+            }
+            Ok(true)
+        })?;
+        store.disk().write(batch)?;
         store.sync()
     }
 
@@ -389,15 +398,24 @@ impl LogStore {
         k
     }
 
+    fn disk(&self) -> &dyn Journal {
+        &*self.inner.journal.disk
+    }
+
+    /// Visits this group's stored records with indexes in `lo..=hi`, in order.
+    fn scan_log(&self, lo: u64, hi: u64, visit: &mut super::journal::Visit<'_>) -> io::Result<()> {
+        self.disk().scan(Space::Log, &self.log_key(lo), &self.log_key(hi), visit)
+    }
+
     fn get_meta<T: DeserializeOwned>(&self, name: &str) -> io::Result<Option<T>> {
-        match self.inner.journal.meta.get(self.meta_key(name)).map_err(io_err)? {
+        match self.disk().get(Space::Meta, &self.meta_key(name))? {
             None => Ok(None),
             Some(v) => Ok(Some(decode(unseal(name, &v)?)?)),
         }
     }
 
     fn put_meta<T: Serialize>(&self, name: &str, v: &T) -> io::Result<()> {
-        self.inner.journal.meta.insert(self.meta_key(name), seal(&encode(v)?)).map_err(io_err)
+        self.disk().write(vec![Op::Put(Space::Meta, self.meta_key(name), seal(&encode(v)?))])
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
@@ -405,24 +423,18 @@ impl LogStore {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.inner.journal.db.persist(PersistMode::SyncData).map_err(io_err)
+        self.disk().sync()
     }
 
     /// Whether the log holds any entry (read without decoding one).
-    fn has_entries(&self) -> bool {
-        self.inner.journal.log.range(self.log_key(0)..=self.log_key(u64::MAX)).next().is_some()
+    fn has_entries(&self) -> io::Result<bool> {
+        Ok(self.disk().last(Space::Log, &self.log_key(0), &self.log_key(u64::MAX))?.is_some())
     }
 
     fn last_entry_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
-        let lo = self.log_key(0);
-        let hi = self.log_key(u64::MAX);
-        match self.inner.journal.log.range(lo..=hi).next_back() {
+        match self.disk().last(Space::Log, &self.log_key(0), &self.log_key(u64::MAX))? {
             None => Ok(None),
-            Some(guard) => {
-                let v = guard.value().map_err(io_err)?;
-                let entry = decode_entry(&v)?;
-                Ok(Some(entry.log_id))
-            }
+            Some((_, v)) => Ok(Some(decode_entry(&v)?.log_id)),
         }
     }
 
@@ -432,16 +444,23 @@ impl LogStore {
         Ok(self.last_entry_log_id()?.or(purged).map_or(0, |l| l.index()))
     }
 
+    /// Removes the entries with indexes in `lo..=hi`, in one batch.
+    fn remove_entries(&self, lo: u64, hi: u64) -> io::Result<()> {
+        let mut batch = Vec::new();
+        self.scan_log(lo, hi, &mut |k, _| {
+            batch.push(Op::Delete(Space::Log, k.to_vec()));
+            Ok(true)
+        })?;
+        self.disk().write(batch)
+    }
+
     /// Verifies every stored record's checksum; run at startup so a corrupted log
     /// is refused before the member serves anything.
     pub fn verify(&self) -> io::Result<u64> {
-        let lo = self.log_key(0);
-        let hi = self.log_key(u64::MAX);
         let mut n = 0;
         let mut expect: Option<u64> = None;
-        for guard in self.inner.journal.log.range(lo..=hi) {
-            let (k, v) = guard.into_inner().map_err(io_err)?;
-            let entry = decode_entry(&v)?;
+        self.scan_log(0, u64::MAX, &mut |k, v| {
+            let entry = decode_entry(v)?;
             let index = k
                 .get(8..16)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -455,23 +474,40 @@ impl LogStore {
             }
             expect = Some(index + 1);
             n += 1;
-        }
+            Ok(true)
+        })?;
         Ok(n)
     }
 }
 
 /// An fsync of the journal, timed for `/metrics`.
-fn timed_fsync(db: &Database, stats: &crate::stats::GroupStats) -> io::Result<()> {
+fn timed_fsync(disk: &dyn Journal, stats: &crate::stats::GroupStats) -> io::Result<()> {
     let started = std::time::Instant::now();
-    let result = db.persist(PersistMode::SyncData).map_err(io_err);
+    let result = disk.sync();
     stats.wal_fsync.observe(started.elapsed());
     result
 }
 
-/// Acknowledges appends: one fsync per batch of waiting callbacks. A failed fsync
-/// is reported to openraft, which stops the group: a member whose log cannot be made
-/// durable must not keep acknowledging.
-fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stats::GroupStats>) {
+/// One fsync for a batch of waiting callbacks, and their acknowledgement. A failed
+/// fsync is reported to openraft, which stops the group: a member whose log cannot
+/// be made durable must not keep acknowledging. Returns whether the fsync worked.
+fn sync_batch(disk: &dyn Journal, batch: Vec<IOFlushed<C>>, stats: &crate::stats::GroupStats) -> bool {
+    let result = timed_fsync(disk, stats);
+    for cb in batch {
+        match &result {
+            Ok(()) => cb.io_completed(Ok(())),
+            Err(e) => cb.io_completed(Err(io_err(e))),
+        }
+    }
+    if let Err(e) = &result {
+        tracing::error!("log fsync failed: {e}; the raft group stops");
+    }
+    result.is_ok()
+}
+
+/// The syncer on a thread: acknowledges appends, one fsync per batch of waiting
+/// callbacks.
+fn syncer_thread(disk: Arc<dyn Journal>, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stats::GroupStats>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_SYNC_BATCH {
@@ -480,15 +516,27 @@ fn syncer(db: Database, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stat
                 Err(_) => break,
             }
         }
-        let result = timed_fsync(&db, &stats);
-        for cb in batch {
-            match &result {
-                Ok(()) => cb.io_completed(Ok(())),
-                Err(e) => cb.io_completed(Err(io_err(e))),
+        if !sync_batch(&*disk, batch, &stats) {
+            return;
+        }
+    }
+}
+
+/// The syncer as a tokio task (see [`Journal::sync_on_thread`]).
+async fn syncer_task(
+    disk: Arc<dyn Journal>,
+    mut rx: tokio::sync::mpsc::Receiver<IOFlushed<C>>,
+    stats: Arc<crate::stats::GroupStats>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_SYNC_BATCH {
+            match rx.try_recv() {
+                Ok(cb) => batch.push(cb),
+                Err(_) => break,
             }
         }
-        if let Err(e) = result {
-            tracing::error!("log fsync failed: {e}; the raft group stops");
+        if !sync_batch(&*disk, batch, &stats) {
             return;
         }
     }
@@ -580,14 +628,17 @@ impl RaftLogReader<C> for LogStore {
             return Ok(entries);
         }
         let end = match range.end_bound() {
-            Bound::Included(&e) => Bound::Included(self.log_key(e)),
-            Bound::Excluded(&e) => Bound::Excluded(self.log_key(e)),
-            Bound::Unbounded => Bound::Included(self.log_key(u64::MAX)),
+            Bound::Included(&e) => e,
+            Bound::Excluded(&0) => return Ok(Vec::new()),
+            Bound::Excluded(&e) => e - 1,
+            Bound::Unbounded => u64::MAX,
         };
         let mut out = Vec::new();
-        for guard in self.inner.journal.log.range((Bound::Included(self.log_key(start)), end)) {
-            let v = guard.value().map_err(io_err)?;
-            out.push(decode_entry(&v)?);
+        if start <= end {
+            self.scan_log(start, end, &mut |_, v| {
+                out.push(decode_entry(v)?);
+                Ok(true)
+            })?;
         }
         Ok(out)
     }
@@ -631,25 +682,26 @@ impl RaftLogStorage<C> for LogStore {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = self.inner.journal.db.batch();
+        let mut batch = Vec::new();
         let mut appended = Vec::new();
         let mut from_other_leader = false;
         for entry in entries {
             from_other_leader = entry.log_id.leader_id.node_id != self.inner.member;
             let record = seal(&encode(&entry)?);
             let size = record.len();
-            batch.insert(&self.inner.journal.log, self.log_key(entry.log_id.index()), record);
+            batch.push(Op::Put(Space::Log, self.log_key(entry.log_id.index()).to_vec(), record));
             appended.push((entry, size));
         }
-        batch.commit().map_err(io_err)?;
+        self.disk().write(batch)?;
         // Only after the journal has them: a read the cache answers must not see
         // an entry the journal could not.
-        let mut recent = self.recent();
         let last = appended.last().map(|(e, _)| e.log_id.index());
-        for (entry, size) in appended {
-            recent.push(entry, size);
+        {
+            let mut recent = self.recent();
+            for (entry, size) in appended {
+                recent.push(entry, size);
+            }
         }
-        drop(recent);
         if let Some(last) = last {
             self.inner.tail.store(last, Ordering::Release);
         }
@@ -664,7 +716,7 @@ impl RaftLogStorage<C> for LogStore {
             // that long, so a slow disk stalls its clients as long as its acks.
             // Rejected: `block_in_place`, which hands the worker's other tasks to
             // another thread for the fsync: +170 µs per put (interleaved runs).
-            let result = timed_fsync(&self.inner.journal.db, &self.inner.journal.stats);
+            let result = timed_fsync(self.disk(), &self.inner.journal.stats);
             if let Err(e) = &result {
                 tracing::error!("log fsync failed: {e}; the raft group stops");
             }
@@ -673,25 +725,17 @@ impl RaftLogStorage<C> for LogStore {
         }
         // The leader: its entries go to the followers while the syncer fsyncs them,
         // and the syncer acknowledges them after the fsync that covers this batch.
-        self.inner.journal.sync_tx.send(callback).map_err(|_| io_err("log syncer stopped"))
+        match &self.inner.journal.sync_tx {
+            SyncQueue::Thread(tx) => tx.send(callback).map_err(|_| io_err("log syncer stopped")),
+            SyncQueue::Task(tx) => tx.send(callback).await.map_err(|_| io_err("log syncer stopped")),
+        }
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
         self.recent().truncate(from);
         self.inner.tail.fetch_min(from.saturating_sub(1), Ordering::AcqRel);
-        let keys: Vec<_> = self
-            .inner
-            .journal
-            .log
-            .range(self.log_key(from)..=self.log_key(u64::MAX))
-            .map(|g| g.key().map_err(io_err))
-            .collect::<Result<_, _>>()?;
-        let mut batch = self.inner.journal.db.batch();
-        for k in keys {
-            batch.remove(&self.inner.journal.log, k);
-        }
-        batch.commit().map_err(io_err)
+        self.remove_entries(from, u64::MAX)
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
@@ -699,18 +743,7 @@ impl RaftLogStorage<C> for LogStore {
         // entries below it, which are never read.
         self.put_meta("purged", &log_id)?;
         self.recent().purge(log_id.index());
-        let keys: Vec<_> = self
-            .inner
-            .journal
-            .log
-            .range(self.log_key(0)..=self.log_key(log_id.index()))
-            .map(|g| g.key().map_err(io_err))
-            .collect::<Result<_, _>>()?;
-        let mut batch = self.inner.journal.db.batch();
-        for k in keys {
-            batch.remove(&self.inner.journal.log, k);
-        }
-        batch.commit().map_err(io_err)
+        self.remove_entries(0, log_id.index())
     }
 }
 
@@ -772,7 +805,7 @@ mod tests {
             let store = log.open_store(7, 0).expect("raw");
             store.meta_key(META_FORMAT)
         };
-        log.journal.meta.remove(key).expect("unmark");
+        log.journal.disk.write(vec![Op::Delete(Space::Meta, key)]).expect("unmark");
         let refused = log.group(7, 1).map(|_| ()).unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::InvalidData, "{refused}");
         let converted = log

@@ -16,6 +16,7 @@
 //!
 //! Nothing outside this module names an openraft type except through the aliases here.
 
+pub mod journal;
 pub mod log_store;
 pub mod membership;
 pub mod network;
