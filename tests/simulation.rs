@@ -74,6 +74,9 @@ type DiskKey = (Space, Vec<u8>);
 
 #[derive(Default)]
 struct DiskState {
+    /// Negative control: `sync` does nothing, so a crash may lose what the log
+    /// store was told is durable.
+    lying: bool,
     /// What a crash now would keep for sure.
     durable: BTreeMap<DiskKey, Vec<u8>>,
     /// What reads see: `durable` with every batch since the last sync applied.
@@ -152,6 +155,9 @@ impl Journal for SimDisk {
 
     fn sync(&self) -> io::Result<()> {
         let mut d = self.state();
+        if d.lying {
+            return Ok(());
+        }
         for batch in std::mem::take(&mut d.unsynced) {
             apply(&mut d.durable, &batch);
         }
@@ -562,7 +568,16 @@ struct RunReport {
 }
 
 /// Runs one seed; `Err` describes the first invariant that broke.
-fn run_seed(seed: u64, dir: &Path, stale_reads: bool) -> Result<RunReport, String> {
+/// Deliberate defects, for the negative controls.
+#[derive(Debug, Clone, Copy, Default)]
+struct Defects {
+    /// Reads skip ReadIndex and serve the member's local state.
+    stale_reads: bool,
+    /// Disks whose sync does nothing.
+    lying_disks: bool,
+}
+
+fn run_seed(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, String> {
     // Seeded: tokio's own randomness (e.g. which waiters a watch wakes first) is
     // part of the run (needs `--cfg tokio_unstable`, set in .cargo/config.toml).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -571,22 +586,25 @@ fn run_seed(seed: u64, dir: &Path, stale_reads: bool) -> Result<RunReport, Strin
         .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
         .build()
         .expect("runtime");
-    rt.block_on(Runtime::scope(seed, simulate(seed, dir, stale_reads)))
+    rt.block_on(Runtime::scope(seed, simulate(seed, dir, defects)))
 }
 
-async fn simulate(seed: u64, dir: &Path, stale_reads: bool) -> Result<RunReport, String> {
+async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, String> {
     let world: Shared = Arc::new(Mutex::new(World {
         nodes: BTreeMap::new(),
         backends: BTreeMap::new(),
         rng: SeededRng::new(seed),
         blocked: HashSet::new(),
         loss_per_mille: 0,
-        stale_reads,
+        stale_reads: defects.stale_reads,
         delivered: 0,
         dropped: 0,
     }));
     let members: Vec<Member> =
         (1..=MEMBERS).map(|id| Member { id, dir: dir.join(format!("m{id}")), disk: Arc::default() }).collect();
+    for m in &members {
+        m.disk.state().lying = defects.lying_disks;
+    }
     for (i, m) in members.iter().enumerate() {
         start(m, &world, seed.wrapping_add(i as u64 * GROUPS)).await;
     }
@@ -803,8 +821,8 @@ fn temp_root() -> tempfile::TempDir {
 #[test]
 fn one_seed_replays_one_run() {
     let seed = 0x5eed_0001;
-    let a = run_seed(seed, temp_root().path(), false).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-    let b = run_seed(seed, temp_root().path(), false).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let a = run_seed(seed, temp_root().path(), Defects::default()).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let b = run_seed(seed, temp_root().path(), Defects::default()).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     assert_eq!(a, b, "seed {seed} gave two different runs");
     println!("seed {seed} replayed identically: {a:?}");
 }
@@ -824,7 +842,7 @@ fn simulated_cluster_keeps_raft_and_client_invariants() {
     for k in 0..seeds {
         let seed = first.wrapping_add(k);
         let root = temp_root();
-        match run_seed(seed, root.path(), false) {
+        match run_seed(seed, root.path(), Defects::default()) {
             Ok(r) => {
                 if seeds == 1 {
                     println!("seed {seed}: {r:?}");
@@ -854,10 +872,26 @@ fn stale_reads_are_caught_by_the_simulation_checks() {
     let first: u64 = 0x0c0a_7e57;
     for k in 0..30 {
         let seed = first + k;
-        if let Err(e) = run_seed(seed, temp_root().path(), true) {
+        if let Err(e) = run_seed(seed, temp_root().path(), Defects { stale_reads: true, ..Defects::default() }) {
             println!("negative control: seed {seed} caught after {} runs: {}", k + 1, e.lines().next().unwrap_or(""));
             return;
         }
     }
     panic!("30 seeds of stale local reads were all judged linearizable");
+}
+
+/// The negative control of the disk model: with disks that acknowledge a sync
+/// without making anything durable, crashes lose acknowledged log entries and
+/// votes, and the checks must report it for some seed.
+#[test]
+fn a_disk_that_loses_synced_writes_is_caught_by_the_simulation_checks() {
+    let first: u64 = 0x0d15_c0de;
+    for k in 0..60 {
+        let seed = first + k;
+        if let Err(e) = run_seed(seed, temp_root().path(), Defects { lying_disks: true, ..Defects::default() }) {
+            println!("negative control: seed {seed} caught after {} runs: {}", k + 1, e.lines().next().unwrap_or(""));
+            return;
+        }
+    }
+    panic!("60 seeds with lying disks were all judged correct");
 }
