@@ -1,17 +1,24 @@
-//! Deterministic simulation of the consensus core and state machine.
+//! Deterministic simulation of the real runtime: Raft groups, peer network, log
+//! store and state machine.
 //!
 //! Three members run in one thread under tokio's paused clock, each hosting
-//! [`GROUPS`] Raft groups: openraft with concord's Raft configuration and state
-//! machine (redb files in a temp dir), concord's log store (`LogStore`, every
-//! group of a member on one shared journal) over a model disk that loses the
-//! writes not yet synced when its member crashes (a seeded prefix of them
-//! survives, as on a sequential journal), and a simulated network that delays,
-//! reorders, drops and partitions messages. A seeded nemesis partitions, heals, turns loss on and off
-//! and crashes and restarts members; seeded clients put, compare-and-swap and
-//! read (ReadIndex) three registers, spread over the groups. Everything random comes from the run's seed
-//! — the network, the nemesis, the clients and openraft's own timers (see
-//! `concord::consensus::Runtime`) — and nothing else advances the clock, so one
-//! seed replays one run (checked by running a seed twice).
+//! [`GROUPS`] Raft groups as a member does: `Group::start` (openraft with
+//! concord's Raft configuration), the etcd store's state machine (redb files in
+//! a temp dir), concord's log store (`LogStore`, every group of a member on one
+//! shared journal) over a model disk that loses the writes not yet synced when
+//! its member crashes (a seeded prefix of them survives, as on a sequential
+//! journal), the peer service and peer client (`PeerService`, `PeerPool`:
+//! replication streams, heartbeat lanes, snapshot streams, forwarded writes,
+//! shared ReadIndex) over HTTP/2 on in-memory connections that a simulated
+//! network delays, holds (partitions) and cuts (loss, crashes), and the
+//! quiescer. A seeded nemesis partitions, heals, turns loss on and off and
+//! crashes and restarts members; seeded clients put, compare-and-swap and read
+//! three registers spread over the groups through `Group::propose` and
+//! `Group::read_barrier` on any member. Everything random comes from the run's
+//! seed — the network, the nemesis, the clients, the runtime's seeds
+//! (`concord::consensus::seed_this_thread`) and openraft's timers — and nothing
+//! else advances the clock, so one seed replays one run (checked by running a
+//! seed twice).
 //!
 //! Checked after every run, per group: election safety (one leader per term),
 //! log matching (entries with the same index and term are identical, and so is
@@ -31,8 +38,9 @@ use std::time::Duration;
 
 use concord::consensus::journal::{Journal, Op as DiskOp, Space, Visit};
 use concord::consensus::log_store::{LogStore, NodeLog};
-use concord::consensus::service::{Proposal, ServiceMachine};
-use concord::consensus::{GroupConfig, GroupId, MemberId, PeerInfo, Runtime, SnapshotData, TypeConfig};
+use concord::consensus::network::{Dialer, PeerChannels, PeerService};
+use concord::consensus::quiesce::Quiescer;
+use concord::consensus::{Group, GroupConfig, GroupId, GroupRegistry, MemberId, PeerInfo, Runtime, TypeConfig};
 use concord::etcd_store::state_machine::StateMachine;
 use concord::etcd_store::{Command, CommandResult};
 use concord::mvcc::index::KeyIndex;
@@ -43,19 +51,13 @@ use concord::proto::etcdserverpb::{
 use concord::storage::Backend;
 use concord_testkit::linearizability::{check, check_revisions, Event, Op, Outcome};
 use concord_testkit::workload::SeededRng;
-use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError};
-use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, ReadPolicy, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
-};
-use openraft::type_config::alias::{EntryOf, SnapshotOf, VoteOf};
-use openraft::{OptionalSend, Raft, RaftLogReader, RaftNetworkV2};
+use futures::StreamExt;
+use openraft::base::BoxFuture;
+use openraft::type_config::alias::EntryOf;
+use openraft::RaftLogReader;
 use prost::Message;
 
 type C = TypeConfig;
-type Node = Raft<C, ServiceMachine>;
 
 const MEMBERS: u64 = 3;
 /// Raft groups on every member, sharing its journal.
@@ -170,22 +172,33 @@ impl Journal for SimDisk {
 }
 
 // ---------------------------------------------------------------------------
-// Simulated network.
+// Simulated network, under the real peer service.
+//
+// Members talk over concord's peer protocol (tonic over HTTP/2, `PeerPool` and
+// `PeerService`), each connection an in-memory byte stream through a relay task
+// that delays every chunk 1–15 ms, holds it while its direction is partitioned,
+// and cuts the connection on loss or when either end crashes (as TCP would
+// reset). Within a connection bytes keep their order; across connections and
+// calls anything goes.
 
 /// Shared state of the simulated cluster: who is up, what the network does.
 struct World {
     /// The running replicas, by member and group.
-    nodes: BTreeMap<(MemberId, GroupId), Node>,
+    groups: BTreeMap<(MemberId, GroupId), Group>,
     /// Each running replica's state file and its key index, for client reads.
     backends: BTreeMap<(MemberId, GroupId), StateFile>,
+    /// Where a running member's peer server accepts connections.
+    listeners: BTreeMap<MemberId, tokio::sync::mpsc::Sender<SimIo>>,
+    /// Bumped when a member crashes: its connections are cut.
+    epochs: BTreeMap<MemberId, u64>,
     rng: SeededRng,
-    /// (from, to) pairs whose messages are dropped.
+    /// (from, to) directions whose bytes are held.
     blocked: HashSet<(MemberId, MemberId)>,
-    /// Per-mille chance that a message (request or reply) is dropped.
+    /// Per-mille chance that a chunk on a connection is lost, cutting it.
     loss_per_mille: u64,
     /// Negative control: reads skip ReadIndex and serve the member's local state.
     stale_reads: bool,
-    /// Messages delivered and dropped, for the report.
+    /// Chunks delivered and connections cut, for the report.
     delivered: u64,
     dropped: u64,
 }
@@ -196,112 +209,168 @@ fn lock(w: &Shared) -> std::sync::MutexGuard<'_, World> {
     w.lock().expect("world lock")
 }
 
-#[derive(Clone)]
-struct SimNet {
-    from: MemberId,
-    group: GroupId,
-    world: Shared,
+/// The server's end of a simulated connection.
+struct SimIo(tokio::io::DuplexStream);
+
+impl tonic::transport::server::Connected for SimIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
 }
 
-struct SimConn {
-    from: MemberId,
-    to: MemberId,
-    group: GroupId,
-    world: Shared,
-}
-
-impl RaftNetworkFactory<C> for SimNet {
-    type Network = SimConn;
-
-    async fn new_client(&mut self, target: MemberId, _node: &PeerInfo) -> Self::Network {
-        SimConn { from: self.from, to: target, group: self.group, world: self.world.clone() }
+impl tokio::io::AsyncRead for SimIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
-impl SimConn {
-    /// One leg of a message: a delay of 1–15 ms, then delivered or dropped.
-    async fn leg(&self, from: MemberId, to: MemberId, timeout: Duration) -> Result<(), RPCError<C>> {
-        let (delay_ms, drop) = {
-            let mut w = lock(&self.world);
-            let delay = 1 + w.rng.below(15);
-            let drop = w.blocked.contains(&(from, to)) || w.rng.below(1000) < w.loss_per_mille;
-            if drop {
-                w.dropped += 1;
-            } else {
-                w.delivered += 1;
+impl tokio::io::AsyncWrite for SimIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Member `from`'s way to its peers (see [`Dialer`]).
+struct SimDialer {
+    from: MemberId,
+    world: Shared,
+}
+
+fn peer_url(id: MemberId) -> String {
+    format!("http://m{id}:2380")
+}
+
+impl Dialer for SimDialer {
+    fn dial(&self, url: &str) -> BoxFuture<'static, io::Result<tokio::io::DuplexStream>> {
+        let (from, world) = (self.from, self.world.clone());
+        let to = url.trim_start_matches("http://m").split(':').next().and_then(|id| id.parse::<MemberId>().ok());
+        Box::pin(async move {
+            let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "simulated: nobody listens");
+            let to = to.ok_or_else(refused)?;
+            let (listener, epochs) = {
+                let w = lock(&world);
+                let listener = w.listeners.get(&to).cloned().ok_or_else(refused)?;
+                (listener, (w.epochs.get(&from).copied().unwrap_or(0), w.epochs.get(&to).copied().unwrap_or(0)))
+            };
+            let (client, relay_client) = tokio::io::duplex(64 * 1024);
+            let (relay_server, server) = tokio::io::duplex(64 * 1024);
+            listener.send(SimIo(server)).await.map_err(|_| refused())?;
+            tokio::spawn(relay(world, (from, to), epochs, relay_client, relay_server));
+            Ok(client)
+        })
+    }
+}
+
+/// What happens to one chunk.
+enum Fate {
+    Deliver(Duration),
+    Hold,
+    Cut,
+}
+
+fn fate(world: &Shared, (from, to): (MemberId, MemberId), epochs: (u64, u64)) -> Fate {
+    let mut w = lock(world);
+    let now = (w.epochs.get(&from).copied().unwrap_or(0), w.epochs.get(&to).copied().unwrap_or(0));
+    if now != epochs {
+        return Fate::Cut;
+    }
+    if w.blocked.contains(&(from, to)) {
+        return Fate::Hold;
+    }
+    let loss = w.loss_per_mille;
+    if w.rng.below(1000) < loss {
+        w.dropped += 1;
+        return Fate::Cut;
+    }
+    w.delivered += 1;
+    Fate::Deliver(Duration::from_millis(1 + w.rng.below(15)))
+}
+
+/// Copies `rd` to `wr` chunk by chunk as the network decides; returns when the
+/// connection is cut or closed.
+async fn pipe(
+    world: &Shared,
+    link: (MemberId, MemberId),
+    epochs: (u64, u64),
+    mut rd: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    mut wr: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        loop {
+            match fate(world, link, epochs) {
+                Fate::Cut => return,
+                Fate::Hold => tokio::time::sleep(Duration::from_millis(10)).await,
+                Fate::Deliver(delay) => {
+                    tokio::time::sleep(delay).await;
+                    break;
+                }
             }
-            (delay, drop)
-        };
-        if drop {
-            // A lost message looks like a timeout to the sender.
-            tokio::time::sleep(timeout).await;
-            return Err(RPCError::Network(NetworkError::from_string("simulated loss")));
         }
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        Ok(())
-    }
-
-    /// Sends a request to the target, runs it there, and sends the reply back.
-    async fn call<T, E: std::fmt::Display, F, Fut>(&self, option: &RPCOption, f: F) -> Result<T, RPCError<C>>
-    where
-        F: FnOnce(Node) -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-    {
-        // A lost message costs the sender a timeout; capped like the real peer
-        // client's (which gives up on a silent connection long before a snapshot's
-        // whole transfer budget), so a lost snapshot is retried within a run.
-        let timeout = option.hard_ttl().min(Duration::from_millis(600));
-        self.leg(self.from, self.to, timeout).await?;
-        let target = lock(&self.world).nodes.get(&(self.to, self.group)).cloned();
-        let Some(target) = target else {
-            return Err(RPCError::Network(NetworkError::from_string("target is down")));
-        };
-        let r = f(target).await.map_err(|e| RPCError::Network(NetworkError::from_string(e.to_string())))?;
-        self.leg(self.to, self.from, timeout).await?;
-        Ok(r)
+        if wr.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
-impl RaftNetworkV2<C> for SimConn {
-    type SnapshotData = SnapshotData;
-
-    async fn append_entries(
-        &mut self,
-        req: AppendEntriesRequest<C>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        self.call(&option, |n| async move { n.append_entries(req).await }).await
-    }
-
-    async fn vote(&mut self, req: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call(&option, |n| async move { n.vote(req).await }).await
-    }
-
-    async fn pre_vote(&mut self, req: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call(&option, |n| async move { n.pre_vote(req).await }).await
-    }
-
-    async fn full_snapshot(
-        &mut self,
-        vote: VoteOf<C>,
-        snapshot: SnapshotOf<C, SnapshotData>,
-        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
-        option: RPCOption,
-    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let call = self.call(&option, |n| async move { n.install_full_snapshot(vote, snapshot).await });
-        tokio::select! {
-            biased;
-            closed = cancel => Err(StreamingError::Closed(closed)),
-            res = call => Ok(res?),
+/// Relays one connection both ways until either direction ends or an end
+/// crashes; everything is dropped then, so both ends see the connection close.
+async fn relay(
+    world: Shared,
+    (from, to): (MemberId, MemberId),
+    epochs: (u64, u64),
+    client: tokio::io::DuplexStream,
+    server: tokio::io::DuplexStream,
+) {
+    let (client_rd, client_wr) = tokio::io::split(client);
+    let (server_rd, server_wr) = tokio::io::split(server);
+    let crashed = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if matches!(fate_epochs(&world, (from, to), epochs), Fate::Cut) {
+                return;
+            }
         }
+    };
+    tokio::select! {
+        _ = pipe(&world, (from, to), epochs, client_rd, server_wr) => {}
+        _ = pipe(&world, (to, from), (epochs.1, epochs.0), server_rd, client_wr) => {}
+        _ = crashed => {}
     }
+}
 
-    async fn transfer_leader(
-        &mut self,
-        req: TransferLeaderRequest<C>,
-        option: RPCOption,
-    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
-        self.call(&option, |n| async move { n.handle_transfer_leader(req).await }).await
+/// Whether either end of a connection crashed since it was opened.
+fn fate_epochs(world: &Shared, (from, to): (MemberId, MemberId), epochs: (u64, u64)) -> Fate {
+    let w = lock(world);
+    let now = (w.epochs.get(&from).copied().unwrap_or(0), w.epochs.get(&to).copied().unwrap_or(0));
+    if now != epochs {
+        Fate::Cut
+    } else {
+        Fate::Deliver(Duration::ZERO)
     }
 }
 
@@ -312,9 +381,11 @@ struct Member {
     id: MemberId,
     dir: PathBuf,
     disk: Arc<SimDisk>,
+    /// The peer server and the quiescer of the running incarnation.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn group_config() -> GroupConfig {
+fn group_config(world: &Shared, member: MemberId) -> GroupConfig {
     GroupConfig {
         heartbeat_ms: 50,
         election_timeout_ms: 300,
@@ -324,18 +395,22 @@ fn group_config() -> GroupConfig {
         max_peer_message_bytes: 64 << 20,
         max_request_bytes: concord::server::config::DEFAULT_MAX_REQUEST_BYTES,
         peer_tls: None,
-        peer_channels: Default::default(),
+        peer_channels: PeerChannels::with_dialer(Arc::new(SimDialer { from: member, world: world.clone() })),
     }
 }
 
 /// A member's state file and the key index its state machine keeps.
 type StateFile = (Arc<Backend>, Arc<KeyIndex>);
 
-/// Starts every group of `member` on its disk: one journal (`NodeLog`) shared by
-/// the groups' log stores, a state file per group.
-async fn start(member: &Member, world: &Shared, seed: u64) {
+/// Starts `member`: every group on one journal (`NodeLog`) shared by the
+/// groups' log stores, a state file per group, the peer server and the
+/// quiescer, as a member does.
+async fn start(member: &mut Member, world: &Shared) {
     let stats = Arc::new(concord::stats::GroupStats::default());
     let node_log = NodeLog::with_journal(member.disk.clone(), stats.clone()).expect("journal");
+    let config = group_config(world, member.id);
+    let registry = GroupRegistry::default();
+    let mut started = Vec::new();
     for group in 1..=GROUPS {
         let dir = member.dir.join(format!("g{group}"));
         std::fs::create_dir_all(&dir).expect("group dir");
@@ -345,32 +420,58 @@ async fn start(member: &Member, world: &Shared, seed: u64) {
         let (sm, _revision) =
             StateMachine::new(backend.clone(), index.clone(), dir.join("snap"), stats.clone(), tokens)
                 .expect("state machine");
-        let sm = ServiceMachine::new(Box::new(sm), None);
         let log = node_log.group(group, member.id).expect("log store");
-        let config = Arc::new(group_config().raft_config().expect("raft config"));
-        let net = SimNet { from: member.id, group, world: world.clone() };
-        let node =
-            Runtime::scope(seed.wrapping_add(group), Raft::new(member.id, config, net, log, sm)).await.expect("raft");
-        let mut w = lock(world);
-        w.nodes.insert((member.id, group), node);
-        w.backends.insert((member.id, group), (backend, index));
+        let g = Group::start(member.id, group, log, Box::new(sm), &dir.join("incoming"), &config, stats.clone())
+            .await
+            .expect("raft");
+        registry.insert(g.clone());
+        started.push((g, (backend, index)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<SimIo>(16);
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<SimIo, io::Error>);
+    let server = tonic::transport::Server::builder()
+        .add_service(PeerService::server(registry.clone(), config.max_peer_message_bytes))
+        .serve_with_incoming(incoming);
+    member.tasks.push(tokio::spawn(async move {
+        let _ = server.await;
+    }));
+    let pool = started[0].0.peers().clone();
+    let quiescer = Quiescer::new(
+        member.id,
+        registry,
+        pool,
+        Duration::from_millis(config.heartbeat_ms),
+        Duration::from_millis(config.election_timeout_ms),
+    );
+    member.tasks.push(tokio::spawn(quiescer.run()));
+    let mut w = lock(world);
+    w.listeners.insert(member.id, tx);
+    for (g, state) in started {
+        w.backends.insert((member.id, g.group_id), state);
+        w.groups.insert((member.id, g.group_id), g);
     }
 }
 
-/// Stops every group of `member`, then crashes its disk: writes not synced are
-/// lost, but for a seeded prefix. Returns how many batches were lost.
-async fn crash(member: &Member, world: &Shared, rng: &mut SeededRng) -> usize {
-    let nodes: Vec<Node> = {
+/// Stops every group of `member` and its connections, then crashes its disk:
+/// writes not synced are lost, but for a seeded prefix. Returns how many
+/// batches were lost.
+async fn crash(member: &mut Member, world: &Shared, rng: &mut SeededRng) -> usize {
+    let groups: Vec<Group> = {
         let mut w = lock(world);
+        w.listeners.remove(&member.id);
+        *w.epochs.entry(member.id).or_default() += 1;
         (1..=GROUPS)
             .filter_map(|g| {
                 w.backends.remove(&(member.id, g));
-                w.nodes.remove(&(member.id, g))
+                w.groups.remove(&(member.id, g))
             })
             .collect()
     };
-    for node in nodes {
-        let _ = node.shutdown().await;
+    for task in member.tasks.drain(..) {
+        task.abort();
+    }
+    for g in groups {
+        let _ = g.raft.shutdown().await;
     }
     member.disk.crash(rng)
 }
@@ -395,50 +496,28 @@ fn value_of(kv_value: &[u8]) -> Option<u64> {
     std::str::from_utf8(kv_value).ok()?.parse().ok()
 }
 
-/// Proposes on `via`, following ForwardToLeader hints. `Err` is no answer: the
-/// command may or may not have been committed (the caller records it as
-/// indeterminate).
-async fn write(world: &Shared, mut via: MemberId, group: GroupId, cmd: Command) -> Result<CommandResult, ()> {
-    for _ in 0..5 {
-        let node = lock(world).nodes.get(&(via, group)).cloned();
-        let Some(node) = node else { return Err(()) };
-        let proposal = Proposal { origin: None, body: cmd.encode() };
-        match tokio::time::timeout(OP_TIMEOUT, node.client_write(proposal)).await {
-            Ok(Ok(resp)) => return Ok(CommandResult::decode(&resp.data)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id {
-                Some(l) => via = l,
-                None => return Err(()),
-            },
-            _ => return Err(()),
-        }
+/// Proposes on `via` (`Group::propose`: a follower forwards to the leader).
+/// `Err` is no answer: the command may or may not have been committed (the
+/// caller records it as indeterminate).
+async fn write(world: &Shared, via: MemberId, group: GroupId, cmd: Command) -> Result<CommandResult, ()> {
+    let g = lock(world).groups.get(&(via, group)).cloned().ok_or(())?;
+    match g.propose(cmd.encode(), false, OP_TIMEOUT).await {
+        Ok(reply) => Ok(CommandResult::decode(&reply)),
+        Err(_) => Err(()),
     }
-    Err(())
 }
 
-/// ReadIndex through the leader, then a local read on `via` once it has applied
-/// up to that index (what `Group::read_barrier` does).
+/// A linearizable read on `via` (`Group::read_barrier`: ReadIndex through the
+/// leader, then a local read once `via` has applied up to it).
 async fn read(world: &Shared, via: MemberId, key: &str) -> Option<(Option<u64>, u64)> {
     let group = group_of(key);
-    let stale = {
+    let (g, stale) = {
         let w = lock(world);
-        w.stale_reads.then(|| w.backends.get(&(via, group)).cloned())
+        (w.groups.get(&(via, group)).cloned()?, w.stale_reads)
     };
-    if let Some(backend) = stale {
-        return range_local(&backend?, key);
+    if !stale {
+        g.read_barrier(OP_TIMEOUT).await.ok()?;
     }
-    let (node, leader_node) = {
-        let w = lock(world);
-        let node = w.nodes.get(&(via, group))?.clone();
-        let leader = node.metrics().borrow_watched().current_leader?;
-        if w.blocked.contains(&(via, leader)) || w.blocked.contains(&(leader, via)) {
-            return None;
-        }
-        (node, w.nodes.get(&(leader, group))?.clone())
-    };
-    let lin =
-        tokio::time::timeout(OP_TIMEOUT, leader_node.get_read_linearizer(ReadPolicy::ReadIndex)).await.ok()?.ok()?;
-    let index = lin.read_log_id().index();
-    node.wait(Some(OP_TIMEOUT)).applied_index_at_least(Some(index), "sim read").await.ok()?;
     let backend = lock(world).backends.get(&(via, group)).cloned()?;
     range_local(&backend, key)
 }
@@ -559,8 +638,8 @@ struct RunReport {
     crashes: usize,
     /// Journal batches lost in crashes (written, not yet synced).
     lost_batches: usize,
-    messages_delivered: u64,
-    messages_dropped: u64,
+    chunks_delivered: u64,
+    connections_cut: u64,
     /// Per group: (applied index, revision, KV hash) all members ended with.
     final_states: Vec<(u64, u64, u32)>,
     /// The history, for comparing two runs of one seed.
@@ -590,9 +669,12 @@ fn run_seed(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, String
 }
 
 async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, String> {
+    concord::consensus::seed_this_thread(seed);
     let world: Shared = Arc::new(Mutex::new(World {
-        nodes: BTreeMap::new(),
+        groups: BTreeMap::new(),
         backends: BTreeMap::new(),
+        listeners: BTreeMap::new(),
+        epochs: BTreeMap::new(),
         rng: SeededRng::new(seed),
         blocked: HashSet::new(),
         loss_per_mille: 0,
@@ -600,20 +682,21 @@ async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, 
         delivered: 0,
         dropped: 0,
     }));
-    let members: Vec<Member> =
-        (1..=MEMBERS).map(|id| Member { id, dir: dir.join(format!("m{id}")), disk: Arc::default() }).collect();
+    let mut members: Vec<Member> = (1..=MEMBERS)
+        .map(|id| Member { id, dir: dir.join(format!("m{id}")), disk: Arc::default(), tasks: Vec::new() })
+        .collect();
     for m in &members {
         m.disk.state().lying = defects.lying_disks;
     }
-    for (i, m) in members.iter().enumerate() {
-        start(m, &world, seed.wrapping_add(i as u64 * GROUPS)).await;
+    for m in members.iter_mut() {
+        start(m, &world).await;
     }
     let voters: BTreeMap<MemberId, PeerInfo> =
-        (1..=MEMBERS).map(|id| (id, PeerInfo { peer_urls: vec![format!("sim://{id}")] })).collect();
+        (1..=MEMBERS).map(|id| (id, PeerInfo { peer_urls: vec![peer_url(id)] })).collect();
     for group in 1..=GROUPS {
         // Each group initialised by another member, so leaders start spread out.
-        let first = lock(&world).nodes[&(1 + (group - 1) % MEMBERS, group)].clone();
-        first.initialize(voters.clone()).await.map_err(|e| format!("initialize group {group}: {e}"))?;
+        let first = lock(&world).groups[&(1 + (group - 1) % MEMBERS, group)].clone();
+        first.raft.initialize(voters.clone()).await.map_err(|e| format!("initialize group {group}: {e}"))?;
     }
 
     let epoch = tokio::time::Instant::now();
@@ -647,9 +730,9 @@ async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, 
             _ => {
                 let i = rng.below(MEMBERS) as usize;
                 crashes += 1;
-                lost_batches += crash(&members[i], &world, &mut rng).await;
+                lost_batches += crash(&mut members[i], &world, &mut rng).await;
                 tokio::time::sleep(hold).await;
-                start(&members[i], &world, rng.next_u64()).await;
+                start(&mut members[i], &world).await;
                 continue;
             }
         }
@@ -666,13 +749,18 @@ async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, 
     // Liveness phase: healed network; every member must converge.
     let converged = converge(&world).await;
     let leaders = monitor.await.map_err(|e| format!("monitor: {e}"))?;
-    let (messages_delivered, messages_dropped) = {
+    let (chunks_delivered, connections_cut) = {
         let w = lock(&world);
         (w.delivered, w.dropped)
     };
-    let nodes: Vec<Node> = lock(&world).nodes.values().cloned().collect();
-    for n in nodes {
-        let _ = n.shutdown().await;
+    for m in members.iter_mut() {
+        for task in m.tasks.drain(..) {
+            task.abort();
+        }
+    }
+    let groups: Vec<Group> = lock(&world).groups.values().cloned().collect();
+    for g in groups {
+        let _ = g.raft.shutdown().await;
     }
     let final_states = converged?;
 
@@ -713,8 +801,8 @@ async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, 
         faults,
         crashes,
         lost_batches,
-        messages_delivered,
-        messages_dropped,
+        chunks_delivered,
+        connections_cut,
         final_states,
         fingerprint,
     })
@@ -724,9 +812,10 @@ async fn simulate(seed: u64, dir: &Path, defects: Defects) -> Result<RunReport, 
 async fn monitor_leaders(world: Shared, until: tokio::time::Instant) -> BTreeMap<(GroupId, u64), BTreeSet<MemberId>> {
     let mut leaders: BTreeMap<(GroupId, u64), BTreeSet<MemberId>> = BTreeMap::new();
     while tokio::time::Instant::now() < until {
-        let nodes: Vec<((MemberId, GroupId), Node)> = lock(&world).nodes.iter().map(|(k, v)| (*k, v.clone())).collect();
-        for ((id, group), n) in nodes {
-            let m = n.metrics().borrow_watched().clone();
+        let groups: Vec<((MemberId, GroupId), Group)> =
+            lock(&world).groups.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for ((id, group), g) in groups {
+            let m = g.metrics();
             if m.current_leader == Some(id) {
                 leaders.entry((group, m.current_term)).or_default().insert(id);
             }
@@ -749,16 +838,15 @@ async fn converge(world: &Shared) -> Result<Vec<(u64, u64, u32)>, String> {
 async fn converge_group(world: &Shared, group: GroupId) -> Result<(u64, u64, u32), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (nodes, backends): (Vec<Node>, Vec<StateFile>) = {
+        let (nodes, backends): (Vec<Group>, Vec<StateFile>) = {
             let w = lock(world);
             (
-                w.nodes.iter().filter(|((_, g), _)| *g == group).map(|(_, n)| n.clone()).collect(),
+                w.groups.iter().filter(|((_, g), _)| *g == group).map(|(_, n)| n.clone()).collect(),
                 w.backends.iter().filter(|((_, g), _)| *g == group).map(|(_, b)| b.clone()).collect(),
             )
         };
-        let applied: Vec<Option<u64>> =
-            nodes.iter().map(|n| n.metrics().borrow_watched().last_applied.map(|l| l.index())).collect();
-        let last_log: Vec<Option<u64>> = nodes.iter().map(|n| n.metrics().borrow_watched().last_log_index).collect();
+        let applied: Vec<Option<u64>> = nodes.iter().map(|n| n.metrics().last_applied.map(|l| l.index())).collect();
+        let last_log: Vec<Option<u64>> = nodes.iter().map(|n| n.metrics().last_log_index).collect();
         let same = applied.windows(2).all(|p| p[0] == p[1]) && applied.first() == last_log.first();
         if same && nodes.len() == MEMBERS as usize {
             let mut states = Vec::new();
@@ -778,7 +866,7 @@ async fn converge_group(world: &Shared, group: GroupId) -> Result<(u64, u64, u32
             let views: Vec<String> = nodes
                 .iter()
                 .map(|n| {
-                    let m = n.metrics().borrow_watched().clone();
+                    let m = n.metrics();
                     format!(
                         "id {} {:?} term {} leader {:?} snapshot {:?} purged {:?}",
                         m.id, m.state, m.current_term, m.current_leader, m.snapshot, m.purged
@@ -850,7 +938,7 @@ fn simulated_cluster_keeps_raft_and_client_invariants() {
                 ops += r.operations;
                 faults += r.faults;
                 crashes += r.crashes;
-                dropped += r.messages_dropped;
+                dropped += r.connections_cut;
                 lost += r.lost_batches;
             }
             Err(e) => panic!(
@@ -859,7 +947,7 @@ fn simulated_cluster_keeps_raft_and_client_invariants() {
         }
     }
     println!(
-        "simulation: runs {seeds}, operations {ops}, faults {faults} (crashes {crashes}, unsynced journal batches lost {lost}, messages dropped {dropped}), violations 0"
+        "simulation: runs {seeds}, operations {ops}, faults {faults} (crashes {crashes}, unsynced journal batches lost {lost}, connections cut by loss {dropped}), violations 0"
     );
     assert!(lost > 0 || seeds < 20, "no crash lost an unsynced write: the disk model is not exercised");
 }

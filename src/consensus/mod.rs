@@ -130,6 +130,36 @@ pub mod raw_bytes {
 /// replays one run. Rejected: plain `TokioRuntime`, whose thread RNG cannot be seeded.
 pub type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft::TokioRuntime>;
 
+thread_local! {
+    /// Where [`fresh_seed`] draws from on this thread, when set (see
+    /// [`seed_this_thread`]).
+    static SEEDS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// A seed for the runtime's randomness (openraft's timers, the ids of forwarded
+/// proposals, a node's incarnation): from the OS, or from the sequence
+/// [`seed_this_thread`] started, so a single-threaded simulation draws the same
+/// seeds in every run of one seed.
+pub fn fresh_seed() -> u64 {
+    SEEDS.with(|s| match s.get() {
+        None => rand::random(),
+        Some(state) => {
+            // SplitMix64.
+            let next = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            s.set(Some(next));
+            let z = (next ^ (next >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    })
+}
+
+/// Makes [`fresh_seed`] on this thread a sequence starting from `seed` (for the
+/// deterministic simulation, whose tasks all run on its thread).
+pub fn seed_this_thread(seed: u64) {
+    SEEDS.with(|s| s.set(Some(seed)));
+}
+
 openraft::declare_raft_types!(
     /// concord's Raft type configuration: entries carry a service's bytes.
     pub TypeConfig:
@@ -312,7 +342,7 @@ impl Group {
         .with_group(group_id);
         let raft_config = Arc::new(config.raft_config()?);
         // Raft's tasks draw their randomness from this seed (see [`Runtime`]).
-        let raft = Runtime::scope(rand::random(), openraft::Raft::new(id, raft_config, peers.clone(), log, sm)).await?;
+        let raft = Runtime::scope(fresh_seed(), openraft::Raft::new(id, raft_config, peers.clone(), log, sm)).await?;
         let snapshot_dir = Arc::new(snapshot_dir.to_path_buf());
         Ok(Group {
             raft,

@@ -18,7 +18,7 @@
 //! replication session, not one call per AppendEntries (see
 //! [`MAX_APPENDS_IN_FLIGHT`]); heartbeats are single `Append` calls.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -153,13 +153,31 @@ pub type PeerTls = Arc<rustls::ClientConfig>;
 /// group's requests (and streams) are multiplexed on it, tagged with the group
 /// (see [`GROUP_HEADER`]). Cheap to clone.
 #[derive(Clone, Default)]
-pub struct PeerChannels(Arc<Mutex<HashMap<String, Channel>>>);
+pub struct PeerChannels {
+    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    /// Opens connections instead of TCP (the simulation's network); `None` in a
+    /// member.
+    dialer: Option<Arc<dyn Dialer>>,
+}
+
+impl PeerChannels {
+    /// Connections opened by `dialer` rather than over TCP.
+    pub fn with_dialer(dialer: Arc<dyn Dialer>) -> PeerChannels {
+        PeerChannels { channels: Arc::default(), dialer: Some(dialer) }
+    }
+}
 
 impl std::fmt::Debug for PeerChannels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let peers = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        let peers = self.channels.lock().map(|m| m.len()).unwrap_or(0);
         write!(f, "PeerChannels({peers} peers)")
     }
+}
+
+/// Opens a byte stream to the peer at a URL: how the deterministic simulation
+/// carries the real peer protocol over its simulated network.
+pub trait Dialer: Send + Sync + 'static {
+    fn dial(&self, url: &str) -> BoxFuture<'static, std::io::Result<tokio::io::DuplexStream>>;
 }
 
 /// Connections to peers, shared by every Raft client and forwarding call.
@@ -172,13 +190,13 @@ pub struct PeerPool {
     /// Where AppendEntries round trips are recorded (absent for one-off pools).
     stats: Option<Arc<crate::stats::GroupStats>>,
     /// One batching queue per leader peer URL, created on first use.
-    forwarders: Arc<Mutex<HashMap<String, mpsc::Sender<Forwarded>>>>,
+    forwarders: Arc<Mutex<BTreeMap<String, mpsc::Sender<Forwarded>>>>,
     /// One ReadIndex queue per leader peer URL, created on first use.
-    read_indexers: Arc<Mutex<HashMap<String, mpsc::Sender<ReadWaiter>>>>,
+    read_indexers: Arc<Mutex<BTreeMap<String, mpsc::Sender<ReadWaiter>>>>,
     /// One heartbeat lane per follower peer URL, created on first use.
-    lanes: Arc<Mutex<HashMap<String, mpsc::Sender<LaneRequest>>>>,
+    lanes: Arc<Mutex<BTreeMap<String, mpsc::Sender<LaneRequest>>>>,
     /// One `Mux` lane per leader peer URL, created on first use.
-    mux_lanes: Arc<Mutex<HashMap<String, mpsc::Sender<MuxCall>>>>,
+    mux_lanes: Arc<Mutex<BTreeMap<String, mpsc::Sender<MuxCall>>>>,
     /// Shortest time a Raft RPC may take before it counts as failed. openraft asks
     /// for one heartbeat interval on appends; a follower whose fsync takes longer
     /// (a loaded or slow disk) would then never acknowledge, and its replication
@@ -280,17 +298,27 @@ impl PeerPool {
 
     fn client(&self, node: &PeerInfo) -> Result<PeerClient<Channel>, String> {
         let url = node.peer_urls.first().ok_or_else(|| "member has no peer URL".to_string())?;
-        let mut map = self.channels.0.lock().expect("peer channel map poisoned");
+        let mut map = self.channels.channels.lock().expect("peer channel map poisoned");
         let channel = match map.get(url) {
             Some(c) => c.clone(),
             None => {
-                let c = match url.strip_prefix("https://") {
-                    None => Endpoint::from_shared(url.clone())
+                let c = match (url.strip_prefix("https://"), &self.channels.dialer) {
+                    (_, Some(dialer)) => {
+                        let dialer = dialer.clone();
+                        let connect = tower::service_fn(move |uri: http::Uri| {
+                            let dial = dialer.dial(&uri.to_string());
+                            async move { dial.await.map(hyper_util::rt::TokioIo::new) }
+                        });
+                        Endpoint::from_shared(url.clone())
+                            .map_err(|e| format!("bad peer URL {url}: {e}"))?
+                            .connect_with_connector_lazy(connect)
+                    }
+                    (None, None) => Endpoint::from_shared(url.clone())
                         .map_err(|e| format!("bad peer URL {url}: {e}"))?
                         .connect_timeout(Duration::from_secs(1))
                         .tcp_nodelay(true)
                         .connect_lazy(),
-                    Some(hostport) => {
+                    (Some(hostport), None) => {
                         let tls = self.tls.clone().ok_or_else(|| format!("{url}: peer TLS is not configured"))?;
                         // TLS is done by the connector, so tonic sees plain http/2.
                         Endpoint::from_shared(format!("http://{hostport}"))
@@ -364,9 +392,7 @@ impl PeerPool {
         let head = encode(&SnapshotFrame::Head { vote, meta: snapshot.meta, len }).map_err(network)?;
         let data = snapshot.snapshot;
         let (tx, rx) = mpsc::channel::<Payload>(2);
-        let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let send =
-                |data: Vec<u8>| tx.blocking_send(Payload { data }).map_err(|_| "the receiver went away".to_string());
+        let frames = move |send: &mut dyn FnMut(Vec<u8>) -> Result<(), String>| -> Result<(), String> {
             send(head)?;
             let mut crc = crc32fast::Hasher::new();
             for chunk in data.chunks() {
@@ -375,7 +401,32 @@ impl PeerPool {
                 send(encode(&SnapshotFrame::Chunk(chunk))?)?;
             }
             send(encode(&SnapshotFrame::End { crc32: crc.finalize() })?)
-        });
+        };
+        let producer = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            // The deterministic simulation runs on one thread, where no blocking
+            // thread may take part (its clock would move while one works): the
+            // frames are read at once and queued (its snapshots are small).
+            let mut queued = Vec::new();
+            let read = frames(&mut |data| {
+                queued.push(Payload { data });
+                Ok(())
+            });
+            let (tx, queue) = (tx.clone(), queued);
+            tokio::spawn(async move {
+                for p in queue {
+                    if tx.send(p).await.is_err() {
+                        return Err("the receiver went away".to_string());
+                    }
+                }
+                read
+            })
+        } else {
+            tokio::task::spawn_blocking(move || {
+                frames(&mut |data| tx.blocking_send(Payload { data }).map_err(|_| "the receiver went away".to_string()))
+            })
+        };
         let mut request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx));
         request.set_timeout(timeout);
         let answer = match tokio::time::timeout(timeout, client.snapshot_stream(request)).await {
@@ -538,7 +589,7 @@ struct MuxLane {
     queue: mpsc::Receiver<MuxCall>,
 }
 
-type MuxPending = HashMap<u64, MuxCall>;
+type MuxPending = BTreeMap<u64, MuxCall>;
 
 impl MuxLane {
     async fn run(mut self) {
@@ -562,7 +613,7 @@ impl MuxLane {
                 Ok(Ok(r)) => r.into_inner(),
                 Ok(Err(s)) => {
                     let e = status_error(s);
-                    for (_, c) in pending.drain() {
+                    for (_, c) in std::mem::take(&mut pending) {
                         let _ = c.reply.send(Err(e.clone()));
                     }
                     continue;
@@ -643,7 +694,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Answers every request in `pending` with "sent, outcome unknown".
 fn fail_mux(pending: &mut MuxPending, why: &str) {
-    for (_, c) in pending.drain() {
+    for (_, c) in std::mem::take(pending) {
         let _ = c.reply.send(Err(CallError::Network(why.to_string())));
     }
 }
@@ -752,7 +803,7 @@ impl Lane {
 /// The queue to `node`'s task in `map`, starting the task (`start` with the
 /// receiving end) on first use or after it ended.
 fn queue_for<T, F>(
-    map: &Mutex<HashMap<String, mpsc::Sender<T>>>,
+    map: &Mutex<BTreeMap<String, mpsc::Sender<T>>>,
     node: &PeerInfo,
     capacity: usize,
     start: impl FnOnce(mpsc::Receiver<T>) -> F,
@@ -1420,7 +1471,7 @@ impl Peer for PeerService {
         // spawn needs the runtime's seeded scope; the results stream itself is
         // the response body (no relay task: one hand-off fewer per append).
         let raft = group.raft.clone();
-        let results = super::Runtime::scope(rand::random(), async move {
+        let results = super::Runtime::scope(super::fresh_seed(), async move {
             let results: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send + 'static>> =
                 Box::pin(raft.stream_append(requests));
             results

@@ -33,7 +33,7 @@
 //! from them. A follower woken while its leader is healthy (pings delayed past
 //! an election timeout) may start an election: a leader change, not an error.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -73,16 +73,16 @@ pub struct LivenessPing {
 struct Heard {
     at: Instant,
     incarnation: u64,
-    quiet: HashMap<GroupId, QuietGroup>,
+    quiet: BTreeMap<GroupId, QuietGroup>,
 }
 
 /// What this node heard from its peers' pings; kept by the [`GroupRegistry`] so
 /// the peer service can record pings whether or not a [`Quiescer`] runs.
 #[derive(Default)]
 pub struct Liveness {
-    heard: Mutex<HashMap<MemberId, Heard>>,
+    heard: Mutex<BTreeMap<MemberId, Heard>>,
     /// Peers that restarted or came back after a silence since the last round.
-    returned: Mutex<HashSet<MemberId>>,
+    returned: Mutex<BTreeSet<MemberId>>,
     /// Groups on this node quiescent after the last round (for `/metrics`).
     quiet_groups: AtomicU64,
     /// How long without a ping makes a node count as gone, in milliseconds: the
@@ -114,7 +114,7 @@ impl Liveness {
         heard.get(&leader).is_some_and(|h| h.at.elapsed() < silence && h.quiet.get(&quiet.group) == Some(&quiet))
     }
 
-    fn take_returned(&self) -> HashSet<MemberId> {
+    fn take_returned(&self) -> BTreeSet<MemberId> {
         std::mem::take(&mut *self.returned.lock().expect("liveness poisoned"))
     }
 
@@ -162,7 +162,7 @@ impl Quiescer {
     ) -> Quiescer {
         let silence_ms = u64::try_from(election_timeout.as_millis()).unwrap_or(u64::MAX);
         registry.liveness().silence_ms.store(silence_ms, Ordering::Relaxed);
-        Quiescer { member, incarnation: rand::random(), registry, pool, heartbeat, election_timeout }
+        Quiescer { member, incarnation: super::fresh_seed(), registry, pool, heartbeat, election_timeout }
     }
 
     /// One round per heartbeat interval: quiesce or wake each hosted group, then
@@ -176,7 +176,7 @@ impl Quiescer {
             let liveness = self.registry.liveness();
             let returned = liveness.take_returned();
             let mut quiet = Vec::new();
-            let mut peers: HashMap<MemberId, PeerInfo> = HashMap::new();
+            let mut peers: BTreeMap<MemberId, PeerInfo> = BTreeMap::new();
             let mut quiet_groups = 0;
             for group in &groups {
                 let step = self.step(group, &returned);
@@ -207,7 +207,7 @@ impl Quiescer {
     }
 
     /// Quiesces or wakes `group` by the module's rules; returns its mode after.
-    fn step(&self, group: &Group, returned: &HashSet<MemberId>) -> Option<Quiet> {
+    fn step(&self, group: &Group, returned: &BTreeSet<MemberId>) -> Option<Quiet> {
         let liveness = self.registry.liveness();
         let silence = self.election_timeout;
         let rx = group.raft.metrics();

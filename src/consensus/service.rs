@@ -119,12 +119,12 @@ pub type Answer = tokio::sync::oneshot::Sender<Result<Vec<u8>, ConsensusError>>;
 pub struct LocalAnswers {
     member: MemberId,
     next_id: AtomicU64,
-    waiting: std::sync::Mutex<std::collections::HashMap<u64, Answer>>,
+    waiting: std::sync::Mutex<std::collections::BTreeMap<u64, Answer>>,
 }
 
 impl LocalAnswers {
     pub fn new(member: MemberId) -> Self {
-        LocalAnswers { member, next_id: AtomicU64::new(rand::random()), waiting: Default::default() }
+        LocalAnswers { member, next_id: AtomicU64::new(super::fresh_seed()), waiting: Default::default() }
     }
 
     /// Wraps `body` for forwarding and parks `answer` until the entry is applied

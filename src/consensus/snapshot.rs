@@ -83,7 +83,7 @@ impl SnapshotFile {
 /// A new file in `dir`, already unlinked: it lives as long as its handles.
 fn scratch_file(dir: &Path) -> io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(format!("incoming-{:016x}", rand::random::<u64>()));
+    let path = dir.join(format!("incoming-{:016x}", super::fresh_seed()));
     let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
     std::fs::remove_file(&path)?;
     Ok(file)
