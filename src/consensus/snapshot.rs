@@ -68,6 +68,11 @@ impl SnapshotFile {
         Ok(out)
     }
 
+    /// A reader of the data from its start (each reader has its own position).
+    pub fn reader(&self) -> SnapshotReader {
+        SnapshotReader { file: self.file.clone(), pos: self.offset, end: self.offset + self.len }
+    }
+
     /// The data in chunks of at most [`SNAPSHOT_CHUNK_BYTES`], in order.
     pub fn chunks(&self) -> impl Iterator<Item = io::Result<Vec<u8>>> + '_ {
         let chunk = SNAPSHOT_CHUNK_BYTES as u64;
@@ -77,6 +82,25 @@ impl SnapshotFile {
             self.file.read_exact_at(&mut buf, self.offset + start)?;
             Ok(buf)
         })
+    }
+}
+
+/// Reads a [`SnapshotFile`]'s data (see [`SnapshotFile::reader`]).
+pub struct SnapshotReader {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for SnapshotReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -157,12 +181,59 @@ pub fn checksum(snapshot: &SnapshotFile) -> io::Result<u32> {
 /// Writes a snapshot file: `crc32 ‖ len(meta) ‖ meta ‖ data`, replaced
 /// atomically and durably (see [`crate::storage::write_checksummed`]).
 pub fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    write_snapshot_file_with(path, meta, &mut |w| w.write_all(data)).map(|_| ())
+}
+
+/// Writes a snapshot file as [`write_snapshot_file`] does, its data streamed
+/// by `data` (never held whole in memory): written to a temporary file through
+/// a buffer, the checksum filled in last, fsynced, renamed over `path`, and the
+/// directory fsynced, so a crash leaves the old file or the new one. Returns the
+/// data's length.
+pub fn write_snapshot_file_with(
+    path: &Path,
+    meta: &SnapshotMeta,
+    data: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<u64> {
     let meta_bytes = bincode::serde::encode_to_vec(meta, bincode::config::standard()).map_err(io::Error::other)?;
-    let mut body = Vec::with_capacity(8 + meta_bytes.len() + data.len());
-    body.extend_from_slice(&(meta_bytes.len() as u64).to_be_bytes());
-    body.extend_from_slice(&meta_bytes);
-    body.extend_from_slice(data);
-    crate::storage::write_checksummed(path, &body)
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&[0; 4])?;
+    let mut body = ChecksumWriter { out: io::BufWriter::new(file), crc: crc32fast::Hasher::new(), written: 0 };
+    body.write_all(&(meta_bytes.len() as u64).to_be_bytes())?;
+    body.write_all(&meta_bytes)?;
+    let header = body.written;
+    data(&mut body)?;
+    let data_len = body.written - header;
+    let crc = body.crc.finalize();
+    let mut file = body.out.into_inner().map_err(|e| e.into_error())?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&crc.to_be_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(data_len)
+}
+
+/// A writer that checksums and counts what passes through it.
+struct ChecksumWriter<W: Write> {
+    out: W,
+    crc: crc32fast::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for ChecksumWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Opens a snapshot file written by [`write_snapshot_file`]: `None` if absent;

@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::{ApplyError, Command, CommandResult};
 use crate::consensus::service::{Service, SnapshotSource};
-use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file, SnapshotFile};
+use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file_with, SnapshotFile};
 use crate::consensus::{MemberId, SnapshotData, TypeConfig};
 use crate::mvcc::index::KeyIndex;
 use crate::mvcc::{MvccError, Rev, Writer};
@@ -537,9 +537,10 @@ impl Service for StateMachine {
         Box::new(SnapshotBuilder { backend: self.backend.clone(), path: self.snapshot_path() })
     }
 
+    /// Installs the leader's snapshot from its file a piece at a time (never
+    /// whole in memory): checked, then parsed into one transaction, then copied
+    /// to this member's snapshot file.
     fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> io::Result<()> {
-        // The etcd store installs its snapshot in memory (bounded by the quota).
-        let data = snapshot.read_all()?;
         {
             // Replaces everything: a running defragmentation cannot replay this.
             let mut rec = self.defrag.recording.lock().expect("apply gate poisoned");
@@ -547,7 +548,7 @@ impl Service for StateMachine {
             // Readers of the old file must not be answered from the new index
             // (or the reverse): the index is marked before the new state commits.
             self.index.begin_replace();
-            self.backend.install_snapshot(&data)?;
+            self.backend.install_snapshot_from(&mut || Ok(Box::new(snapshot.reader())), snapshot.len())?;
             crate::mvcc::upgrade::upgrade_layout(&self.backend).map_err(io_err)?;
             self.index.replace(&self.backend.begin_read()?).map_err(io_err)?;
         }
@@ -558,10 +559,12 @@ impl Service for StateMachine {
                 format!("snapshot data is at {:?} but its meta says {:?}", installed.0, meta.last_log_id),
             ));
         }
-        write_snapshot_file(&self.snapshot_path(), meta, &data)?;
+        write_snapshot_file_with(&self.snapshot_path(), meta, &mut |w| {
+            io::copy(&mut snapshot.reader(), w).map(|_| ())
+        })?;
         self.applied_since_persist = 0;
         self.publish_revision()?;
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed snapshot from leader");
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = snapshot.len(), "installed snapshot from leader");
         Ok(())
     }
 
@@ -581,7 +584,6 @@ impl SnapshotSource for SnapshotBuilder {
         // Must be durable before openraft purges the log up to this snapshot.
         self.backend.persist()?;
         let txn = self.backend.begin_read()?;
-        let data = Backend::snapshot_bytes(&txn)?;
         let meta_table = txn.open_table(META).map_err(io_err)?;
         let get = |k: &str| -> io::Result<Option<Vec<u8>>> {
             Ok(meta_table.get(k).map_err(io_err)?.map(|v| v.value().to_vec()))
@@ -590,9 +592,10 @@ impl SnapshotSource for SnapshotBuilder {
         let last_membership =
             get(META_MEMBERSHIP)?.map(|b| decode::<StoredMembershipOf<C>>(&b)).transpose()?.unwrap_or_default();
         let meta = SnapshotMetaOf::<C> { last_log_id, last_membership };
-        write_snapshot_file(&self.path, &meta, &data)?;
-        let header = self.path.metadata()?.len() - data.len() as u64;
-        let snapshot = SnapshotFile::new(std::fs::File::open(&self.path)?, header, data.len() as u64);
+        // Streamed from the read transaction into the file, a row at a time.
+        let data_len = write_snapshot_file_with(&self.path, &meta, &mut |w| Ok(Backend::write_snapshot(&txn, w)?))?;
+        let header = self.path.metadata()?.len() - data_len;
+        let snapshot = SnapshotFile::new(std::fs::File::open(&self.path)?, header, data_len);
         Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot })
     }
 }

@@ -260,13 +260,23 @@ impl Backend {
 
     /// Serialises every table into one checksummed byte string.
     pub fn snapshot_bytes(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
-        encode_snapshot(txn, SNAPSHOT_MAGIC, &BYTE_TABLES)
+        let mut out = Vec::new();
+        encode_snapshot(txn, SNAPSHOT_MAGIC, &BYTE_TABLES, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes what [`Backend::snapshot_bytes`] returns to `out`, a row at a time
+    /// (never whole in memory).
+    pub fn write_snapshot(txn: &ReadTransaction, out: &mut dyn std::io::Write) -> Result<(), StorageError> {
+        encode_snapshot(txn, SNAPSHOT_MAGIC, &BYTE_TABLES, out)
     }
 
     /// A snapshot in the earlier layout's format (for tests of the conversion).
     #[cfg(test)]
     pub(crate) fn legacy_snapshot_bytes(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
-        encode_snapshot(txn, LEGACY_SNAPSHOT_MAGIC, &LEGACY_BYTE_TABLES)
+        let mut out = Vec::new();
+        encode_snapshot(txn, LEGACY_SNAPSHOT_MAGIC, &LEGACY_BYTE_TABLES, &mut out)?;
+        Ok(out)
     }
 
     /// CRC32 over every row of every table, skipping META rows under `raft/`
@@ -300,8 +310,20 @@ impl Backend {
     /// the earlier layout lands in the legacy tables: the caller converts them
     /// (`mvcc::upgrade`) before reading.
     pub fn install_snapshot(&self, data: &[u8]) -> Result<(), StorageError> {
-        let tables = decode_snapshot(data)?;
-        let defs = snapshot_tables(data)?;
+        self.install_snapshot_from(&mut || Ok(Box::new(data)), data.len() as u64)
+    }
+
+    /// [`Backend::install_snapshot`] of a snapshot of `len` bytes read by
+    /// `open` (called once per pass) a piece at a time, never whole in memory:
+    /// a first pass verifies its checksum; the second parses it into one write
+    /// transaction, which a malformed row aborts, so nothing changes unless the
+    /// whole snapshot is good.
+    pub fn install_snapshot_from<'r>(
+        &self,
+        open: &mut dyn FnMut() -> std::io::Result<Box<dyn std::io::Read + 'r>>,
+        len: u64,
+    ) -> Result<(), StorageError> {
+        let defs = verify_snapshot_checksum(&mut *open().map_err(read_err)?, len)?;
         let txn = self.begin_durable()?;
         txn.delete_table(META)?;
         for t in BYTE_TABLES.iter().chain(&LEGACY_BYTE_TABLES) {
@@ -309,22 +331,27 @@ impl Backend {
         }
         {
             let mut meta = txn.open_table(META)?;
-            for (k, v) in &tables[0] {
-                let k = std::str::from_utf8(k).map_err(|_| StorageError::CorruptSnapshot("meta key"))?;
-                meta.insert(k, v.as_slice())?;
-            }
-            for (i, t) in defs.iter().enumerate() {
-                let mut table = txn.open_table(*t)?;
-                if t.name() == RETIRED_LATEST.name() {
-                    continue;
+            let mut tables = defs.iter().map(|t| txn.open_table(*t)).collect::<Result<Vec<_>, _>>()?;
+            let mut reader = open().map_err(read_err)?;
+            scan_snapshot(&mut *reader, len, &mut |defs, table, k, v| {
+                if table == 0 {
+                    let k = std::str::from_utf8(k).map_err(|_| StorageError::CorruptSnapshot("meta key"))?;
+                    meta.insert(k, v)?;
+                } else if defs[table - 1].name() != RETIRED_LATEST.name() {
+                    tables[table - 1].insert(k, v)?;
                 }
-                for (k, v) in &tables[i + 1] {
-                    table.insert(k.as_slice(), v.as_slice())?;
-                }
-            }
+                Ok(())
+            })?;
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+fn read_err(e: std::io::Error) -> StorageError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => StorageError::CorruptSnapshot("truncated"),
+        _ => StorageError::Engine(e.to_string()),
     }
 }
 
@@ -403,29 +430,146 @@ pub fn decode_snapshot_file(file: &[u8]) -> Result<&[u8], StorageError> {
     Ok(snapshot)
 }
 
-/// Serialises META and `tables`, in that order, after `magic`, with a CRC32 at the end.
-fn encode_snapshot(txn: &ReadTransaction, magic: &[u8; 8], tables: &[ByteTable]) -> Result<Vec<u8>, StorageError> {
-    let mut out = Vec::new();
-    out.extend_from_slice(magic);
+/// Snapshot bytes on their way out, checksummed as they go.
+struct SnapshotWriter<'a> {
+    out: &'a mut dyn std::io::Write,
+    crc: crc32fast::Hasher,
+}
+
+impl SnapshotWriter<'_> {
+    fn put(&mut self, b: &[u8]) -> Result<(), StorageError> {
+        self.crc.update(b);
+        self.out.write_all(b).map_err(|e| StorageError::Engine(format!("writing a snapshot: {e}")))
+    }
+
+    fn chunk(&mut self, b: &[u8]) -> Result<(), StorageError> {
+        self.put(&(b.len() as u32).to_be_bytes())?;
+        self.put(b)
+    }
+}
+
+/// Writes META and `tables`, in that order, after `magic`, with a CRC32 at the
+/// end, to `out` a row at a time.
+fn encode_snapshot(
+    txn: &ReadTransaction,
+    magic: &[u8; 8],
+    tables: &[ByteTable],
+    out: &mut dyn std::io::Write,
+) -> Result<(), StorageError> {
+    let mut w = SnapshotWriter { out, crc: crc32fast::Hasher::new() };
+    w.put(magic)?;
     let meta = txn.open_table(META)?;
-    out.extend_from_slice(&meta.len()?.to_be_bytes());
+    w.put(&meta.len()?.to_be_bytes())?;
     for row in meta.iter()? {
         let (k, v) = row?;
-        put_chunk(&mut out, k.value().as_bytes());
-        put_chunk(&mut out, v.value());
+        w.chunk(k.value().as_bytes())?;
+        w.chunk(v.value())?;
     }
     for t in tables {
         let table = txn.open_table(*t)?;
-        out.extend_from_slice(&table.len()?.to_be_bytes());
+        w.put(&table.len()?.to_be_bytes())?;
         for row in table.iter()? {
             let (k, v) = row?;
-            put_chunk(&mut out, k.value());
-            put_chunk(&mut out, v.value());
+            w.chunk(k.value())?;
+            w.chunk(v.value())?;
         }
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_be_bytes());
-    Ok(out)
+    let crc = w.crc.finalize();
+    w.out.write_all(&crc.to_be_bytes()).map_err(|e| StorageError::Engine(format!("writing a snapshot: {e}")))
+}
+
+/// Checks the magic and the trailing CRC32 of a snapshot of `len` bytes read
+/// from `r` (a piece at a time); returns the tables of its format.
+fn verify_snapshot_checksum(r: &mut dyn std::io::Read, len: u64) -> Result<&'static [ByteTable], StorageError> {
+    let short = StorageError::CorruptSnapshot("bad magic or too short");
+    if len < SNAPSHOT_MAGIC.len() as u64 + 4 {
+        return Err(short);
+    }
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(read_err)?;
+    let defs = snapshot_tables(&magic)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&magic);
+    let mut left = len - 4 - magic.len() as u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = (buf.len() as u64).min(left) as usize;
+        r.read_exact(&mut buf[..n]).map_err(read_err)?;
+        crc.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let mut stored = [0u8; 4];
+    r.read_exact(&mut stored).map_err(read_err)?;
+    if crc.finalize() != u32::from_be_bytes(stored) {
+        return Err(StorageError::CorruptSnapshot("checksum mismatch"));
+    }
+    Ok(defs)
+}
+
+/// Receives a snapshot's rows: the format's tables, the row's table (0 = META,
+/// i + 1 = the i-th of them), key and value.
+type RowVisitor<'a> = dyn FnMut(&'static [ByteTable], usize, &[u8], &[u8]) -> Result<(), StorageError> + 'a;
+
+/// Parses a snapshot of `len` bytes read from `r`, handing each row to `row`
+/// with the format's tables and the row's table (0 = META, i + 1 = the i-th of
+/// them), in order. Bounds every allocation by the bytes left; checks the
+/// structure and, at the end, the checksum (callers that must not act on a
+/// corrupt snapshot verify it first, see [`verify_snapshot_checksum`]).
+fn scan_snapshot(
+    r: &mut dyn std::io::Read,
+    len: u64,
+    row: &mut RowVisitor<'_>,
+) -> Result<&'static [ByteTable], StorageError> {
+    struct Stream<'a> {
+        r: &'a mut dyn std::io::Read,
+        left: u64,
+        crc: crc32fast::Hasher,
+    }
+    impl Stream<'_> {
+        fn take(&mut self, buf: &mut Vec<u8>, n: u64) -> Result<(), StorageError> {
+            if n > self.left {
+                return Err(StorageError::CorruptSnapshot("truncated"));
+            }
+            buf.resize(n as usize, 0);
+            self.r.read_exact(buf).map_err(read_err)?;
+            self.crc.update(buf);
+            self.left -= n;
+            Ok(())
+        }
+        fn u64(&mut self, buf: &mut Vec<u8>) -> Result<u64, StorageError> {
+            self.take(buf, 8)?;
+            Ok(u64::from_be_bytes(buf[..8].try_into().map_err(|_| StorageError::CorruptSnapshot("truncated"))?))
+        }
+        fn chunk(&mut self, buf: &mut Vec<u8>) -> Result<(), StorageError> {
+            self.take(buf, 4)?;
+            let n = u32::from_be_bytes(buf[..4].try_into().map_err(|_| StorageError::CorruptSnapshot("truncated"))?);
+            self.take(buf, u64::from(n))
+        }
+    }
+    if len < SNAPSHOT_MAGIC.len() as u64 + 4 {
+        return Err(StorageError::CorruptSnapshot("bad magic or too short"));
+    }
+    let mut s = Stream { r, left: len - 4, crc: crc32fast::Hasher::new() };
+    let (mut key, mut value) = (Vec::new(), Vec::new());
+    s.take(&mut key, SNAPSHOT_MAGIC.len() as u64)?;
+    let defs = snapshot_tables(&key)?;
+    for table in 0..1 + defs.len() {
+        let n = s.u64(&mut key)?;
+        for _ in 0..n {
+            s.chunk(&mut key)?;
+            s.chunk(&mut value)?;
+            row(defs, table, &key, &value)?;
+        }
+    }
+    if s.left != 0 {
+        return Err(StorageError::CorruptSnapshot("trailing bytes"));
+    }
+    let mut stored = [0u8; 4];
+    s.r.read_exact(&mut stored).map_err(read_err)?;
+    if s.crc.finalize() != u32::from_be_bytes(stored) {
+        return Err(StorageError::CorruptSnapshot("checksum mismatch"));
+    }
+    Ok(defs)
 }
 
 /// A snapshot (as [`Backend::snapshot_bytes`] makes) of the given rows: META's,
@@ -470,57 +614,17 @@ pub fn snapshot_rows<'t>(data: &[u8], tables: &'t [Rows], def: ByteTable) -> Opt
 /// Parses and verifies a snapshot produced by [`Backend::snapshot_bytes`] (or by
 /// the earlier layout's): META's rows, then each table's in [`snapshot_tables`] order.
 pub fn decode_snapshot(data: &[u8]) -> Result<Vec<Rows>, StorageError> {
-    let defs = snapshot_tables(data)?;
-    if data.len() < SNAPSHOT_MAGIC.len() + 4 {
-        return Err(StorageError::CorruptSnapshot("bad magic or too short"));
-    }
-    let (body, crc) = data.split_at(data.len() - 4);
-    let crc = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    if crc32fast::hash(body) != crc {
-        return Err(StorageError::CorruptSnapshot("checksum mismatch"));
-    }
-    let mut r = Reader { buf: &body[SNAPSHOT_MAGIC.len()..] };
-    let mut tables = Vec::with_capacity(1 + defs.len());
-    for _ in 0..1 + defs.len() {
-        let n = r.u64()?;
-        let mut rows = Vec::new();
-        for _ in 0..n {
-            let k = r.chunk()?.to_vec();
-            let v = r.chunk()?.to_vec();
-            rows.push((k, v));
+    verify_snapshot_checksum(&mut &data[..], data.len() as u64)?;
+    let mut tables: Vec<Rows> = Vec::new();
+    let defs = scan_snapshot(&mut &data[..], data.len() as u64, &mut |defs, table, k, v| {
+        if tables.is_empty() {
+            tables.resize(1 + defs.len(), Rows::new());
         }
-        tables.push(rows);
-    }
-    if !r.buf.is_empty() {
-        return Err(StorageError::CorruptSnapshot("trailing bytes"));
-    }
+        tables[table].push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    tables.resize(1 + defs.len(), Rows::new());
     Ok(tables)
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StorageError> {
-        if self.buf.len() < n {
-            return Err(StorageError::CorruptSnapshot("truncated"));
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-    fn u64(&mut self) -> Result<u64, StorageError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_be_bytes(a))
-    }
-    fn chunk(&mut self) -> Result<&'a [u8], StorageError> {
-        let b = self.take(4)?;
-        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        self.take(n)
-    }
 }
 
 #[cfg(test)]
@@ -605,5 +709,48 @@ mod tests {
             assert!(decode_snapshot(&bad).is_err(), "flip at {i} accepted");
         }
         assert!(decode_snapshot(&snap[..snap.len() - 3]).is_err());
+    }
+
+    /// The streamed snapshot is byte for byte the in-memory one; a streamed
+    /// install refuses a corrupt, truncated or malformed (checksum intact)
+    /// snapshot and leaves the state as it was.
+    #[test]
+    fn streamed_snapshots_match_and_bad_ones_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Backend::open(&dir.path().join("a.db")).unwrap();
+        {
+            let txn = a.begin_apply().unwrap();
+            {
+                let mut t = txn.open_table(HISTORY).unwrap();
+                for i in 0..2000u32 {
+                    t.insert(i.to_be_bytes().as_slice(), vec![7u8; 100].as_slice()).unwrap();
+                }
+                let mut m = txn.open_table(META).unwrap();
+                m.insert("rev", 7i64.to_be_bytes().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let snap = Backend::snapshot_bytes(&a.begin_read().unwrap()).unwrap();
+        let mut streamed = Vec::new();
+        Backend::write_snapshot(&a.begin_read().unwrap(), &mut streamed).unwrap();
+        assert_eq!(streamed, snap);
+
+        let b = Backend::open(&dir.path().join("b.db")).unwrap();
+        let install = |data: &[u8], len: u64| b.install_snapshot_from(&mut || Ok(Box::new(data)), len);
+        let hash = || Backend::state_hash(&b.begin_read().unwrap()).unwrap();
+        let empty = hash();
+        let mut flipped = snap.clone();
+        flipped[snap.len() / 2] ^= 1;
+        assert!(matches!(install(&flipped, snap.len() as u64), Err(StorageError::CorruptSnapshot(_))));
+        assert!(matches!(install(&snap[..snap.len() - 10], snap.len() as u64), Err(StorageError::CorruptSnapshot(_))));
+        // A row longer than the snapshot, under a valid checksum.
+        let mut malformed = SNAPSHOT_MAGIC.to_vec();
+        malformed.extend_from_slice(&1u64.to_be_bytes());
+        malformed.extend_from_slice(&u32::MAX.to_be_bytes());
+        malformed.extend_from_slice(&crc32fast::hash(&malformed).to_be_bytes());
+        assert!(matches!(install(&malformed, malformed.len() as u64), Err(StorageError::CorruptSnapshot(_))));
+        assert_eq!(hash(), empty, "a refused snapshot changed the state");
+        install(&snap, snap.len() as u64).unwrap();
+        assert_eq!(hash(), Backend::state_hash(&a.begin_read().unwrap()).unwrap());
     }
 }
