@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consensus::log_store::LogStore;
 use crate::consensus::service::{Entry, LogId, Service, Snapshot, SnapshotMeta, SnapshotSource, StoredMembership};
-use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file, SnapshotFile};
+use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file_with, SnapshotFile};
 use crate::consensus::{ConsensusError, Group, GroupConfig, GroupId, MemberId, SnapshotData};
 
 const REGISTERS: TableDefinition<&str, u64> = TableDefinition::new("registers");
@@ -79,10 +79,35 @@ pub struct RegisterService {
     snap_path: PathBuf,
 }
 
-/// What a snapshot holds besides its meta.
-#[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    registers: Vec<(String, u64)>,
+/// A snapshot's data: the number of registers, then each `(name, value)`, all
+/// bincode (the encoding of a `Vec<(String, u64)>`), written and read one
+/// register at a time.
+fn write_registers(read: &redb::ReadTransaction, mut w: &mut dyn io::Write) -> io::Result<()> {
+    use redb::ReadableTableMetadata;
+    let table = read.open_table(REGISTERS).map_err(io_err)?;
+    let config = bincode::config::standard();
+    bincode::serde::encode_into_std_write(table.len().map_err(io_err)?, &mut w, config).map_err(io::Error::other)?;
+    for row in table.iter().map_err(io_err)? {
+        let (k, v) = row.map_err(io_err)?;
+        bincode::serde::encode_into_std_write((k.value(), v.value()), &mut w, config).map_err(io::Error::other)?;
+    }
+    Ok(())
+}
+
+/// Reads what [`write_registers`] wrote, handing each register to `each`.
+fn read_registers(r: &mut dyn io::Read, each: &mut dyn FnMut(String, u64) -> io::Result<()>) -> io::Result<()> {
+    let mut r = io::BufReader::new(r);
+    let bad = |e: bincode::error::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    let config = bincode::config::standard();
+    let count: u64 = bincode::serde::decode_from_std_read(&mut r, config).map_err(bad)?;
+    for _ in 0..count {
+        let (k, v): (String, u64) = bincode::serde::decode_from_std_read(&mut r, config).map_err(bad)?;
+        each(k, v)?;
+    }
+    if io::Read::read(&mut r, &mut [0u8; 1])? != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "register snapshot: trailing bytes"));
+    }
+    Ok(())
 }
 
 impl RegisterService {
@@ -97,7 +122,7 @@ impl RegisterService {
         let service = RegisterService { db: Arc::new(db), snap_path: dir.join("snap").join("current") };
         // A corrupt snapshot file is refused at start, not when a follower needs it.
         if let Some(snapshot) = service.current_snapshot_file()? {
-            decode::<SnapshotBody>(&snapshot.snapshot.read_all()?)?;
+            read_registers(&mut snapshot.snapshot.reader(), &mut |_, _| Ok(()))?;
         }
         Ok(service)
     }
@@ -175,17 +200,18 @@ impl Service for RegisterService {
         Box::new(RegisterSnapshots { db: self.db.clone(), path: self.snap_path.clone() })
     }
 
+    /// Installs a snapshot a register at a time, in one transaction (a malformed
+    /// snapshot aborts it and changes nothing).
     fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> io::Result<()> {
-        let data = data.read_all()?;
-        let body: SnapshotBody = decode(&data)?;
         let mut txn = self.db.begin_write().map_err(io_err)?;
         txn.set_durability(Durability::Immediate).map_err(io_err)?;
         txn.delete_table(REGISTERS).map_err(io_err)?;
         {
             let mut registers = txn.open_table(REGISTERS).map_err(io_err)?;
-            for (k, v) in &body.registers {
-                registers.insert(k.as_str(), *v).map_err(io_err)?;
-            }
+            read_registers(&mut data.reader(), &mut |k, v| {
+                registers.insert(k.as_str(), v).map_err(io_err)?;
+                Ok(())
+            })?;
             let mut m = txn.open_table(META).map_err(io_err)?;
             match &meta.last_log_id {
                 Some(id) => m.insert(META_APPLIED, encode(id)?.as_slice()).map_err(io_err)?,
@@ -194,7 +220,8 @@ impl Service for RegisterService {
             m.insert(META_MEMBERSHIP, encode(&meta.last_membership)?.as_slice()).map_err(io_err)?;
         }
         txn.commit().map_err(io_err)?;
-        write_snapshot_file(&self.snap_path, meta, &data)
+        write_snapshot_file_with(&self.snap_path, meta, &mut |w| io::copy(&mut data.reader(), w).map(|_| ()))
+            .map(|_| ())
     }
 
     fn current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
@@ -215,11 +242,6 @@ impl SnapshotSource for RegisterSnapshots {
         txn.set_durability(Durability::Immediate).map_err(io_err)?;
         txn.commit().map_err(io_err)?;
         let read = self.db.begin_read().map_err(io_err)?;
-        let mut registers = Vec::new();
-        for row in read.open_table(REGISTERS).map_err(io_err)?.iter().map_err(io_err)? {
-            let (k, v) = row.map_err(io_err)?;
-            registers.push((k.value().to_string(), v.value()));
-        }
         let meta_table = read.open_table(META).map_err(io_err)?;
         let get = |k: &str| -> io::Result<Option<Vec<u8>>> {
             Ok(meta_table.get(k).map_err(io_err)?.map(|v| v.value().to_vec()))
@@ -227,10 +249,9 @@ impl SnapshotSource for RegisterSnapshots {
         let last_log_id = get(META_APPLIED)?.map(|b| decode::<LogId>(&b)).transpose()?;
         let last_membership = get(META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
         let meta = SnapshotMeta { last_log_id, last_membership };
-        let data = encode(&SnapshotBody { registers })?;
-        write_snapshot_file(&self.path, &meta, &data)?;
-        let header = self.path.metadata()?.len() - data.len() as u64;
-        let snapshot = SnapshotFile::new(std::fs::File::open(&self.path)?, header, data.len() as u64);
+        let data_len = write_snapshot_file_with(&self.path, &meta, &mut |w| write_registers(&read, w))?;
+        let header = self.path.metadata()?.len() - data_len;
+        let snapshot = SnapshotFile::new(std::fs::File::open(&self.path)?, header, data_len);
         Ok(Snapshot { meta, snapshot })
     }
 }
@@ -305,5 +326,42 @@ impl Registers {
         let table = txn.open_table(REGISTERS).map_err(|e| storage(e.into()))?;
         let value = table.get(key).map_err(|e| storage(e.into()))?;
         Ok(value.map(|v| v.value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot's data is the bincode of the registers as a `Vec<(String,
+    /// u64)>` (what snapshots written before streaming hold), and reads back.
+    #[test]
+    fn register_snapshots_stream_in_the_vec_encoding() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = RegisterService::open(dir.path()).expect("open");
+        let expected: Vec<(String, u64)> = (0..300u64).map(|i| (format!("r{i:04}"), i * 7)).collect();
+        {
+            let txn = service.db.begin_write().expect("write");
+            {
+                let mut t = txn.open_table(REGISTERS).expect("table");
+                for (k, v) in &expected {
+                    t.insert(k.as_str(), *v).expect("insert");
+                }
+            }
+            txn.commit().expect("commit");
+        }
+        let mut streamed = Vec::new();
+        write_registers(&service.db.begin_read().expect("read"), &mut streamed).expect("write");
+        assert_eq!(streamed, encode(&expected).expect("encode"));
+        let mut back = Vec::new();
+        read_registers(&mut streamed.as_slice(), &mut |k, v| {
+            back.push((k, v));
+            Ok(())
+        })
+        .expect("read back");
+        assert_eq!(back, expected);
+        streamed.push(0);
+        assert!(read_registers(&mut streamed.as_slice(), &mut |_, _| Ok(())).is_err(), "trailing bytes accepted");
+        assert!(read_registers(&mut &streamed[..10], &mut |_, _| Ok(())).is_err(), "truncated data accepted");
     }
 }
