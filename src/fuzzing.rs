@@ -8,9 +8,9 @@ use std::sync::{Arc, OnceLock};
 
 use prost::Message;
 
-use crate::auth::AuthState;
-use crate::mvcc::index::KeyIndex;
-use crate::mvcc::{MvccError, ReadView, Writer};
+use crate::etcd_store::auth::AuthState;
+use crate::etcd_store::mvcc::index::KeyIndex;
+use crate::etcd_store::mvcc::{MvccError, ReadView, Writer};
 use crate::proto::authpb::{permission, Permission, Role, User};
 use crate::proto::etcdserverpb::{
     AuthRoleGrantPermissionRequest, CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest,
@@ -90,7 +90,7 @@ fn serve(kind: u8, req: Request) {
     match (kind, req) {
         (_, Request::Range(r)) => {
             if kv::check_range(&r).is_ok() {
-                let _ = c.check(&r.key, &r.range_end, crate::auth::Access::Read);
+                let _ = c.check(&r.key, &r.range_end, crate::etcd_store::auth::Access::Read);
                 read(|v| drop(v.range(&r)));
             }
         }
@@ -110,7 +110,7 @@ fn serve(kind: u8, req: Request) {
                 && kv::check_intervals(&t.failure).is_ok();
             if valid {
                 let _ = kv::auth_txn(&c, &t);
-                if crate::mvcc::txn_is_readonly(&t) {
+                if crate::etcd_store::mvcc::txn_is_readonly(&t) {
                     read(|v| drop(v.txn_readonly(&t)));
                 } else {
                     write(|w| drop(w.txn(&t)));
@@ -121,13 +121,17 @@ fn serve(kind: u8, req: Request) {
         (_, Request::Lease(r)) => write(|w| drop(w.lease_grant(r.id, r.ttl, 1))),
         (_, Request::Watch(r)) => {
             if let Some(crate::proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(c2)) = r.request_union {
-                let _ = c.check(&c2.key, &c2.range_end, crate::auth::Access::Read);
+                let _ = c.check(&c2.key, &c2.range_end, crate::etcd_store::auth::Access::Read);
             }
         }
         (k, Request::Grant(r)) => {
             if let Some(p) = r.perm {
-                let access = if k % 2 == 0 { crate::auth::Access::Read } else { crate::auth::Access::Write };
-                let _ = crate::auth::perms::covers([&p].into_iter(), &p.key, &p.range_end, access);
+                let access = if k % 2 == 0 {
+                    crate::etcd_store::auth::Access::Read
+                } else {
+                    crate::etcd_store::auth::Access::Write
+                };
+                let _ = crate::etcd_store::auth::perms::covers([&p].into_iter(), &p.key, &p.range_end, access);
             }
         }
     }
@@ -196,11 +200,11 @@ pub fn snapshot_file(data: &[u8]) {
 /// behind them instead of stopping at the checksum.
 pub fn etcd_snapshot(data: &[u8]) {
     let mut db = data.to_vec();
-    crate::etcd_format::bbolt::fix_meta_checksums(&mut db);
+    crate::etcd_store::etcd_format::bbolt::fix_meta_checksums(&mut db);
     for input in [data, db.as_slice()] {
-        if let Ok(db) = crate::etcd_format::strip_trailer(input, false) {
-            let _ = crate::etcd_format::status(db);
-            let _ = crate::etcd_format::import(db);
+        if let Ok(db) = crate::etcd_store::etcd_format::strip_trailer(input, false) {
+            let _ = crate::etcd_store::etcd_format::status(db);
+            let _ = crate::etcd_store::etcd_format::import(db);
         }
     }
 }
@@ -235,9 +239,12 @@ mod tests {
             v.extend(bytes);
             out.push(v);
         }
-        out.push(crate::etcd_format::bbolt::write(&[crate::etcd_format::bbolt::Bucket {
+        out.push(crate::etcd_store::etcd_format::bbolt::write(&[crate::etcd_store::etcd_format::bbolt::Bucket {
             name: b"key".to_vec(),
-            rows: vec![(crate::etcd_format::rev_bytes(2, 0, false), b"\x0a\x01a\x10\x02\x18\x02\x20\x01".to_vec())],
+            rows: vec![(
+                crate::etcd_store::etcd_format::rev_bytes(2, 0, false),
+                b"\x0a\x01a\x10\x02\x18\x02\x20\x01".to_vec(),
+            )],
         }]));
         out.push(b"\x01{\"key\":\"YQ==\",\"value\":\"dg==\",\"lease\":\"5\"}".to_vec());
         out.push(b"\x03{\"compare\":[{\"key\":\"YQ==\",\"target\":\"VALUE\"}],\"success\":[{\"request_delete_range\":{\"key\":\"YQ==\"}}]}".to_vec());

@@ -6,14 +6,10 @@
 //! `mvcc` (etcd KV semantics) → `storage` (redb file per group) ; `proto` holds generated code only.
 //! See `docs/ARCHITECTURE.md`.
 
-pub mod auth;
 pub mod cli;
 pub mod consensus;
-pub mod etcd_format;
 pub mod etcd_store;
 pub mod fuzzing;
-pub mod lease;
-pub mod mvcc;
 pub mod proto;
 pub mod register;
 pub mod server;

@@ -498,7 +498,7 @@ async fn lock_is_refused_to_a_waiter_whose_lease_expired() {
 }
 
 /// Keep-alives from many clients share log entries (one batch per member per
-/// commit, see `concord::lease::renewer`), each is still answered with the full TTL
+/// commit, see `concord::etcd_store::lease::renewer`), each is still answered with the full TTL
 /// only after it committed, and an unknown lease is answered with TTL 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alives_take_a_log_entry_per_lease_not_per_keep_alive() {

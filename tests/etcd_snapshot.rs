@@ -269,14 +269,14 @@ async fn damaged_snapshots_of_either_format_are_refused() {
 #[test]
 fn etcdctl_reads_large_written_databases() {
     require_etcd();
-    use concord::etcd_format::bbolt::{write, Bucket};
+    use concord::etcd_store::etcd_format::bbolt::{write, Bucket};
     let key_rows = (0..20_000u32)
         .map(|i| {
             let value = match i % 1000 {
                 7 => vec![b'o'; 20_000],
                 n => vec![b'v'; (n % 200) as usize],
             };
-            (concord::etcd_format::rev_bytes(i64::from(i) + 2, 0, i % 3 == 0), value)
+            (concord::etcd_store::etcd_format::rev_bytes(i64::from(i) + 2, 0, i % 3 == 0), value)
         })
         .collect();
     let db = write(&[
@@ -287,7 +287,7 @@ fn etcdctl_reads_large_written_databases() {
     ]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("written.snapshot");
-    std::fs::write(&file, concord::etcd_format::with_trailer(&db)).unwrap();
+    std::fs::write(&file, concord::etcd_store::etcd_format::with_trailer(&db)).unwrap();
     let got = ok(
         Command::new("etcdctl")
             .args(["snapshot", "status", file.to_str().unwrap(), "-w", "json"])
@@ -296,7 +296,7 @@ fn etcdctl_reads_large_written_databases() {
             .unwrap(),
         "etcdctl snapshot status",
     );
-    let s = concord::etcd_format::status(&db).unwrap();
+    let s = concord::etcd_store::etcd_format::status(&db).unwrap();
     let want = format!(
         "{{\"hash\":{},\"revision\":{},\"totalKey\":{},\"totalSize\":{}}}",
         s.hash, s.revision, s.total_keys, s.total_size

@@ -41,10 +41,10 @@ use concord::consensus::log_store::{LogStore, NodeLog};
 use concord::consensus::network::{Dialer, PeerChannels, PeerService};
 use concord::consensus::quiesce::Quiescer;
 use concord::consensus::{Group, GroupConfig, GroupId, GroupRegistry, MemberId, PeerInfo, Runtime, TypeConfig};
+use concord::etcd_store::mvcc::index::KeyIndex;
+use concord::etcd_store::mvcc::ReadView;
 use concord::etcd_store::state_machine::StateMachine;
 use concord::etcd_store::{Command, CommandResult};
-use concord::mvcc::index::KeyIndex;
-use concord::mvcc::ReadView;
 use concord::proto::etcdserverpb::{
     compare, request_op, Compare, PutRequest, PutResponse, RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
@@ -416,7 +416,7 @@ async fn start(member: &mut Member, world: &Shared) {
         std::fs::create_dir_all(&dir).expect("group dir");
         let backend = Arc::new(Backend::open(&dir.join("state.redb")).expect("open state file"));
         let index = Arc::new(KeyIndex::open(&backend.begin_read().expect("read")).expect("key index"));
-        let tokens = Arc::new(concord::auth::SimpleTokens::new(Duration::from_secs(300)));
+        let tokens = Arc::new(concord::etcd_store::auth::SimpleTokens::new(Duration::from_secs(300)));
         let (sm, _revision) =
             StateMachine::new(backend.clone(), index.clone(), dir.join("snap"), stats.clone(), tokens)
                 .expect("state machine");

@@ -28,10 +28,10 @@ pub struct SnapshotStatus {
 /// of the file, the revision and the number of live keys.
 pub fn status(path: &Path) -> Result<SnapshotStatus, String> {
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if crate::etcd_format::is_etcd_snapshot(&data) {
-        let fail = |e: crate::etcd_format::FormatError| format!("{}: {e}", path.display());
-        let db = crate::etcd_format::strip_trailer(&data, false).map_err(fail)?;
-        let s = crate::etcd_format::status(db).map_err(fail)?;
+    if crate::etcd_store::etcd_format::is_etcd_snapshot(&data) {
+        let fail = |e: crate::etcd_store::etcd_format::FormatError| format!("{}: {e}", path.display());
+        let db = crate::etcd_store::etcd_format::strip_trailer(&data, false).map_err(fail)?;
+        let s = crate::etcd_store::etcd_format::status(db).map_err(fail)?;
         return Ok(SnapshotStatus {
             hash: s.hash,
             revision: s.revision,
@@ -51,8 +51,10 @@ pub fn status(path: &Path) -> Result<SnapshotStatus, String> {
     // history tells them.
     let listed = snapshot_rows(snapshot, &tables, RETIRED_LATEST).map_or(0, Vec::len);
     let total_keys = match snapshot_rows(snapshot, &tables, HISTORY) {
-        Some(changes) if listed == 0 => crate::mvcc::records::live_keys(changes.iter().map(|(_, v)| v.as_slice()))
-            .map_err(|e| format!("{}: {e}", path.display()))?,
+        Some(changes) if listed == 0 => {
+            crate::etcd_store::mvcc::records::live_keys(changes.iter().map(|(_, v)| v.as_slice()))
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
         _ => listed,
     };
     Ok(SnapshotStatus { hash: crc32fast::hash(&data), revision, total_keys, total_size: data.len() })
@@ -90,9 +92,9 @@ pub fn restore(path: &Path, config: &Config, skip_hash_check: bool) -> Result<()
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let refuse = |e: &dyn std::fmt::Display| format!("refusing {}: {e}", path.display());
     let imported;
-    let snapshot = if crate::etcd_format::is_etcd_snapshot(&data) {
-        let db = crate::etcd_format::strip_trailer(&data, !skip_hash_check).map_err(|e| refuse(&e))?;
-        imported = crate::etcd_format::import(db).map_err(|e| refuse(&e))?;
+    let snapshot = if crate::etcd_store::etcd_format::is_etcd_snapshot(&data) {
+        let db = crate::etcd_store::etcd_format::strip_trailer(&data, !skip_hash_check).map_err(|e| refuse(&e))?;
+        imported = crate::etcd_store::etcd_format::import(db).map_err(|e| refuse(&e))?;
         imported.as_slice()
     } else {
         decode_snapshot_file(&data).map_err(|e| refuse(&e))?
@@ -104,7 +106,7 @@ pub fn restore(path: &Path, config: &Config, skip_hash_check: bool) -> Result<()
     std::fs::create_dir_all(&group_dir).map_err(|e| format!("cannot create {}: {e}", group_dir.display()))?;
     let backend = Backend::open(&group_dir.join("state.redb")).map_err(|e| e.to_string())?;
     backend.install_snapshot(snapshot).map_err(|e| e.to_string())?;
-    crate::mvcc::upgrade::upgrade_layout(&backend).map_err(|e| e.to_string())?;
+    crate::etcd_store::mvcc::upgrade::upgrade_layout(&backend).map_err(|e| e.to_string())?;
     reset_raft_state(&backend).map_err(|e| e.to_string())?;
     crate::server::write_bootstrap_identity(config).map_err(|e| e.to_string())?;
     Ok(())
@@ -181,9 +183,11 @@ mod tests {
             version: 1,
             lease: 0,
         };
-        let history =
-            vec![(crate::mvcc::keys::rev_key(2, 0).to_vec(), crate::mvcc::records::encode_change(true, None, &kv))];
-        let meta = vec![(crate::mvcc::META_REV.to_string(), 2i64.to_be_bytes().to_vec())];
+        let history = vec![(
+            crate::etcd_store::mvcc::keys::rev_key(2, 0).to_vec(),
+            crate::etcd_store::mvcc::records::encode_change(true, None, &kv),
+        )];
+        let meta = vec![(crate::etcd_store::mvcc::META_REV.to_string(), 2i64.to_be_bytes().to_vec())];
         let ours = crate::storage::encode_snapshot_file(&crate::storage::snapshot_from_rows(
             &meta,
             &history,
@@ -201,7 +205,10 @@ mod tests {
                 b
             }] {
                 std::fs::write(&path, &bad).unwrap();
-                assert!(status(&path).is_err() || bad.len() % 512 != 32 && crate::etcd_format::is_etcd_snapshot(&bad));
+                assert!(
+                    status(&path).is_err()
+                        || bad.len() % 512 != 32 && crate::etcd_store::etcd_format::is_etcd_snapshot(&bad)
+                );
                 let config = Config::from_flags(<Flags as clap::Parser>::parse_from([
                     "concord".to_string(),
                     "--data-dir".to_string(),

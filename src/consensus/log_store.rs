@@ -771,9 +771,9 @@ mod tests {
             let stats = Arc::new(crate::stats::GroupStats::default());
             let log = LogStore::open(&dir.path().join("log"), 1, 1, stats.clone()).map_err(|e| fail(&e))?;
             let backend = Arc::new(Backend::open(&dir.path().join("state.redb")).map_err(|e| fail(&e))?);
-            let tokens = Arc::new(crate::auth::SimpleTokens::new(Duration::from_secs(60)));
+            let tokens = Arc::new(crate::etcd_store::auth::SimpleTokens::new(Duration::from_secs(60)));
             let read = backend.begin_read().map_err(|e| fail(&e))?;
-            let index = Arc::new(crate::mvcc::index::KeyIndex::open(&read).map_err(|e| fail(&e))?);
+            let index = Arc::new(crate::etcd_store::mvcc::index::KeyIndex::open(&read).map_err(|e| fail(&e))?);
             let (sm, _) =
                 StateMachine::new(backend, index, dir.path().join("snap"), stats, tokens).map_err(|e| fail(&e))?;
             Ok((dir, log, ServiceMachine::new(Box::new(sm), None)))

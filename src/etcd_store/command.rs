@@ -45,8 +45,8 @@ pub enum Command {
         member: MemberId,
         alarm: i32,
     },
-    /// A change to users, roles or the auth switch (see [`crate::auth`]).
-    Auth(crate::auth::AuthOp),
+    /// A change to users, roles or the auth switch (see [`crate::etcd_store::auth`]).
+    Auth(crate::etcd_store::auth::AuthOp),
     /// A command whose permissions were checked at `auth_revision`; refused at
     /// apply if the auth store changed since.
     Authed {
@@ -62,7 +62,7 @@ pub enum Command {
         id: u64,
         cmd: Box<Command>,
     },
-    /// Keep-alives gathered by one member (see `crate::lease::Renewer`): each lease
+    /// Keep-alives gathered by one member (see `crate::etcd_store::lease::Renewer`): each lease
     /// re-based to its full TTL on every member, as [`Command::LeaseRenew`] does, in
     /// one entry; an unknown id is skipped. Answered with a [`super::state_machine::LeaseRenewals`].
     LeaseRenewBatch(Vec<i64>),
@@ -136,7 +136,7 @@ pub enum ApplyError {
     PeerUrlExists,
     MemberNotFound,
     MemberNotLearner,
-    Auth(crate::auth::AuthError),
+    Auth(crate::etcd_store::auth::AuthError),
     /// The command did not decode: only a bug or a corrupted log can cause it.
     Malformed(String),
     /// A catalog group with this id exists (or it is the etcd store's).

@@ -7,10 +7,14 @@
 //! revision watch, auth tokens). Commands travel as [`Command`] bodies of the
 //! runtime's proposals; [`state_machine`] applies them.
 
+pub mod auth;
 pub mod catalog;
 pub mod command;
+pub mod etcd_format;
+pub mod lease;
 pub mod legacy;
 pub mod members;
+pub mod mvcc;
 pub mod reconcile;
 pub mod state_machine;
 
@@ -27,8 +31,8 @@ use members::ClusterInfo;
 use crate::consensus::log_store::{LogStore, NodeLog};
 use crate::consensus::network::PeerPool;
 use crate::consensus::{ConsensusError, Group, GroupConfig, GroupId, MemberCalls, MemberId, PeerInfo, Raft};
-use crate::mvcc::index::KeyIndex;
-use crate::mvcc::Rev;
+use crate::etcd_store::mvcc::index::KeyIndex;
+use crate::etcd_store::mvcc::Rev;
 use crate::storage::Backend;
 
 /// How long a member waits to apply the revision a HashKV check asks about.
@@ -39,7 +43,7 @@ const HASH_KV_WAIT: Duration = Duration::from_secs(5);
 pub struct EtcdStore {
     pub group: Group,
     pub backend: Arc<Backend>,
-    /// The key index of `backend`'s file: what a [`crate::mvcc::ReadView`] needs.
+    /// The key index of `backend`'s file: what a [`crate::etcd_store::mvcc::ReadView`] needs.
     pub index: Arc<KeyIndex>,
     /// The store's current revision, updated after every applied batch; watchers
     /// and lock waiters wait on it instead of polling storage.
@@ -48,7 +52,7 @@ pub struct EtcdStore {
     /// reuse the cached auth state without opening a read transaction.
     pub auth_revision: Arc<AtomicU64>,
     /// This member's copy of the replicated simple auth tokens.
-    pub tokens: Arc<crate::auth::SimpleTokens>,
+    pub tokens: Arc<crate::etcd_store::auth::SimpleTokens>,
     apply_gate: Arc<state_machine::ApplyGate>,
 }
 
@@ -128,7 +132,7 @@ async fn local_hash_kv_at(
         .await
         .map_err(|_| format!("revision {rev} not applied within {wait:?}"))?
         .map_err(|e| e.to_string())?;
-    let view = crate::mvcc::ReadView::open(backend, index).map_err(|e| e.to_string())?;
+    let view = crate::etcd_store::mvcc::ReadView::open(backend, index).map_err(|e| e.to_string())?;
     view.hash_kv(rev).map_err(|e| e.to_string())
 }
 
@@ -161,7 +165,7 @@ impl EtcdStore {
             _ => {}
         }
         let backend = Arc::new(Backend::open(&dir.join("state.redb"))?);
-        if crate::mvcc::upgrade::upgrade_layout(&backend)? {
+        if crate::etcd_store::mvcc::upgrade::upgrade_layout(&backend)? {
             tracing::info!(dir = %dir.display(), "converted the state file to the revision-keyed history layout");
         }
         let index = Arc::new(KeyIndex::open(&backend.begin_read()?)?);
@@ -170,7 +174,7 @@ impl EtcdStore {
             tracing::info!(entries = converted, "converted the raft log from the previous release's entry format");
         }
         let log = node_log.group(group_id, member)?;
-        let tokens = Arc::new(crate::auth::SimpleTokens::new(auth_token_ttl));
+        let tokens = Arc::new(crate::etcd_store::auth::SimpleTokens::new(auth_token_ttl));
         let (sm, revision) = state_machine::StateMachine::new(
             backend.clone(),
             index.clone(),

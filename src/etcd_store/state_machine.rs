@@ -25,8 +25,8 @@ use super::{ApplyError, Command, CommandResult};
 use crate::consensus::service::{Service, SnapshotSource};
 use crate::consensus::snapshot::{read_snapshot_file, write_snapshot_file_with, SnapshotFile};
 use crate::consensus::{MemberId, SnapshotData, TypeConfig};
-use crate::mvcc::index::KeyIndex;
-use crate::mvcc::{MvccError, Rev, Writer};
+use crate::etcd_store::mvcc::index::KeyIndex;
+use crate::etcd_store::mvcc::{MvccError, Rev, Writer};
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, TxnRequest};
 use crate::proto::etcdserverpb::{LeaseGrantResponse, LeaseKeepAliveResponse, LeaseRevokeResponse, ResponseHeader};
 use crate::storage::{Backend, META};
@@ -112,7 +112,7 @@ pub struct StateMachine {
     defrag: Arc<ApplyGate>,
     stats: Arc<crate::stats::GroupStats>,
     /// Simple auth tokens registered by applied `Authenticate` entries.
-    tokens: Arc<crate::auth::SimpleTokens>,
+    tokens: Arc<crate::etcd_store::auth::SimpleTokens>,
 }
 
 /// Entries a defragmentation may buffer while it copies the state file. Past
@@ -183,7 +183,7 @@ impl StateMachine {
         index: Arc<KeyIndex>,
         snap_dir: PathBuf,
         stats: Arc<crate::stats::GroupStats>,
-        tokens: Arc<crate::auth::SimpleTokens>,
+        tokens: Arc<crate::etcd_store::auth::SimpleTokens>,
     ) -> io::Result<(Self, watch::Receiver<Rev>)> {
         std::fs::create_dir_all(&snap_dir)?;
         // A corrupt snapshot file is refused at start, not when a follower needs it.
@@ -235,8 +235,8 @@ impl StateMachine {
 /// The store's current (KV revision, auth revision).
 fn current_revs(backend: &Backend) -> io::Result<(Rev, u64)> {
     let txn = backend.begin_read()?;
-    let rev = crate::mvcc::read_revisions(&txn).map_err(io_err)?.0;
-    let auth_rev = crate::auth::revision_in(&txn.open_table(META).map_err(io_err)?)?;
+    let rev = crate::etcd_store::mvcc::read_revisions(&txn).map_err(io_err)?.0;
+    let auth_rev = crate::etcd_store::auth::revision_in(&txn.open_table(META).map_err(io_err)?)?;
     Ok((rev, auth_rev))
 }
 
@@ -247,7 +247,7 @@ fn apply_entries(
     txn: &WriteTransaction,
     index: &KeyIndex,
     entries: &[EntryOf<C>],
-    tokens: Option<&crate::auth::SimpleTokens>,
+    tokens: Option<&crate::etcd_store::auth::SimpleTokens>,
 ) -> io::Result<Vec<CommandResult>> {
     let mut results = Vec::with_capacity(entries.len());
     let mut membership = None;
@@ -290,7 +290,7 @@ fn apply_entries(
 struct BatchApplier<'txn> {
     txn: &'txn WriteTransaction,
     index: &'txn KeyIndex,
-    tokens: Option<&'txn crate::auth::SimpleTokens>,
+    tokens: Option<&'txn crate::etcd_store::auth::SimpleTokens>,
     writer: Option<Writer<'txn>>,
     nospace: bool,
     auth_revision: u64,
@@ -304,7 +304,7 @@ impl<'txn> BatchApplier<'txn> {
     fn new(
         txn: &'txn WriteTransaction,
         index: &'txn KeyIndex,
-        tokens: Option<&'txn crate::auth::SimpleTokens>,
+        tokens: Option<&'txn crate::etcd_store::auth::SimpleTokens>,
     ) -> io::Result<Self> {
         let mut applier =
             BatchApplier { txn, index, tokens, writer: None, nospace: false, auth_revision: 0, log_index: 0 };
@@ -315,7 +315,7 @@ impl<'txn> BatchApplier<'txn> {
     fn read_checks(&mut self) -> io::Result<()> {
         let meta = self.txn.open_table(META).map_err(io_err)?;
         self.nospace = alarms_in(&meta)?.iter().any(|(_, a)| *a == ALARM_NOSPACE);
-        self.auth_revision = crate::auth::revision_in(&meta)?;
+        self.auth_revision = crate::etcd_store::auth::revision_in(&meta)?;
         Ok(())
     }
 
@@ -344,9 +344,9 @@ impl<'txn> BatchApplier<'txn> {
         if may_grow && self.nospace {
             // Only decoded while NOSPACE is raised: a txn without writes still applies.
             let grows = match cmd {
-                Command::Txn(b) => {
-                    TxnRequest::decode(b.as_slice()).map(|t| !crate::mvcc::txn_is_readonly(&t)).unwrap_or(false)
-                }
+                Command::Txn(b) => TxnRequest::decode(b.as_slice())
+                    .map(|t| !crate::etcd_store::mvcc::txn_is_readonly(&t))
+                    .unwrap_or(false),
                 _ => true,
             };
             if grows {
@@ -428,7 +428,7 @@ impl<'txn> BatchApplier<'txn> {
                 self.close_writer()?;
                 let result = {
                     let mut meta = self.txn.open_table(META).map_err(io_err)?;
-                    crate::auth::apply(&mut meta, op, self.tokens)?
+                    crate::etcd_store::auth::apply(&mut meta, op, self.tokens)?
                 };
                 self.read_checks()?;
                 Ok(match result {
@@ -440,7 +440,9 @@ impl<'txn> BatchApplier<'txn> {
             Command::Authed { auth_revision, cmd } => {
                 // Checked against an older auth store: the permission may be gone.
                 if self.auth_revision != *auth_revision {
-                    return Ok(CommandResult::Err(ApplyError::Auth(crate::auth::AuthError::AuthOldRevision)));
+                    return Ok(CommandResult::Err(ApplyError::Auth(
+                        crate::etcd_store::auth::AuthError::AuthOldRevision,
+                    )));
                 }
                 self.apply(cmd)
             }
@@ -549,7 +551,7 @@ impl Service for StateMachine {
             // (or the reverse): the index is marked before the new state commits.
             self.index.begin_replace();
             self.backend.install_snapshot_from(&mut || Ok(Box::new(snapshot.reader())), snapshot.len())?;
-            crate::mvcc::upgrade::upgrade_layout(&self.backend).map_err(io_err)?;
+            crate::etcd_store::mvcc::upgrade::upgrade_layout(&self.backend).map_err(io_err)?;
             self.index.replace(&self.backend.begin_read()?).map_err(io_err)?;
         }
         let installed = self.applied_state()?;
@@ -616,7 +618,7 @@ mod tests {
         let backend = Arc::new(Backend::open(&dir.join("state.redb")).expect("open"));
         let index = Arc::new(KeyIndex::open(&backend.begin_read().expect("read")).expect("index"));
         let stats = Arc::new(crate::stats::GroupStats::default());
-        let tokens = Arc::new(crate::auth::SimpleTokens::new(Duration::from_secs(60)));
+        let tokens = Arc::new(crate::etcd_store::auth::SimpleTokens::new(Duration::from_secs(60)));
         StateMachine::new(backend, index, dir.join("snap"), stats, tokens).expect("state machine")
     }
 
@@ -711,7 +713,7 @@ mod tests {
             Command::LeaseExpire { id: 7, version: 1 },
         ];
         apply_as_follower(&mut sm, 1, cmds.iter().map(proposal).collect()).await;
-        let view = || crate::mvcc::ReadView::open(&backend, &index).expect("view");
+        let view = || crate::etcd_store::mvcc::ReadView::open(&backend, &index).expect("view");
         assert_eq!(view().lease(7).expect("read").map(|r| r.version), Some(2));
         assert_eq!(*revision.borrow(), 2, "the skipped expiry deleted nothing");
         // At the live version it revokes, and the attached key goes with it.

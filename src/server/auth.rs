@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use tonic::{Request, Response, Status};
 
 use super::{errors, Node};
-use crate::auth::tokens::{JwtTokens, SimpleTokens};
-use crate::auth::{Access, AuthError, AuthOp, AuthState};
+use crate::etcd_store::auth::tokens::{JwtTokens, SimpleTokens};
+use crate::etcd_store::auth::{Access, AuthError, AuthOp, AuthState};
 use crate::etcd_store::Command;
 use crate::proto::etcdserverpb::auth_server::Auth;
 use crate::proto::etcdserverpb::*;
@@ -187,7 +187,7 @@ impl AuthService {
 
     async fn hash(&self, password: String) -> Result<Vec<u8>, Status> {
         let cost = self.node.config.bcrypt_cost;
-        tokio::task::spawn_blocking(move || crate::auth::hash_password(&password, cost))
+        tokio::task::spawn_blocking(move || crate::etcd_store::auth::hash_password(&password, cost))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))
@@ -224,7 +224,7 @@ impl Auth for AuthService {
             return Err(Status::unknown("auth: authentication failed, password was given for no password user"));
         }
         let password = req.password;
-        let ok = tokio::task::spawn_blocking(move || crate::auth::verify_password(&user, &password))
+        let ok = tokio::task::spawn_blocking(move || crate::etcd_store::auth::verify_password(&user, &password))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         if !ok {

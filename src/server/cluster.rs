@@ -216,7 +216,7 @@ impl Maintenance for MaintenanceService {
         use sha2::Digest;
         self.node.require_admin_maintenance(&req)?;
         let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
-        let db = tokio::task::spawn_blocking(move || crate::etcd_format::export(&txn))
+        let db = tokio::task::spawn_blocking(move || crate::etcd_store::etcd_format::export(&txn))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -243,7 +243,7 @@ impl Maintenance for MaintenanceService {
         self.node.require_admin_maintenance(&req)?;
         let txn = self.node.group.backend.begin_read().map_err(|e| Status::internal(e.to_string()))?;
         let hash = crate::storage::Backend::state_hash(&txn).map_err(|e| Status::internal(e.to_string()))?;
-        let rev = crate::mvcc::read_revisions(&txn).map_err(|e| Status::internal(e.to_string()))?.0;
+        let rev = crate::etcd_store::mvcc::read_revisions(&txn).map_err(|e| Status::internal(e.to_string()))?.0;
         drop(txn);
         let mut resp = HashResponse {
             header: Some(crate::proto::etcdserverpb::ResponseHeader { revision: rev, ..Default::default() }),

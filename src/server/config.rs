@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::auth::tokens::{JwtConfig, TokenConfig};
+use crate::etcd_store::auth::tokens::{JwtConfig, TokenConfig};
 
 /// etcd's `embed.DefaultMaxRequestBytes`: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1572864;
@@ -396,7 +396,7 @@ fn parse_auth_token(s: &str) -> Result<TokenConfig, String> {
                 }
             }
             let sign_method = sign_method.ok_or("--auth-token jwt needs sign-method=")?;
-            crate::auth::tokens::algorithm(&sign_method)?;
+            crate::etcd_store::auth::tokens::algorithm(&sign_method)?;
             Ok(TokenConfig::Jwt(JwtConfig {
                 pub_key: pub_key.ok_or("--auth-token jwt needs pub-key=")?,
                 priv_key,
@@ -570,7 +570,7 @@ impl Config {
         if auth_token_ttl.is_zero() {
             return Err("--auth-token-ttl must be positive".into());
         }
-        let bcrypt_cost = u32::try_from(parse_u64(raw, "bcrypt-cost", crate::auth::BCRYPT_COST as u64)?)
+        let bcrypt_cost = u32::try_from(parse_u64(raw, "bcrypt-cost", crate::etcd_store::auth::BCRYPT_COST as u64)?)
             .ok()
             .filter(|c| (4..=31).contains(c))
             .ok_or("--bcrypt-cost must be between 4 and 31")?;

@@ -103,8 +103,8 @@ pub fn from_apply(e: ApplyError) -> Status {
 }
 
 /// etcd's gRPC codes for auth errors (`rpctypes`).
-pub fn from_auth(e: crate::auth::AuthError) -> Status {
-    use crate::auth::AuthError as E;
+pub fn from_auth(e: crate::etcd_store::auth::AuthError) -> Status {
+    use crate::etcd_store::auth::AuthError as E;
     let code = match e {
         E::UserEmpty | E::RoleEmpty | E::AuthFailed | E::InvalidAuthMgmt | E::AuthOldRevision => {
             tonic::Code::InvalidArgument
@@ -136,8 +136,8 @@ pub fn from_consensus(e: ConsensusError) -> Status {
     }
 }
 
-pub fn from_mvcc(e: crate::mvcc::MvccError) -> Status {
-    use crate::mvcc::MvccError as E;
+pub fn from_mvcc(e: crate::etcd_store::mvcc::MvccError) -> Status {
+    use crate::etcd_store::mvcc::MvccError as E;
     match e {
         E::Compacted => compacted(),
         E::FutureRev => future_rev(),

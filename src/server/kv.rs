@@ -12,9 +12,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Caller, Credentials};
 use super::{errors, Node};
-use crate::auth::Access;
+use crate::etcd_store::auth::Access;
+use crate::etcd_store::mvcc::{self, keys::KeyRange};
 use crate::etcd_store::Command;
-use crate::mvcc::{self, keys::KeyRange};
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{
     request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,

@@ -1,5 +1,5 @@
 //! The etcd `Lease` service. Grants and revokes go through Raft; keep-alives and
-//! time-to-live answers come from the leader's lessor (see `crate::lease`).
+//! time-to-live answers come from the leader's lessor (see `crate::etcd_store::lease`).
 
 use std::sync::Arc;
 
@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Credentials;
 use super::{errors, Node};
+use crate::etcd_store::lease::renewer::RenewError;
+use crate::etcd_store::lease::{Lessor, MAX_LEASE_TTL_S};
 use crate::etcd_store::Command;
-use crate::lease::renewer::RenewError;
-use crate::lease::{Lessor, MAX_LEASE_TTL_S};
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
@@ -27,7 +27,7 @@ pub struct LeaseService {
     pub lessor: Arc<Lessor>,
 }
 
-/// One keep-alive, answered by the leader (see `crate::lease`): the TTL it was
+/// One keep-alive, answered by the leader (see `crate::etcd_store::lease`): the TTL it was
 /// renewed to, or TTL 0 for a lease that does not exist or has expired (etcd's
 /// "lease not found" on a keep-alive stream).
 pub async fn keep_alive(node: &Node, lessor: &Lessor, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
@@ -65,7 +65,9 @@ impl Lease for LeaseService {
         } else {
             Vec::new()
         };
-        let check = |c: &super::auth::Caller| keys.iter().try_for_each(|k| c.check(k, &[], crate::auth::Access::Write));
+        let check = |c: &super::auth::Caller| {
+            keys.iter().try_for_each(|k| c.check(k, &[], crate::etcd_store::auth::Access::Write))
+        };
         let mut resp: LeaseRevokeResponse = self.node.propose_as(&creds, check, Command::LeaseRevoke { id }).await?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))

@@ -239,7 +239,9 @@ pub async fn run_monitor(node: Arc<Node>) {
                     .map(|r| r.into_iter().map(|(id, r)| (id, r.learner)).collect::<Vec<_>>())
                     .ok(),
                 crate::etcd_store::state_machine::alarms(&txn).ok(),
-                crate::mvcc::ReadView::new(&txn, &node.group.index).and_then(|v| v.lease_count()).unwrap_or(0),
+                crate::etcd_store::mvcc::ReadView::new(&txn, &node.group.index)
+                    .and_then(|v| v.lease_count())
+                    .unwrap_or(0),
             ),
             Err(_) => (None, None, 0),
         };
@@ -353,7 +355,7 @@ pub fn render(node: &Node) -> String {
     let stats = &node.stats;
     let (db_size, db_in_use) = node.group.backend.sizes().unwrap_or((0, 0));
     let revision = *node.group.revision.borrow();
-    let (keys, leases) = crate::mvcc::ReadView::open(&node.group.backend, &node.group.index)
+    let (keys, leases) = crate::etcd_store::mvcc::ReadView::open(&node.group.backend, &node.group.index)
         .ok()
         .map(|v| (v.key_count().unwrap_or(0), v.lease_count().unwrap_or(0)))
         .unwrap_or((0, 0));

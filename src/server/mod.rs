@@ -41,8 +41,8 @@ use crate::consensus::log_store::NodeLog;
 use crate::consensus::network::PeerService;
 use crate::consensus::{GroupConfig, GroupRegistry, MemberId, PeerInfo, FIRST_GROUP};
 use crate::etcd_store::members::{cluster_id, member_id, MemberChange};
+use crate::etcd_store::mvcc::ReadView;
 use crate::etcd_store::{Command, CommandResult, EtcdStore};
-use crate::mvcc::ReadView;
 use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
@@ -269,7 +269,7 @@ impl Node {
     }
 
     /// A consistent local view, after a ReadIndex barrier unless `serializable`.
-    /// The view pins its revision in the key index ([`crate::mvcc::index::Pin`]).
+    /// The view pins its revision in the key index ([`crate::etcd_store::mvcc::index::Pin`]).
     pub async fn read_view(&self, serializable: bool) -> Result<ReadView, tonic::Status> {
         if !serializable {
             self.group.read_barrier(self.config.request_timeout()).await.map_err(errors::from_consensus)?;
@@ -285,7 +285,11 @@ impl Node {
             match ReadView::new(&txn, &self.group.index) {
                 // A compaction committed between opening `txn` and pinning it: the
                 // next transaction sees it.
-                Err(crate::mvcc::MvccError::Retry) if attempts < crate::mvcc::READ_VIEW_ATTEMPTS => attempts += 1,
+                Err(crate::etcd_store::mvcc::MvccError::Retry)
+                    if attempts < crate::etcd_store::mvcc::READ_VIEW_ATTEMPTS =>
+                {
+                    attempts += 1
+                }
                 r => return r.map_err(errors::from_mvcc),
             }
         }
@@ -310,7 +314,7 @@ impl Node {
         h.raft_term = self.group.current_term();
         if h.revision == 0 {
             if let Ok(txn) = self.group.backend.begin_read() {
-                if let Ok((rev, _)) = crate::mvcc::read_revisions(&txn) {
+                if let Ok((rev, _)) = crate::etcd_store::mvcc::read_revisions(&txn) {
                     h.revision = rev;
                 }
             }
@@ -392,8 +396,10 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         peer_channels: Default::default(),
     };
     let jwt = match &config.auth_token {
-        crate::auth::tokens::TokenConfig::Simple => None,
-        crate::auth::tokens::TokenConfig::Jwt(j) => Some(crate::auth::tokens::JwtTokens::load(j)?),
+        crate::etcd_store::auth::tokens::TokenConfig::Simple => None,
+        crate::etcd_store::auth::tokens::TokenConfig::Jwt(j) => {
+            Some(crate::etcd_store::auth::tokens::JwtTokens::load(j)?)
+        }
     };
     let peer_server_tls = if config.listen_peer_urls.iter().any(|u| u.starts_with("https://")) {
         let fixtures = config.data_dir.join("fixtures").join("peer");
@@ -511,7 +517,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         tasks.spawn(async move { serve_listener(router, l, &url, tls, slots, false).await });
     }
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_client_connections));
-    let lessor = crate::lease::Lessor::new(
+    let lessor = crate::etcd_store::lease::Lessor::new(
         group.clone(),
         node.member_id,
         config.election_timeout_ms,
@@ -617,7 +623,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
 /// The JSON gateway's own handles on the client services.
 fn json_gateway(
     node: &Arc<Node>,
-    lessor: &Arc<crate::lease::Lessor>,
+    lessor: &Arc<crate::etcd_store::lease::Lessor>,
     cache: &Arc<watch::EventCache>,
 ) -> Arc<gateway::Gateway> {
     Arc::new(gateway::Gateway {

@@ -19,10 +19,10 @@ use tonic::{Request, Response, Status};
 
 use super::auth::Credentials;
 use super::{errors, Node};
-use crate::auth::Access;
+use crate::etcd_store::auth::Access;
+use crate::etcd_store::lease::Lessor;
+use crate::etcd_store::mvcc::Rev;
 use crate::etcd_store::Command;
-use crate::lease::Lessor;
-use crate::mvcc::Rev;
 use crate::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     ResponseHeader, TxnRequest, TxnResponse,

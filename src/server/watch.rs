@@ -36,9 +36,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Node;
-use crate::mvcc::events::{prev_kv, read_events};
-use crate::mvcc::keys::KeyRange;
-use crate::mvcc::{ReadView, Rev};
+use crate::etcd_store::mvcc::events::{prev_kv, read_events};
+use crate::etcd_store::mvcc::keys::KeyRange;
+use crate::etcd_store::mvcc::{ReadView, Rev};
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::watch_server::Watch;
@@ -311,7 +311,7 @@ async fn serve_stream<S>(
                     // refused watch is created and canceled at once.
                     let permitted = node
                         .caller(&creds)
-                        .and_then(|caller| caller.check(&c.key, &c.range_end, crate::auth::Access::Read));
+                        .and_then(|caller| caller.check(&c.key, &c.range_end, crate::etcd_store::auth::Access::Read));
                     permitted.err().map(|_| PERMISSION_DENIED_REASON.to_string())
                 };
                 let created = WatchResponse {

@@ -31,11 +31,11 @@ use prost::Message;
 use redb::{ReadTransaction, ReadableTable};
 use sha2::Digest;
 
-use crate::auth::{AuthState, META_ENABLED, META_REVISION, ROLE_PREFIX, USER_PREFIX};
-use crate::mvcc::keys::decode_rev_key;
-use crate::mvcc::lease::{lease_key, LeaseRecord};
-use crate::mvcc::records::{decode_change, encode_change, RevPtr};
-use crate::mvcc::{META_COMPACT, META_REV};
+use crate::etcd_store::auth::{AuthState, META_ENABLED, META_REVISION, ROLE_PREFIX, USER_PREFIX};
+use crate::etcd_store::mvcc::keys::decode_rev_key;
+use crate::etcd_store::mvcc::lease::{lease_key, LeaseRecord};
+use crate::etcd_store::mvcc::records::{decode_change, encode_change, RevPtr};
+use crate::etcd_store::mvcc::{META_COMPACT, META_REV};
 use crate::proto::authpb::{Role, User};
 use crate::proto::etcdserverpb::AlarmMember;
 use crate::proto::mvccpb::KeyValue;
@@ -362,7 +362,7 @@ pub fn import(db: &[u8]) -> Result<Vec<u8>, FormatError> {
                 dropped.push(history.len());
             }
         }
-        history.push((crate::mvcc::keys::rev_key(main, sub).to_vec(), encode_change(put, prev, &record)));
+        history.push((crate::etcd_store::mvcc::keys::rev_key(main, sub).to_vec(), encode_change(put, prev, &record)));
     }
 
     if !dropped.is_empty() {

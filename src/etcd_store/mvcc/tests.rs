@@ -2,7 +2,7 @@
 //! semantics (and cross-checked end to end by the etcdctl golden test).
 
 use super::*;
-use crate::mvcc::index::KeyIndex;
+use crate::etcd_store::mvcc::index::KeyIndex;
 use crate::proto::etcdserverpb::{compare::CompareResult, compare::CompareTarget, compare::TargetUnion, RequestOp};
 use crate::storage::Backend;
 use redb::ReadableTableMetadata;

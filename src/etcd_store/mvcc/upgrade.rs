@@ -63,9 +63,9 @@ pub fn upgrade_layout(backend: &Backend) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mvcc::index::KeyIndex;
-    use crate::mvcc::records::decode_change;
-    use crate::mvcc::{ReadView, Rev, Writer};
+    use crate::etcd_store::mvcc::index::KeyIndex;
+    use crate::etcd_store::mvcc::records::decode_change;
+    use crate::etcd_store::mvcc::{ReadView, Rev, Writer};
     use crate::proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
     use prost::Message;
 

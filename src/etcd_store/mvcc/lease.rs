@@ -3,7 +3,7 @@
 //!
 //! Contract:
 //! - Everything here is applied through the Raft log, so every member holds the same
-//!   leases. Expiry *timing* is not decided here (see `crate::lease`); an expired lease
+//!   leases. Expiry *timing* is not decided here (see `crate::etcd_store::lease`); an expired lease
 //!   is removed by a replicated revoke like any other.
 //! - `remaining_ms` is persisted at grant, renew and checkpoint. It is what a member
 //!   that restarts (or a new leader that never observed a renew) counts down from, so
@@ -13,7 +13,7 @@
 //!   fresh base from one they already counted down.
 //! - `renewed` says the base is a keep-alive (not a grant or a checkpoint): the
 //!   leader may have renewed such a lease again in memory since, so a new leader
-//!   gives it a grace period (see `crate::lease`).
+//!   gives it a grace period (see `crate::etcd_store::lease`).
 //! - Revoking deletes every attached key in ONE revision (as etcd does).
 
 use redb::ReadableTable;
@@ -180,7 +180,7 @@ impl ReadView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mvcc::index::KeyIndex;
+    use crate::etcd_store::mvcc::index::KeyIndex;
     use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
     use crate::storage::Backend;
 

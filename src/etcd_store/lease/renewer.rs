@@ -4,7 +4,7 @@
 //! batches are in flight and hands them on together to its `send` step: the
 //! leader's renewer proposes them as one [`crate::consensus::Command::LeaseRenewBatch`]
 //! log entry; a follower's renewer forwards them to the leader in one peer request
-//! (see `crate::lease` for which keep-alives need a log entry at all).
+//! (see `crate::etcd_store::lease` for which keep-alives need a log entry at all).
 //!
 //! Contract:
 //! - A batch carries at most [`MAX_RENEW_BATCH`] leases, and at most

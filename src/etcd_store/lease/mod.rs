@@ -48,10 +48,10 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::consensus::{ConsensusError, LeaderCalls, MemberId};
+use crate::etcd_store::mvcc::lease::LeaseRecord;
+use crate::etcd_store::mvcc::ReadView;
 use crate::etcd_store::state_machine::LeaseRenewals;
 use crate::etcd_store::{ApplyError, Command, CommandResult, EtcdStore};
-use crate::mvcc::lease::LeaseRecord;
-use crate::mvcc::ReadView;
 use crate::supervisor::Supervisor;
 use renewer::{RenewError, Renewer};
 
