@@ -232,8 +232,8 @@ impl NodeLog {
     }
 
     /// The node's log on `disk`, starting its syncer (a thread, or a tokio task
-    /// for a disk that asks for one; either ends when the last handle on the
-    /// journal is dropped). Fsync timings go to `stats`.
+    /// for a disk that asks for one, which needs a tokio runtime; either ends when
+    /// the last handle on the journal is dropped). Fsync timings go to `stats`.
     pub fn with_journal(disk: Arc<dyn Journal>, stats: Arc<crate::stats::GroupStats>) -> io::Result<NodeLog> {
         let (syncer_disk, syncer_stats) = (disk.clone(), stats.clone());
         let sync_tx = if disk.sync_on_thread() {

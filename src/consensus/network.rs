@@ -413,9 +413,8 @@ impl PeerPool {
                 queued.push(Payload { data });
                 Ok(())
             });
-            let (tx, queue) = (tx.clone(), queued);
             tokio::spawn(async move {
-                for p in queue {
+                for p in queued {
                     if tx.send(p).await.is_err() {
                         return Err("the receiver went away".to_string());
                     }

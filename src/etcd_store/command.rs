@@ -160,6 +160,47 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Most [`Command::Authed`] / [`Command::Forwarded`] wrappers one command may
+/// carry: the server wraps a command at most once in each.
+pub const MAX_COMMAND_NESTING: usize = 4;
+
+/// Refuses a body whose chain of wrappers is longer than [`MAX_COMMAND_NESTING`].
+/// Only the wrappers hold a command inside a command, and a wrapper's command is
+/// its last field, so the chain is the body's prefix: each link is the wrapper's
+/// variant tag and its integer fields (bincode varints).
+fn check_nesting(body: &[u8]) -> Result<(), String> {
+    static TAGS: std::sync::OnceLock<(u8, u8)> = std::sync::OnceLock::new();
+    let (authed, forwarded) = *TAGS.get_or_init(|| {
+        let inner = || Box::new(Command::LeaseRevoke { id: 0 });
+        let tag = |c: Command| c.encode()[0];
+        (
+            tag(Command::Authed { auth_revision: 0, cmd: inner() }),
+            tag(Command::Forwarded { from: 0, id: 0, cmd: inner() }),
+        )
+    });
+    let mut pos = 0;
+    for _ in 0..=MAX_COMMAND_NESTING {
+        let fields = match body.get(pos) {
+            Some(t) if *t == authed => 1,
+            Some(t) if *t == forwarded => 2,
+            _ => return Ok(()),
+        };
+        pos += 1;
+        for _ in 0..fields {
+            // A bincode varint: one byte below 251, else a marker and 2, 4, 8 or 16 bytes.
+            pos += match body.get(pos) {
+                Some(b) if *b < 251 => 1,
+                Some(251) => 3,
+                Some(252) => 5,
+                Some(253) => 9,
+                Some(254) => 17,
+                _ => return Ok(()),
+            };
+        }
+    }
+    Err(format!("a command nested more than {MAX_COMMAND_NESTING} deep"))
+}
+
 impl Command {
     /// The log entry body for this command.
     pub fn encode(&self) -> Vec<u8> {
@@ -167,8 +208,12 @@ impl Command {
     }
 
     /// A command from a log entry body; `Err` only for a body no member wrote
-    /// (a bug or a corrupted log).
+    /// (a bug, a corrupted log, or a hostile peer's forwarded proposal). A body
+    /// nesting more than [`MAX_COMMAND_NESTING`] wrappers is refused before it is
+    /// decoded: decoding recurses once per wrapper, and a megabyte of nested
+    /// wrappers would overflow the stack of every member applying it.
     pub fn decode(body: &[u8]) -> Result<Command, String> {
+        check_nesting(body)?;
         bincode::serde::decode_from_slice(body, config()).map(|(c, _)| c).map_err(|e| e.to_string())
     }
 
@@ -196,6 +241,27 @@ impl CommandResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Wrappers the server makes decode; a hostile chain of 200,000 wrappers (a
+    /// megabyte) is refused without decoding it, in either wrapper or mixed.
+    #[test]
+    fn deeply_nested_commands_are_refused_before_decoding() {
+        let mut cmd = Command::Put(b"request".to_vec());
+        for depth in 1..=MAX_COMMAND_NESTING {
+            cmd = if depth % 2 == 0 {
+                Command::Authed { auth_revision: 300 + depth as u64, cmd: Box::new(cmd) }
+            } else {
+                Command::Forwarded { from: u64::MAX, id: 70_000, cmd: Box::new(cmd) }
+            };
+            assert!(Command::decode(&cmd.encode()).is_ok(), "depth {depth}");
+        }
+        let too_deep = Command::Authed { auth_revision: 1, cmd: Box::new(cmd) };
+        assert!(Command::decode(&too_deep.encode()).unwrap_err().contains("nested"));
+        let link = Command::Authed { auth_revision: 7, cmd: Box::new(Command::LeaseRevoke { id: 0 }) }.encode();
+        let mut hostile: Vec<u8> = std::iter::repeat_n(link[..2].to_vec(), 200_000).flatten().collect();
+        hostile.extend_from_slice(&Command::LeaseRevoke { id: 0 }.encode());
+        assert!(Command::decode(&hostile).unwrap_err().contains("nested"));
+    }
 
     /// Commands keep the wire form they had as `u8` sequences, so existing logs,
     /// snapshots and peers decode them unchanged.
