@@ -214,6 +214,16 @@ pub fn log_record(data: &[u8]) {
     let _ = crate::consensus::log_store::decode_entry(data);
 }
 
+/// A message from a peer (first byte: which kind, see
+/// `consensus::network::decode_peer_payload`), and the etcd commands the
+/// proposals in it carry, as a member would apply them.
+pub fn peer_message(data: &[u8]) {
+    let Some((kind, payload)) = data.split_first() else { return };
+    for body in crate::consensus::network::decode_peer_payload(*kind, payload) {
+        let _ = crate::etcd_store::Command::decode(&body);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,8 +257,39 @@ mod tests {
             )],
         }]));
         out.push(b"\x01{\"key\":\"YQ==\",\"value\":\"dg==\",\"lease\":\"5\"}".to_vec());
+        // An AppendEntries (peer payload kind 0) carrying an authed put.
+        {
+            use openraft::entry::RaftEntry;
+            type C = crate::consensus::TypeConfig;
+            let cmd = crate::etcd_store::Command::Authed {
+                auth_revision: 3,
+                cmd: Box::new(crate::etcd_store::Command::Put(put.encode_to_vec())),
+            };
+            let proposal = crate::consensus::service::Proposal { origin: None, body: cmd.encode() };
+            let entry = openraft::type_config::alias::EntryOf::<C>::new_normal(
+                openraft::testing::common::log_id::<C>(1, 1, 5),
+                proposal,
+            );
+            let req = openraft::raft::AppendEntriesRequest::<C> {
+                vote: openraft::Vote::new_committed(1, 1),
+                prev_log_id: Some(openraft::testing::common::log_id::<C>(1, 1, 4)),
+                entries: vec![entry],
+                leader_commit: None,
+            };
+            let mut v = vec![0u8];
+            v.extend(bincode::serde::encode_to_vec(&req, bincode::config::standard()).expect("encode"));
+            out.push(v);
+        }
         out.push(b"\x03{\"compare\":[{\"key\":\"YQ==\",\"target\":\"VALUE\"}],\"success\":[{\"request_delete_range\":{\"key\":\"YQ==\"}}]}".to_vec());
         out
+    }
+
+    /// Inputs the fuzz targets found, kept as regression tests.
+    #[test]
+    fn inputs_fuzzing_found_stay_harmless() {
+        // A peer payload whose string length prefix claimed ~2^62 bytes: bincode
+        // allocated it before reading and the process aborted.
+        peer_message(&[131, 0, 1, 224, 249, 0, 2, 0, 0, 0, 253, 0, 0, 0, 0, 0, 0, 0, 54, 171, 14]);
     }
 
     #[test]
@@ -275,6 +316,7 @@ mod tests {
             snapshot_file(&input);
             etcd_snapshot(&input);
             log_record(&input);
+            peer_message(&input);
         }
     }
 }

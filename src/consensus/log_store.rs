@@ -342,8 +342,8 @@ fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    let (v, _) = bincode::serde::decode_from_slice(b, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let (v, _) =
+        crate::consensus::decode_bounded(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     Ok(v)
 }
 

@@ -130,6 +130,41 @@ pub mod raw_bytes {
 /// replays one run. Rejected: plain `TokioRuntime`, whose thread RNG cannot be seeded.
 pub type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft::TokioRuntime>;
 
+/// bincode decoding in the standard configuration (what every encoder here
+/// uses) that input cannot make allocate more than a small multiple of its own
+/// size. bincode allocates a string or byte buffer at the length its prefix
+/// claims before reading it, so an unbounded decode of 20 hostile bytes could ask
+/// for exabytes and abort the process (found by the `peer_message` fuzz target).
+/// A decoder's claims (in-memory sizes: at most 16 bytes per input byte for an
+/// integer, the exact length for bytes and strings) are capped at the first rung
+/// of a ladder of limits at or above 16 × the input's length, so legitimate
+/// input always decodes. Returns the value and the bytes read, as
+/// `decode_from_slice` does.
+pub fn decode_bounded<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
+    let need = (b.len() as u64).saturating_mul(16).saturating_add(4096);
+    macro_rules! ladder {
+        ($($limit:expr),*) => {$(
+            if need <= $limit {
+                return bincode::serde::decode_from_slice(b, bincode::config::standard().with_limit::<{ $limit as usize }>());
+            }
+        )*};
+    }
+    ladder!(
+        1u64 << 16,
+        1u64 << 18,
+        1u64 << 20,
+        1u64 << 22,
+        1u64 << 24,
+        1u64 << 26,
+        1u64 << 28,
+        1u64 << 30,
+        1u64 << 32,
+        1u64 << 34,
+        1u64 << 36
+    );
+    bincode::serde::decode_from_slice(b, bincode::config::standard().with_limit::<{ 1usize << 40 }>())
+}
+
 thread_local! {
     /// Where [`fresh_seed`] draws from on this thread, when set (see
     /// [`seed_this_thread`]).
@@ -608,6 +643,24 @@ impl RoleChanges {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hostile length prefix is an error, not an allocation that aborts the
+    /// process; legitimate values decode, also ones whose in-memory size is many
+    /// times their encoding (small integers in a vector).
+    #[test]
+    fn bounded_decoding_refuses_huge_claims_and_keeps_real_values() {
+        // A string claiming ~2^62 bytes (the peer_message fuzz target's first find).
+        let hostile = [0xfd_u8, 0, 0, 0, 0, 0, 0, 0, 0x36, 0xab, 0x0e];
+        assert!(decode_bounded::<String>(&hostile).is_err());
+        assert!(decode_bounded::<Vec<u8>>(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+        let config = bincode::config::standard();
+        let numbers: Vec<u64> = (0..100_000).map(|i| i % 200).collect();
+        let bytes = bincode::serde::encode_to_vec(&numbers, config).expect("encode");
+        assert_eq!(decode_bounded::<Vec<u64>>(&bytes).expect("decode").0, numbers);
+        let big = (vec![7u8; 5 << 20], "name".to_string(), vec![(1i64, 2u64, 3i64); 1000]);
+        let bytes = bincode::serde::encode_to_vec(&big, config).expect("encode");
+        assert_eq!(decode_bounded::<(Vec<u8>, String, Vec<(i64, u64, i64)>)>(&bytes).expect("decode").0, big);
+    }
 
     #[test]
     fn append_entries_fit_in_a_peer_message() {

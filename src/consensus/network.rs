@@ -61,7 +61,40 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard()).map(|(v, _)| v).map_err(|e| e.to_string())
+    crate::consensus::decode_bounded(b).map(|(v, _)| v).map_err(|e| e.to_string())
+}
+
+/// Decodes `data` as the peer payload `kind` selects (every message a member
+/// decodes from a peer, requests and answers), returning the proposals' bodies
+/// an AppendEntries or a forwarded batch carries: for `crate::fuzzing`, which
+/// feeds them on to the service's decoder. Never panics.
+pub fn decode_peer_payload(kind: u8, data: &[u8]) -> Vec<Vec<u8>> {
+    let bodies = |entries: &[openraft::type_config::alias::EntryOf<C>]| {
+        entries
+            .iter()
+            .filter_map(|e| match &e.payload {
+                openraft::EntryPayload::Normal(p) => Some(p.body.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    match kind % 12 {
+        0 => decode::<AppendEntriesRequest<C>>(data).map(|r| bodies(&r.entries)).unwrap_or_default(),
+        1 => decode::<VoteRequest<C>>(data).map(|_| Vec::new()).unwrap_or_default(),
+        2 => decode::<SnapshotFrame>(data).map(|_| Vec::new()).unwrap_or_default(),
+        3 => match decode::<MuxFrame<MuxRequest>>(data) {
+            Ok(MuxFrame { body: MuxRequest::Propose(cmds), .. }) => cmds.into_iter().map(|p| p.body).collect(),
+            _ => Vec::new(),
+        },
+        4 => decode::<AdminRequest>(data).map(|_| Vec::new()).unwrap_or_default(),
+        5 => decode::<super::quiesce::LivenessPing>(data).map(|_| Vec::new()).unwrap_or_default(),
+        6 => decode::<TransferLeaderRequest<C>>(data).map(|_| Vec::new()).unwrap_or_default(),
+        7 => decode::<StreamAppendResult<C>>(data).map(|_| Vec::new()).unwrap_or_default(),
+        8 => decode::<Result<VoteResponse<C>, RaftError<C>>>(data).map(|_| Vec::new()).unwrap_or_default(),
+        9 => decode::<MuxFrame<MuxReply>>(data).map(|_| Vec::new()).unwrap_or_default(),
+        10 => decode::<Result<SnapshotResponse<C>, RaftError<C>>>(data).map(|_| Vec::new()).unwrap_or_default(),
+        _ => decode::<super::service::SnapshotMeta>(data).map(|_| Vec::new()).unwrap_or_default(),
+    }
 }
 
 /// The leader's answer to a forwarded proposal or read-index request.

@@ -273,8 +273,8 @@ pub fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Snaps
     let mut meta_bytes = vec![0; meta_len as usize];
     file.seek(SeekFrom::Start(12))?;
     file.read_exact(&mut meta_bytes)?;
-    let (meta, _): (SnapshotMeta, _) = bincode::serde::decode_from_slice(&meta_bytes, bincode::config::standard())
-        .map_err(|e| corrupt(&format!("snapshot meta: {e}")))?;
+    let (meta, _): (SnapshotMeta, _) =
+        crate::consensus::decode_bounded(&meta_bytes).map_err(|e| corrupt(&format!("snapshot meta: {e}")))?;
     Ok(Some((meta, SnapshotFile::new(file, 12 + meta_len, total - 12 - meta_len))))
 }
 

@@ -214,7 +214,7 @@ impl Command {
     /// wrappers would overflow the stack of every member applying it.
     pub fn decode(body: &[u8]) -> Result<Command, String> {
         check_nesting(body)?;
-        bincode::serde::decode_from_slice(body, config()).map(|(c, _)| c).map_err(|e| e.to_string())
+        crate::consensus::decode_bounded(body).map(|(c, _)| c).map_err(|e| e.to_string())
     }
 
     /// Whether the reply can be as large as a range (a txn's reads, a delete's
@@ -232,7 +232,7 @@ impl CommandResult {
 
     /// A result from reply bytes the etcd store produced.
     pub fn decode(reply: &[u8]) -> CommandResult {
-        bincode::serde::decode_from_slice(reply, config())
+        crate::consensus::decode_bounded(reply)
             .map(|(r, _)| r)
             .unwrap_or_else(|e| CommandResult::Err(ApplyError::Malformed(format!("undecodable reply: {e}"))))
     }

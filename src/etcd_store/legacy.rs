@@ -42,13 +42,12 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 /// (log ids and memberships do not depend on the command type).
 fn recode<From: Serialize, To: DeserializeOwned>(v: &From) -> io::Result<To> {
     let bytes = bincode::serde::encode_to_vec(v, config()).map_err(invalid)?;
-    bincode::serde::decode_from_slice(&bytes, config()).map(|(v, _)| v).map_err(invalid)
+    crate::consensus::decode_bounded(&bytes).map(|(v, _)| v).map_err(invalid)
 }
 
 /// The entry a legacy log record's payload (`bincode(Entry<LegacyTypes>)`) becomes.
 pub fn convert_entry(payload: &[u8]) -> io::Result<EntryOf<TypeConfig>> {
-    let (legacy, _): (EntryOf<LegacyTypes>, _) =
-        bincode::serde::decode_from_slice(payload, config()).map_err(invalid)?;
+    let (legacy, _): (EntryOf<LegacyTypes>, _) = crate::consensus::decode_bounded(payload).map_err(invalid)?;
     let log_id = recode(&legacy.log_id)?;
     Ok(match legacy.payload {
         EntryPayload::Blank => EntryOf::<TypeConfig>::new_blank(log_id),

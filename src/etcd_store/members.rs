@@ -127,9 +127,8 @@ pub fn records_in<T: ReadableTable<&'static str, &'static [u8]>>(
         let (k, v) = row.map_err(io_err)?;
         let Some(hex) = k.value().strip_prefix(MEMBER_PREFIX) else { break };
         let id = u64::from_str_radix(hex, 16).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let rec = bincode::serde::decode_from_slice(v.value(), bincode::config::standard())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-            .0;
+        let rec =
+            crate::consensus::decode_bounded(v.value()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?.0;
         out.push((id, rec));
     }
     Ok(out)

@@ -82,7 +82,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard()).map(|(v, _)| v).map_err(|e| e.to_string())
+    crate::consensus::decode_bounded(b).map(|(v, _)| v).map_err(|e| e.to_string())
 }
 
 /// Answers [`StoreCall`]s on this member.

@@ -51,9 +51,7 @@ fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-        .0)
+    Ok(crate::consensus::decode_bounded(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?.0)
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {

@@ -64,9 +64,7 @@ fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    crate::consensus::decode_bounded(b).map(|(v, _)| v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -94,11 +92,17 @@ fn write_registers(read: &redb::ReadTransaction, mut w: &mut dyn io::Write) -> i
     Ok(())
 }
 
+/// Most bytes one register of a snapshot may decode to (a register's name is a
+/// client's key, under the request size limit).
+const MAX_RECORD_BYTES: usize = 16 << 20;
+
 /// Reads what [`write_registers`] wrote, handing each register to `each`.
 fn read_registers(r: &mut dyn io::Read, each: &mut dyn FnMut(String, u64) -> io::Result<()>) -> io::Result<()> {
     let mut r = io::BufReader::new(r);
     let bad = |e: bincode::error::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
-    let config = bincode::config::standard();
+    // Bounded: a register is a name and a number; a hostile length prefix must not
+    // make the decoder allocate more (see `consensus::decode_bounded`).
+    let config = bincode::config::standard().with_limit::<{ MAX_RECORD_BYTES }>();
     let count: u64 = bincode::serde::decode_from_std_read(&mut r, config).map_err(bad)?;
     for _ in 0..count {
         let (k, v): (String, u64) = bincode::serde::decode_from_std_read(&mut r, config).map_err(bad)?;

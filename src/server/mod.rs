@@ -178,7 +178,7 @@ fn save_identity(path: &std::path::Path, id: &Identity) -> Result<(), BoxError> 
 fn load_identity(path: &std::path::Path) -> Result<Option<Identity>, BoxError> {
     match crate::storage::read_checksummed(path)? {
         None => Ok(None),
-        Some(body) => Ok(Some(bincode::serde::decode_from_slice(&body, bincode::config::standard())?.0)),
+        Some(body) => Ok(Some(crate::consensus::decode_bounded(&body)?.0)),
     }
 }
 

@@ -145,7 +145,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, ConsensusError> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, ConsensusError> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard())
+    crate::consensus::decode_bounded(b)
         .map(|(v, _)| v)
         .map_err(|e| ConsensusError::Fatal(format!("malformed lessor message: {e}")))
 }
