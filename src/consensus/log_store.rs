@@ -488,10 +488,24 @@ fn timed_fsync(disk: &dyn Journal, stats: &crate::stats::GroupStats) -> io::Resu
     result
 }
 
-/// One fsync for a batch of waiting callbacks, and their acknowledgement. A failed
-/// fsync is reported to openraft, which stops the group: a member whose log cannot
-/// be made durable must not keep acknowledging. Returns whether the fsync worked.
-fn sync_batch(disk: &dyn Journal, batch: Vec<IOFlushed<C>>, stats: &crate::stats::GroupStats) -> bool {
+/// One fsync for `first` and the callbacks waiting behind it (taken from `more`
+/// until it has none, at most [`MAX_SYNC_BATCH`] in all), and their
+/// acknowledgement. A failed fsync is reported to openraft, which stops the group:
+/// a member whose log cannot be made durable must not keep acknowledging. Returns
+/// whether the fsync worked.
+fn sync_batch(
+    disk: &dyn Journal,
+    first: IOFlushed<C>,
+    more: &mut dyn FnMut() -> Option<IOFlushed<C>>,
+    stats: &crate::stats::GroupStats,
+) -> bool {
+    let mut batch = vec![first];
+    while batch.len() < MAX_SYNC_BATCH {
+        match more() {
+            Some(cb) => batch.push(cb),
+            None => break,
+        }
+    }
     let result = timed_fsync(disk, stats);
     for cb in batch {
         match &result {
@@ -509,14 +523,7 @@ fn sync_batch(disk: &dyn Journal, batch: Vec<IOFlushed<C>>, stats: &crate::stats
 /// callbacks.
 fn syncer_thread(disk: Arc<dyn Journal>, rx: mpsc::Receiver<IOFlushed<C>>, stats: Arc<crate::stats::GroupStats>) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_SYNC_BATCH {
-            match rx.try_recv() {
-                Ok(cb) => batch.push(cb),
-                Err(_) => break,
-            }
-        }
-        if !sync_batch(&*disk, batch, &stats) {
+        if !sync_batch(&*disk, first, &mut || rx.try_recv().ok(), &stats) {
             return;
         }
     }
@@ -529,14 +536,7 @@ async fn syncer_task(
     stats: Arc<crate::stats::GroupStats>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_SYNC_BATCH {
-            match rx.try_recv() {
-                Ok(cb) => batch.push(cb),
-                Err(_) => break,
-            }
-        }
-        if !sync_batch(&*disk, batch, &stats) {
+        if !sync_batch(&*disk, first, &mut || rx.try_recv().ok(), &stats) {
             return;
         }
     }
