@@ -25,6 +25,10 @@ use concord_testkit::{free_port, single_member_command};
 use serde_json::Value;
 use tonic::transport::Channel;
 
+/// The longest any one call may take (the slowest, a membership change, takes
+/// well under a second on an idle machine).
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -85,7 +89,13 @@ async fn start(bin: &Path, dir: &Path) -> (Server, Channel) {
     let server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{client}")).expect("url").connect().await {
+        // Every call is bounded: a server that accepts and never answers fails the
+        // call (and so the comparison, naming it) instead of hanging the test.
+        let endpoint = Channel::from_shared(format!("http://127.0.0.1:{client}"))
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(CALL_TIMEOUT);
+        if let Ok(ch) = endpoint.connect().await {
             let mut m = MaintenanceClient::new(ch.clone());
             if m.status(StatusRequest {}).await.is_ok_and(|s| s.get_ref().leader != 0) {
                 return (server, ch);
@@ -148,7 +158,11 @@ async fn session(ch: Channel) -> Vec<(String, Value)> {
         Ok(stream) => {
             let mut stream = stream.into_inner();
             let mut messages = Vec::new();
-            while let Some(msg) = stream.message().await.expect("snapshot stream") {
+            while let Some(msg) = tokio::time::timeout(CALL_TIMEOUT, stream.message())
+                .await
+                .expect("snapshot message in time")
+                .expect("snapshot stream")
+            {
                 messages.push(msg);
             }
             let first = messages.first().expect("a snapshot message");

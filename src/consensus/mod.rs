@@ -545,8 +545,14 @@ impl Group {
     }
 
     /// The leader's side of ReadIndex: confirm leadership, return the read index.
+    /// Bounded by [`Group::leadership_check_timeout`]: a leader that cannot hear
+    /// a quorum by then answers `NoLeader`, and the reader asks again.
     pub async fn local_read_index(&self) -> Result<u64, ConsensusError> {
-        match self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+        let check = self.raft.get_read_linearizer(ReadPolicy::ReadIndex);
+        let Ok(answer) = tokio::time::timeout(self.leadership_check_timeout(), check).await else {
+            return Err(ConsensusError::NoLeader);
+        };
+        match answer {
             Ok(lin) => Ok(lin.read_log_id().index()),
             Err(openraft::errors::RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(_))) => {
                 Err(ConsensusError::NotLeader)
@@ -557,6 +563,13 @@ impl Group {
             }
             Err(e) => Err(ConsensusError::Fatal(e.to_string())),
         }
+    }
+
+    /// How long a leader waits for a quorum to confirm its leadership (a read
+    /// index, a wake): twice the longest election timeout, after which a leader
+    /// cut off from its followers has been replaced anyway.
+    pub fn leadership_check_timeout(&self) -> Duration {
+        Duration::from_millis(self.raft.config().election_timeout_max.saturating_mul(2))
     }
 
     async fn wait_leader(&self, deadline: tokio::time::Instant) -> Result<MemberId, ConsensusError> {

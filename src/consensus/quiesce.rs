@@ -279,6 +279,8 @@ impl Group {
     /// membership change): it ticks again, and confirms its leadership with a
     /// quorum at once, which renews the leader lease that lapsed while it was
     /// quiet (openraft refuses writes on an expired lease). A no-op otherwise.
+    /// Bounded by [`Group::leadership_check_timeout`]; the write that follows
+    /// then fails or succeeds on its own terms.
     pub async fn wake(&self) {
         {
             let mut state = self.quiet.lock().expect("quiet state poisoned");
@@ -289,8 +291,11 @@ impl Group {
             state.idle_rounds = 0;
         }
         self.raft.runtime_config().tick(true);
-        if let Err(e) = self.raft.get_read_linearizer(openraft::raft::ReadPolicy::ReadIndex).await {
-            tracing::debug!(group = self.group_id, "a woken leader did not confirm its leadership: {e}");
+        let confirm = self.raft.get_read_linearizer(openraft::raft::ReadPolicy::ReadIndex);
+        match tokio::time::timeout(self.leadership_check_timeout(), confirm).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(group = self.group_id, "a woken leader did not confirm its leadership: {e}"),
+            Err(_) => tracing::debug!(group = self.group_id, "a woken leader heard no quorum in time"),
         }
     }
 }
