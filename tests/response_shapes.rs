@@ -83,7 +83,9 @@ fn render<T: serde::Serialize>(r: Result<tonic::Response<T>, tonic::Status>) -> 
 
 async fn start(bin: &Path, dir: &Path) -> (Server, Channel) {
     let (client, peer) = (free_port(), free_port());
+    let log = std::fs::File::create(dir.with_extension("log")).expect("server log file");
     let child = single_member_command(bin, "shapes", dir, client, peer)
+        .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e} (apt-get install etcd-server)", bin.display()));
     let server = Server(child);
@@ -101,9 +103,16 @@ async fn start(bin: &Path, dir: &Path) -> (Server, Channel) {
                 return (server, ch);
             }
         }
-        assert!(Instant::now() < deadline, "{} did not become ready", bin.display());
+        assert!(Instant::now() < deadline, "{} did not become ready; its log:\n{}", bin.display(), log_tail(dir));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The last lines a server started by [`start`] with data dir `dir` logged.
+fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// The calls, in order, each rendered as its shape (or error), labelled.
@@ -193,6 +202,11 @@ async fn cluster_and_maintenance_responses_have_etcds_shape() {
         }
     }
     assert_eq!(want.len(), got.len());
-    assert!(report.is_empty(), "responses differ from etcd 3.4's:\n{report}");
+    assert!(
+        report.is_empty(),
+        "responses differ from etcd 3.4's:\n{report}\netcd's log:\n{}\nconcord's log:\n{}",
+        log_tail(&dir.path().join("etcd")),
+        log_tail(&dir.path().join("concord"))
+    );
     println!("{} Cluster/Maintenance responses shaped as etcd 3.4's", want.len());
 }
