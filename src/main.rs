@@ -4,6 +4,7 @@
 //! its defaults (client 127.0.0.1:2379, peer 2380, data in `./default.concord`).
 //! `concord snapshot status|restore ...` inspects and restores snapshot files;
 //! `concord status --endpoints ...` shows the cluster at a glance;
+//! `concord health [--endpoint URL]` checks one member's `/health` (exit 0 healthy);
 //! `concord bench WORKLOAD ...` generates load against any etcd-v3 endpoints;
 //! `concord group ...` and `concord register ...` manage the group catalog and
 //! the register service.
@@ -21,6 +22,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("snapshot") => std::process::exit(concord::cli::snapshot::main(&args[2..])),
+        Some("health") => std::process::exit(concord::cli::health::main(&args[2..])),
         Some("status") => std::process::exit(concord::cli::status::main(&args[2..])),
         Some("bench") => std::process::exit(concord::cli::bench::main(&args[2..])),
         Some("bench-log") => std::process::exit(concord::cli::bench_log::main(&args[2..])),

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod bench_log;
 pub mod group;
+pub mod health;
 pub mod snapshot;
 pub mod status;
