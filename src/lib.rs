@@ -10,6 +10,7 @@ pub mod cli;
 pub mod consensus;
 pub mod etcd_store;
 pub mod fuzzing;
+pub mod placement;
 pub mod proto;
 pub mod register;
 pub mod server;

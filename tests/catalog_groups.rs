@@ -92,14 +92,19 @@ async fn sixty_four_groups_created_at_runtime_survive_kills_and_stay_linearizabl
     let mut admin = GroupsClient::new(channel(&endpoints[0]).await);
     for id in 2..2 + GROUPS {
         let spec = GroupSpec { id, service: "register".into(), replicas: vec![] };
-        let created = admin.create(CreateRequest { group: Some(spec) }).await.expect("create").into_inner();
+        let created =
+            admin.create(CreateRequest { group: Some(spec), replica_count: 0 }).await.expect("create").into_inner();
         assert_eq!(created.group.expect("spec").replicas.len(), 3);
     }
-    let again =
-        admin.create(CreateRequest { group: Some(GroupSpec { id: 2, service: "register".into(), replicas: vec![] }) });
+    let again = admin.create(CreateRequest {
+        group: Some(GroupSpec { id: 2, service: "register".into(), replicas: vec![] }),
+        replica_count: 0,
+    });
     assert_eq!(again.await.unwrap_err().code(), tonic::Code::AlreadyExists);
-    let bad =
-        admin.create(CreateRequest { group: Some(GroupSpec { id: 999, service: "queue".into(), replicas: vec![] }) });
+    let bad = admin.create(CreateRequest {
+        group: Some(GroupSpec { id: 999, service: "queue".into(), replicas: vec![] }),
+        replica_count: 0,
+    });
     assert_eq!(bad.await.unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(admin.list(ListRequest {}).await.expect("list").into_inner().groups.len(), GROUPS as usize);
 
@@ -212,7 +217,7 @@ async fn a_failed_group_is_restarted_from_its_data() {
     cluster.wait_leader(Duration::from_secs(30)).await;
     let ch = channel(&cluster.endpoints()[0]).await;
     let spec = GroupSpec { id: 3, service: "register".into(), replicas: vec![] };
-    GroupsClient::new(ch.clone()).create(CreateRequest { group: Some(spec) }).await.expect("create");
+    GroupsClient::new(ch.clone()).create(CreateRequest { group: Some(spec), replica_count: 0 }).await.expect("create");
     let mut c = RegistersClient::new(ch.clone());
     c.write(WriteRequest { group: 3, key: "kept".into(), value: 7 }).await.expect("write");
 
@@ -290,7 +295,7 @@ async fn quiescent_groups_serve_and_fail_over() {
     let mut admin = GroupsClient::new(channel(&endpoints[0]).await);
     for id in 2..2 + N {
         let spec = GroupSpec { id, service: "register".into(), replicas: vec![] };
-        admin.create(CreateRequest { group: Some(spec) }).await.expect("create");
+        admin.create(CreateRequest { group: Some(spec), replica_count: 0 }).await.expect("create");
     }
     let mut channels = Vec::new();
     for e in &endpoints {
@@ -330,4 +335,92 @@ async fn quiescent_groups_serve_and_fail_over() {
         }
     }
     assert!(cluster.crashed().is_empty(), "a member exited on its own");
+}
+
+/// Groups created without a replica list are placed by the hash ring over the
+/// members' announced `--zone` and `--weight`: each group gets 3 distinct
+/// members covering both zones, exactly where `concord::placement` puts it given
+/// the groups before it, and `concord nodes` lists the labels with replica and
+/// leader counts that add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_placed_by_the_ring_over_zones_and_nodes_lists_them() {
+    use concord::placement::{rebalance, Node, Placement, Ring};
+    let zones = ["east", "east", "west", "west"];
+    let mut cluster = ProcessCluster::prepare(&bin(), 4, ClusterOptions::default());
+    for (i, zone) in zones.iter().enumerate() {
+        let weight = if i == 3 { "2" } else { "1" };
+        cluster.set_extra_args(i, vec!["--zone".into(), (*zone).into(), "--weight".into(), weight.into()]);
+        cluster.restart(i);
+    }
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let endpoint = cluster.endpoints()[0].clone();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .args(["--endpoints", &endpoint])
+            .output()
+            .expect("run concord");
+        let text = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).to_string();
+        assert!(out.status.success(), "concord {args:?}: {text}");
+        text
+    };
+    let nodes = || -> Vec<serde_json::Value> { serde_json::from_str(&run(&["nodes", "-w", "json"])).expect("json") };
+    // Every member has announced its labels.
+    let labelled = eventually(Duration::from_secs(20), || async {
+        let n = nodes();
+        (n.len() == 4 && n.iter().all(|m| m["zone"] != "")).then_some(n)
+    })
+    .await
+    .expect("every member announces its zone");
+    let ring = Ring::new(labelled.iter().map(|m| Node {
+        id: u64::from_str_radix(m["id"].as_str().expect("id"), 16).expect("hex id"),
+        zone: m["zone"].as_str().expect("zone").to_string(),
+        weight: m["weight"].as_u64().expect("weight") as u32,
+    }));
+    let zone_of = |id: u64| ring.nodes().iter().find(|n| n.id == id).map(|n| n.zone.clone()).expect("a member");
+
+    let mut expected = Placement::new();
+    for group in 2..=9u64 {
+        let count = if group == 9 { 2 } else { 3 };
+        let created = run(&["group", "create", &group.to_string(), "--replica-count", &count.to_string()]);
+        let replicas: Vec<u64> = created
+            .trim()
+            .rsplit(", ")
+            .next()
+            .expect("replicas")
+            .split(' ')
+            .map(|h| u64::from_str_radix(h, 16).expect("hex"))
+            .collect();
+        expected.insert(group, Vec::new());
+        let placed = rebalance(&ring, &expected, count)[&group].clone();
+        assert_eq!(replicas, placed, "group {group} is where placement puts it");
+        expected.insert(group, placed);
+        let mut distinct = replicas.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), count, "group {group}: {created}");
+        let mut spanned: Vec<String> = replicas.iter().map(|r| zone_of(*r)).collect();
+        spanned.sort();
+        spanned.dedup();
+        assert_eq!(spanned, ["east", "west"], "group {group} spans both zones");
+    }
+
+    // Replica counts add up (every member also holds the etcd store's group),
+    // and once every group has a leader, leader counts do too.
+    let listed = eventually(Duration::from_secs(30), || async {
+        let n = nodes();
+        let leaders: u64 = n.iter().map(|m| m["leaders"].as_u64().unwrap_or(0)).sum();
+        (leaders == 9).then_some(n)
+    })
+    .await
+    .expect("every group's leader is reported");
+    let replicas: u64 = listed.iter().map(|m| m["replicas"].as_u64().expect("replicas")).sum();
+    assert_eq!(replicas, 7 * 3 + 2 + 4);
+    for m in &listed {
+        let id = u64::from_str_radix(m["id"].as_str().expect("id"), 16).expect("hex");
+        let held = expected.values().filter(|r| r.contains(&id)).count() as u64 + 1;
+        assert_eq!(m["replicas"].as_u64(), Some(held), "{m}");
+    }
+    let table = run(&["nodes"]);
+    assert!(table.contains("ZONE") && table.contains("east") && table.contains("west"), "{table}");
 }

@@ -27,14 +27,16 @@ struct GroupArgs {
 
 #[derive(Subcommand, Debug)]
 enum GroupCommand {
-    /// Adds group ID (2 and up) running SERVICE on the given members (hex ids;
-    /// default: every member).
+    /// Adds group ID (2 and up) running SERVICE on the given members (hex ids),
+    /// or on REPLICA_COUNT members chosen by placement (default 3).
     Create {
         id: u64,
         #[arg(long, default_value = "register")]
         service: String,
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', conflicts_with = "replica_count")]
         replicas: Vec<String>,
+        #[arg(long)]
+        replica_count: Option<u32>,
     },
     /// Removes group ID; its replicas stop and their data is deleted.
     Rm { id: u64 },
@@ -66,7 +68,7 @@ enum RegisterCommand {
     Read { group: u64, key: String },
 }
 
-async fn connect(endpoints: &[String], timeout: Duration) -> Result<Channel, String> {
+pub(crate) async fn connect(endpoints: &[String], timeout: Duration) -> Result<Channel, String> {
     let mut last = String::from("no endpoints given");
     for e in endpoints {
         let url = if e.contains("://") { e.clone() } else { format!("http://{e}") };
@@ -79,7 +81,7 @@ async fn connect(endpoints: &[String], timeout: Duration) -> Result<Channel, Str
     Err(last)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime")
 }
 
@@ -103,10 +105,13 @@ pub fn group_main(args: &[String]) -> i32 {
     let result = runtime().block_on(async {
         let mut c = GroupsClient::new(connect(&args.endpoints, timeout).await?);
         match args.command {
-            GroupCommand::Create { id, service, replicas } => {
+            GroupCommand::Create { id, service, replicas, replica_count } => {
+                if replica_count == Some(0) {
+                    return Err("--replica-count must be at least 1".to_string());
+                }
                 let spec = GroupSpec { id, service, replicas: member_ids(&replicas)? };
-                let created =
-                    c.create(CreateRequest { group: Some(spec) }).await.map_err(|s| s.message().to_string())?;
+                let request = CreateRequest { group: Some(spec), replica_count: replica_count.unwrap_or(0) };
+                let created = c.create(request).await.map_err(|s| s.message().to_string())?;
                 println!("{}", show(&created.into_inner().group.unwrap_or_default()));
             }
             GroupCommand::Rm { id } => {

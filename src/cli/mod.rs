@@ -4,5 +4,6 @@ pub mod bench;
 pub mod bench_log;
 pub mod group;
 pub mod health;
+pub mod nodes;
 pub mod snapshot;
 pub mod status;

@@ -26,6 +26,8 @@ use crate::consensus::{MemberId, Membership};
 use crate::storage::META;
 
 const MEMBER_PREFIX: &str = "member/";
+/// Rows `labels/<id hex>`: each member's [`NodeLabels`].
+const LABELS_PREFIX: &str = "labels/";
 /// Set once the registry has been seeded from the bootstrap membership.
 const META_SEEDED: &str = "members-seeded";
 /// The cluster ID, fixed when the registry is seeded.
@@ -76,6 +78,34 @@ pub enum MemberChange {
         name: String,
         client_urls: Vec<String>,
     },
+    /// The member's own announcement of its `--zone` and `--weight` (kept beside
+    /// its record, so records written by earlier releases still decode).
+    Labels {
+        id: MemberId,
+        labels: NodeLabels,
+    },
+}
+
+/// Where a member's replicas should be placed: its failure domain and its
+/// capacity relative to the others' (see `crate::placement`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeLabels {
+    pub zone: String,
+    pub weight: u32,
+}
+
+impl Default for NodeLabels {
+    /// A member that has not announced labels: no zone, weight 1.
+    fn default() -> NodeLabels {
+        NodeLabels { zone: String::new(), weight: 1 }
+    }
+}
+
+impl NodeLabels {
+    fn valid(&self) -> bool {
+        use crate::placement::{MAX_WEIGHT, MAX_ZONE_BYTES};
+        self.zone.len() <= MAX_ZONE_BYTES && (1..=MAX_WEIGHT).contains(&u64::from(self.weight))
+    }
 }
 
 /// etcd's member ID: SHA-1 over the sorted peer URLs, the cluster token and, for a
@@ -134,6 +164,25 @@ pub fn records_in<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(out)
 }
 
+/// Every member's announced labels (members that announced none are absent).
+pub fn labels(txn: &redb::ReadTransaction) -> io::Result<std::collections::BTreeMap<MemberId, NodeLabels>> {
+    let meta = txn.open_table(META).map_err(io_err)?;
+    let mut out = std::collections::BTreeMap::new();
+    for row in meta.range(LABELS_PREFIX..).map_err(io_err)? {
+        let (k, v) = row.map_err(io_err)?;
+        let Some(hex) = k.value().strip_prefix(LABELS_PREFIX) else { break };
+        let id = u64::from_str_radix(hex, 16).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let labels =
+            crate::consensus::decode_bounded(v.value()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?.0;
+        out.insert(id, labels);
+    }
+    Ok(out)
+}
+
+fn labels_key(id: MemberId) -> String {
+    format!("{LABELS_PREFIX}{id:016x}")
+}
+
 /// All registry members in ID order.
 pub fn records(txn: &redb::ReadTransaction) -> io::Result<Vec<(MemberId, MemberRecord)>> {
     records_in(&txn.open_table(META).map_err(io_err)?)
@@ -176,6 +225,7 @@ pub fn clear(txn: &WriteTransaction) -> io::Result<()> {
     let ids: Vec<MemberId> = records_in(&meta)?.into_iter().map(|(id, _)| id).collect();
     for id in ids {
         meta.remove(key(id).as_str()).map_err(io_err)?;
+        meta.remove(labels_key(id).as_str()).map_err(io_err)?;
     }
     meta.remove(META_SEEDED).map_err(io_err)?;
     meta.remove(META_CLUSTER_ID).map_err(io_err)?;
@@ -222,10 +272,23 @@ pub fn apply(txn: &WriteTransaction, change: &MemberChange) -> io::Result<Comman
             None => return Ok(CommandResult::Ok(Vec::new())),
             Some(r) => (*id, Some(MemberRecord { name: name.clone(), client_urls: client_urls.clone(), ..r })),
         },
+        MemberChange::Labels { id, labels } => {
+            if !labels.valid() {
+                return err(ApplyError::Malformed(format!("member labels out of range: {labels:?}")));
+            }
+            if find(*id).is_some() {
+                let encoded = bincode::serde::encode_to_vec(labels, bincode::config::standard()).map_err(io_err)?;
+                meta.insert(labels_key(*id).as_str(), encoded.as_slice()).map_err(io_err)?;
+            }
+            return Ok(CommandResult::Ok(Vec::new()));
+        }
     };
     match rec {
         Some(r) => meta.insert(key(id).as_str(), encode(&r)?.as_slice()).map_err(io_err)?,
-        None => meta.remove(key(id).as_str()).map_err(io_err)?,
+        None => {
+            meta.remove(key(id).as_str()).map_err(io_err)?;
+            meta.remove(labels_key(id).as_str()).map_err(io_err)?
+        }
     };
     Ok(CommandResult::Ok(Vec::new()))
 }

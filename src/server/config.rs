@@ -156,6 +156,14 @@ pub struct Flags {
     /// (0: one fewer than the CPUs the process may use, at least one).
     #[arg(long, env = "CONCORD_WORKER_THREADS")]
     pub worker_threads: Option<u64>,
+    /// This node's failure domain (a rack, a zone): replicas of a group spread
+    /// over zones first.
+    #[arg(long, env = "CONCORD_ZONE")]
+    pub zone: Option<String>,
+    /// This node's capacity relative to the others' (1-1000): it holds replicas
+    /// in proportion.
+    #[arg(long, env = "CONCORD_WEIGHT")]
+    pub weight: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -210,6 +218,9 @@ pub struct Config {
     pub max_client_connections: usize,
     /// Worker threads of the member's async runtime (see [`default_worker_threads`]).
     pub worker_threads: usize,
+    /// `--zone` and `--weight`, published in the member registry for placement.
+    pub zone: String,
+    pub weight: u32,
 }
 
 /// Most worker threads `--worker-threads` may ask for.
@@ -250,7 +261,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 40] = [
+const KNOWN_KEYS: [&str; 42] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -291,6 +302,8 @@ const KNOWN_KEYS: [&str; 40] = [
     "peer-auto-tls",
     "max-client-connections",
     "worker-threads",
+    "zone",
+    "weight",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -591,6 +604,15 @@ impl Config {
             .ok()
             .filter(|n| *n > 0)
             .ok_or("--max-client-connections must be positive")?;
+        use crate::placement::{MAX_WEIGHT, MAX_ZONE_BYTES};
+        let zone = raw.get("zone").unwrap_or_default().to_string();
+        if zone.len() > MAX_ZONE_BYTES {
+            return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
+        }
+        let weight = u32::try_from(parse_u64(raw, "weight", 1)?)
+            .ok()
+            .filter(|w| (1..=MAX_WEIGHT).contains(&u64::from(*w)))
+            .ok_or(format!("--weight must be between 1 and {MAX_WEIGHT}"))?;
         let worker_threads = match parse_u64(raw, "worker-threads", 0)? {
             0 => default_worker_threads(),
             n => usize::try_from(n)
@@ -630,6 +652,8 @@ impl Config {
             peer_tls,
             max_client_connections,
             worker_threads,
+            zone,
+            weight,
         };
         config.check_self_in_cluster()?;
         Ok(config)
@@ -704,6 +728,8 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("peer-auto-tls", f.peer_auto_tls);
     raw.set("max-client-connections", f.max_client_connections);
     raw.set("worker-threads", f.worker_threads);
+    raw.set("zone", f.zone);
+    raw.set("weight", f.weight);
     raw
 }
 

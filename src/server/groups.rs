@@ -28,8 +28,8 @@ use crate::etcd_store::{members, Command};
 use crate::proto::groups::groups_server::Groups;
 use crate::proto::groups::registers_server::Registers as RegistersApi;
 use crate::proto::groups::{
-    CasRequest, CasResponse, CreateRequest, CreateResponse, ListRequest, ListResponse, ReadRequest, ReadResponse,
-    RemoveRequest, RemoveResponse, WriteRequest, WriteResponse,
+    CasRequest, CasResponse, CreateRequest, CreateResponse, GroupLeader, ListRequest, ListResponse, NodeInfo,
+    NodesRequest, NodesResponse, ReadRequest, ReadResponse, RemoveRequest, RemoveResponse, WriteRequest, WriteResponse,
 };
 use crate::register::{RegisterError, Registers};
 
@@ -258,6 +258,27 @@ fn spec_message(id: GroupId, spec: &GroupSpec) -> crate::proto::groups::GroupSpe
     crate::proto::groups::GroupSpec { id, service: spec.service.name().to_string(), replicas: spec.replicas.clone() }
 }
 
+/// Replicas of a group created without a replica list or count.
+pub const DEFAULT_GROUP_REPLICAS: usize = 3;
+
+/// The replicas placement gives a new group `id`: the hash ring over the voting
+/// members with their announced labels, the catalog's groups where they are
+/// (they do not move here). The first replica initialises the group and so
+/// usually leads it; it is the first on the group's walk, so leaders spread.
+fn place_new_group(txn: &redb::ReadTransaction, id: GroupId, count: usize) -> std::io::Result<Vec<MemberId>> {
+    let labels = members::labels(txn)?;
+    let nodes = members::records(txn)?.into_iter().filter(|(_, r)| !r.learner).map(|(m, _)| {
+        let l = labels.get(&m).cloned().unwrap_or_default();
+        crate::placement::Node { id: m, zone: l.zone, weight: l.weight }
+    });
+    let ring = crate::placement::Ring::new(nodes);
+    let mut current: crate::placement::Placement =
+        catalog::groups(txn)?.into_iter().map(|(g, spec)| (g, spec.replicas)).collect();
+    current.insert(id, Vec::new());
+    let mut placed = crate::placement::rebalance(&ring, &current, count);
+    Ok(placed.remove(&id).unwrap_or_default())
+}
+
 /// `concord.groups.v1.Groups`: the catalog, for administrators.
 pub struct GroupsService {
     pub node: Arc<Node>,
@@ -268,24 +289,18 @@ pub struct GroupsService {
 impl Groups for GroupsService {
     async fn create(&self, req: Request<CreateRequest>) -> Result<Response<CreateResponse>, Status> {
         self.node.require_admin(&req)?;
-        let want = req.into_inner().group.ok_or_else(|| Status::invalid_argument("concord: no group given"))?;
+        let req = req.into_inner();
+        let want = req.group.ok_or_else(|| Status::invalid_argument("concord: no group given"))?;
         let service = ServiceKind::parse(&want.service)
             .ok_or_else(|| Status::invalid_argument(format!("concord: unknown service {:?}", want.service)))?;
         let replicas = if want.replicas.is_empty() {
-            // The registry as of now, not as this member last applied it.
+            let count = match req.replica_count {
+                0 => DEFAULT_GROUP_REPLICAS,
+                n => n as usize,
+            };
+            // The registry and catalog as of now, not as this member last applied them.
             let txn = self.node.linearizable_txn().await?;
-            let mut all: Vec<MemberId> = members::records(&txn)
-                .map_err(|e| Status::internal(e.to_string()))?
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect();
-            // The first replica initialises the group and so usually leads it:
-            // rotated by id, the groups' leaders spread over the members.
-            if !all.is_empty() {
-                let by = (want.id % all.len() as u64) as usize;
-                all.rotate_left(by);
-            }
-            all
+            place_new_group(&txn, want.id, count).map_err(|e| Status::internal(e.to_string()))?
         } else {
             want.replicas
         };
@@ -304,6 +319,39 @@ impl Groups for GroupsService {
         self.node.propose::<RemoveResponse>(Command::Catalog(CatalogChange::Remove { id })).await?;
         self.host.settle(id, false, self.node.config.request_timeout()).await;
         Ok(Response::new(RemoveResponse {}))
+    }
+
+    async fn nodes(&self, req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        self.node.require_admin(&req)?;
+        let txn = self.node.linearizable_txn().await?;
+        let internal = |e: std::io::Error| Status::internal(e.to_string());
+        let labels = members::labels(&txn).map_err(internal)?;
+        let groups = catalog::groups(&txn).map_err(internal)?;
+        let nodes = members::records(&txn)
+            .map_err(internal)?
+            .into_iter()
+            .map(|(id, r)| {
+                let l = labels.get(&id).cloned().unwrap_or_default();
+                let hosted = groups.iter().filter(|(_, spec)| spec.replicas.contains(&id)).count();
+                NodeInfo {
+                    id,
+                    name: r.name,
+                    zone: l.zone,
+                    weight: l.weight,
+                    learner: r.learner,
+                    client_urls: r.client_urls,
+                    replicas: u32::try_from(hosted + 1).unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
+        let leaders = self
+            .node
+            .registry
+            .all()
+            .iter()
+            .map(|g| GroupLeader { group: g.group_id, leader: g.metrics().current_leader.unwrap_or(0) })
+            .collect();
+        Ok(Response::new(NodesResponse { nodes, leaders }))
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

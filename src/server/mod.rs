@@ -717,22 +717,29 @@ async fn removed(group: EtcdStore, election_timeout_ms: u64, identity: &Identity
     }
 }
 
-/// Publishes this member's name and client URLs through Raft until it succeeds.
+/// Publishes this member's name and client URLs, then its placement labels
+/// (`--zone`, `--weight`), through Raft, each until it succeeds.
 async fn publish(node: Arc<Node>) {
-    let cmd = Command::Member(MemberChange::Publish {
+    let attributes = Command::Member(MemberChange::Publish {
         id: node.member_id,
         name: node.config.name.clone(),
         client_urls: node.config.advertise_client_urls.clone(),
     });
-    loop {
-        match node.group.propose(cmd.clone(), node.config.request_timeout()).await {
-            Ok(_) => {
-                tracing::info!("published member attributes");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!("publish not done yet: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let labels = Command::Member(MemberChange::Labels {
+        id: node.member_id,
+        labels: crate::etcd_store::members::NodeLabels { zone: node.config.zone.clone(), weight: node.config.weight },
+    });
+    for (cmd, what) in [(attributes, "member attributes"), (labels, "placement labels")] {
+        loop {
+            match node.group.propose(cmd.clone(), node.config.request_timeout()).await {
+                Ok(_) => {
+                    tracing::info!("published {what}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("publishing {what} not done yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     }
