@@ -224,6 +224,21 @@ pub fn peer_message(data: &[u8]) {
     }
 }
 
+/// A row of the member registry or the group catalog (META `member/`,
+/// `labels/`, `group/`: a snapshot from a peer can carry any bytes there), or
+/// the cluster description a joining member receives; the first byte says which.
+pub fn registry_row(data: &[u8]) {
+    use crate::consensus::decode_bounded;
+    use crate::etcd_store::members::{ClusterInfo, MemberRecord, NodeLabels};
+    let Some((kind, row)) = data.split_first() else { return };
+    match kind % 4 {
+        0 => drop(decode_bounded::<MemberRecord>(row)),
+        1 => drop(decode_bounded::<NodeLabels>(row)),
+        2 => drop(decode_bounded::<crate::etcd_store::catalog::GroupSpec>(row)),
+        _ => drop(decode_bounded::<ClusterInfo>(row)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +295,10 @@ mod tests {
             v.extend(bincode::serde::encode_to_vec(&req, bincode::config::standard()).expect("encode"));
             out.push(v);
         }
+        let labels = crate::etcd_store::members::NodeLabels { zone: "east".into(), weight: 2 };
+        let mut row = vec![1u8];
+        row.extend(bincode::serde::encode_to_vec(&labels, bincode::config::standard()).expect("encode"));
+        out.push(row);
         out.push(b"\x03{\"compare\":[{\"key\":\"YQ==\",\"target\":\"VALUE\"}],\"success\":[{\"request_delete_range\":{\"key\":\"YQ==\"}}]}".to_vec());
         out
     }
@@ -317,6 +336,7 @@ mod tests {
             etcd_snapshot(&input);
             log_record(&input);
             peer_message(&input);
+            registry_row(&input);
         }
     }
 }

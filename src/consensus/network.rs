@@ -1119,6 +1119,9 @@ struct AppendResults {
     sent: Arc<Mutex<std::collections::VecDeque<(std::time::Instant, bool)>>>,
     /// How long the oldest unanswered request may wait for its result.
     timeout: Duration,
+    /// Stops the task that builds the requests (and holds openraft's input)
+    /// when the results are dropped.
+    _stop: AbortOnDrop,
 }
 
 impl AppendResults {
@@ -1153,6 +1156,15 @@ impl AppendResults {
                 }
             };
         }
+    }
+}
+
+/// Aborts the task building a replication session's requests when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1323,9 +1335,9 @@ impl RaftNetworkV2<C> for PeerConn {
                 Some(Some(second)) => vec![first, second],
                 None => vec![first],
             };
-            let input = futures::stream::iter(head).chain(input);
             let timeout = option.hard_ttl().max(self.pool.min_rpc_timeout);
             let mut client = self.pool.client(&self.node).map_err(|e| CallError::Unreachable(e).into_rpc())?;
+            let input = futures::stream::iter(head).chain(input);
             let window = Arc::new(Window::new());
             let sent = Arc::new(Mutex::new(std::collections::VecDeque::new()));
             // Per stream: its view of the log, the last entry and commit index it sent.
@@ -1361,14 +1373,33 @@ impl RaftNetworkV2<C> for PeerConn {
                         Some((Payload { data }, (input, window, sent, log, sent_through, commit_sent)))
                     }
                 });
-            let resp = match tokio::time::timeout(timeout, client.append_stream(self.pool.request(requests))).await {
+            // openraft's input keeps its replication state locked while it waits
+            // for entries, and its next session waits for that lock: the input
+            // must go as soon as this session ends. A request body cannot
+            // promise that (the HTTP/2 connection keeps it until the stream is
+            // reset, and a body waiting for send capacity on a cut connection is
+            // never polled again), so a task builds the requests and hands each
+            // to the body, and it is aborted, dropping the input, when the
+            // session's results are dropped.
+            let (to_body, body) = mpsc::channel(1);
+            let builder = tokio::spawn(async move {
+                let mut requests = std::pin::pin!(requests);
+                while let Some(payload) = requests.next().await {
+                    if to_body.send(payload).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let stop = AbortOnDrop(builder.abort_handle());
+            let body = tokio_stream::wrappers::ReceiverStream::new(body);
+            let resp = match tokio::time::timeout(timeout, client.append_stream(self.pool.request(body))).await {
                 Err(_) => {
                     return Err(CallError::Network(format!("append stream not answered in {timeout:?}")).into_rpc())
                 }
                 Ok(Err(s)) => return Err(status_error(s).into_rpc()),
                 Ok(Ok(r)) => r.into_inner(),
             };
-            let results = AppendResults { resp, window, sent, timeout };
+            let results = AppendResults { resp, window, sent, timeout, _stop: stop };
             let out: BoxStream<'s, _> = Box::pin(futures::stream::unfold(Some(results), |r| async move {
                 let mut r = r?;
                 match r.next().await {
@@ -1696,6 +1727,32 @@ mod tests {
 
     async fn commit(log: &mut LogStore, index: u64) {
         log.save_committed(Some(log_id::<C>(1, 1, index))).await.expect("save committed");
+    }
+
+    /// openraft's input to a replication session, waiting for entries (it holds
+    /// its replication state locked meanwhile), is dropped as soon as the
+    /// session's results are, even if the request body is never polled again.
+    #[tokio::test]
+    async fn a_sessions_input_is_dropped_with_its_results() {
+        struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for DropFlag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DropFlag(dropped.clone());
+        let mut input = futures::stream::pending::<AppendEntriesRequest<C>>();
+        let builder = tokio::spawn(async move {
+            let _flag = flag;
+            input.next().await
+        });
+        let stop = AbortOnDrop(builder.abort_handle());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst), "the input lives while the session does");
+        drop(stop);
+        let _ = tokio::time::timeout(Duration::from_secs(5), builder).await.expect("aborted at once");
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the input was dropped");
     }
 
     /// With entries in flight, the next request waits for their result when it

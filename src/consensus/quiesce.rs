@@ -275,6 +275,11 @@ impl Quiescer {
 }
 
 impl Group {
+    /// Whether this replica is quiescent (not ticking).
+    pub fn is_quiescent(&self) -> bool {
+        self.quiet.lock().expect("quiet state poisoned").mode.is_some()
+    }
+
     /// Readies a quiescent leader for a leader-only operation (a write, a
     /// membership change): it ticks again, and confirms its leadership with a
     /// quorum at once, which renews the leader lease that lapsed while it was

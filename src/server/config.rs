@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::etcd_store::auth::tokens::{JwtConfig, TokenConfig};
+use crate::placement::{MAX_WEIGHT, MAX_ZONE_BYTES};
 
 /// etcd's `embed.DefaultMaxRequestBytes`: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1572864;
@@ -604,7 +605,6 @@ impl Config {
             .ok()
             .filter(|n| *n > 0)
             .ok_or("--max-client-connections must be positive")?;
-        use crate::placement::{MAX_WEIGHT, MAX_ZONE_BYTES};
         let zone = raw.get("zone").unwrap_or_default().to_string();
         if zone.len() > MAX_ZONE_BYTES {
             return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
