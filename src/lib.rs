@@ -16,4 +16,5 @@ pub mod register;
 pub mod server;
 pub mod stats;
 pub mod storage;
+pub mod streams;
 pub mod supervisor;

@@ -17,6 +17,11 @@ use crate::consensus::{GroupId, MemberId, FIRST_GROUP};
 use crate::storage::META;
 
 const GROUP_PREFIX: &str = "group/";
+/// Rows `gname/<service>/<name hex>` → the named object's group id.
+const NAME_PREFIX: &str = "gname/";
+
+/// Most bytes in a named group's name (a Redis key naming a stream).
+pub const MAX_NAME_BYTES: usize = 64 << 10;
 
 /// Most groups the catalog holds (each member hosts at most this many replicas
 /// besides the etcd store's): bounds a member's Raft cores, tasks and files.
@@ -27,18 +32,23 @@ pub const MAX_GROUPS: usize = 1024;
 pub enum ServiceKind {
     /// The replicated register map (`crate::register`).
     Register,
+    /// A Redis stream (`crate::streams`), found by its name (see
+    /// [`CatalogChange::CreateNamed`]).
+    Stream,
 }
 
 impl ServiceKind {
     pub fn name(self) -> &'static str {
         match self {
             ServiceKind::Register => "register",
+            ServiceKind::Stream => "stream",
         }
     }
 
     pub fn parse(name: &str) -> Option<ServiceKind> {
         match name {
             "register" => Some(ServiceKind::Register),
+            "stream" => Some(ServiceKind::Stream),
             _ => None,
         }
     }
@@ -55,12 +65,38 @@ pub struct GroupSpec {
 /// A change to the catalog.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CatalogChange {
-    Create { id: GroupId, spec: GroupSpec },
-    Remove { id: GroupId },
+    Create {
+        id: GroupId,
+        spec: GroupSpec,
+    },
+    Remove {
+        id: GroupId,
+    },
+    /// Creates group `id` for the service's object called `name` (a stream),
+    /// unless that name has a group already: either way the reply names the
+    /// name's group, so concurrent creators agree on one. Appended last so that
+    /// logs written before it decode.
+    CreateNamed {
+        id: GroupId,
+        name: Vec<u8>,
+        spec: GroupSpec,
+    },
 }
 
 fn key(id: GroupId) -> String {
     format!("{GROUP_PREFIX}{id:016x}")
+}
+
+fn name_key(service: ServiceKind, name: &[u8]) -> String {
+    let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{NAME_PREFIX}{}/{hex}", service.name())
+}
+
+/// The group holding `service`'s object `name`, if the catalog has one.
+pub fn named(txn: &redb::ReadTransaction, service: ServiceKind, name: &[u8]) -> io::Result<Option<GroupId>> {
+    let meta = txn.open_table(META).map_err(io_err)?;
+    let value = meta.get(name_key(service, name).as_str()).map_err(io_err)?;
+    value.map(|v| decode(v.value())).transpose()
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -101,17 +137,8 @@ pub fn apply(txn: &WriteTransaction, change: &CatalogChange) -> io::Result<Comma
     let err = |e| Ok(CommandResult::Err(e));
     match change {
         CatalogChange::Create { id, spec } => {
-            if *id == FIRST_GROUP || existing.iter().any(|(g, _)| g == id) {
-                return err(ApplyError::GroupExists);
-            }
-            if existing.len() >= MAX_GROUPS {
-                return err(ApplyError::TooManyGroups);
-            }
-            let mut seen = std::collections::BTreeSet::new();
-            let valid =
-                !spec.replicas.is_empty() && spec.replicas.iter().all(|r| registered.contains(r) && seen.insert(*r));
-            if !valid {
-                return err(ApplyError::BadReplicas);
+            if let Err(e) = check_new(&existing, &registered, *id, spec) {
+                return err(e);
             }
             meta.insert(key(*id).as_str(), encode(spec)?.as_slice()).map_err(io_err)?;
         }
@@ -119,7 +146,61 @@ pub fn apply(txn: &WriteTransaction, change: &CatalogChange) -> io::Result<Comma
             if meta.remove(key(*id).as_str()).map_err(io_err)?.is_none() {
                 return err(ApplyError::GroupNotFound);
             }
+            let names: Vec<String> = meta
+                .range(NAME_PREFIX..)
+                .map_err(io_err)?
+                .map(|row| row.map_err(io_err))
+                .take_while(|row| row.as_ref().map_or(true, |(k, _)| k.value().starts_with(NAME_PREFIX)))
+                .filter_map(|row| match row {
+                    Ok((k, v)) => match decode::<GroupId>(v.value()) {
+                        Ok(g) if g == *id => Some(Ok(k.value().to_string())),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    },
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<io::Result<_>>()?;
+            for name in names {
+                meta.remove(name.as_str()).map_err(io_err)?;
+            }
+        }
+        CatalogChange::CreateNamed { id, name, spec } => {
+            let row = name_key(spec.service, name);
+            let found = meta.get(row.as_str()).map_err(io_err)?.map(|v| decode::<GroupId>(v.value())).transpose()?;
+            let id = match found {
+                Some(id) => id,
+                None => {
+                    if let Err(e) = check_new(&existing, &registered, *id, spec) {
+                        return err(e);
+                    }
+                    meta.insert(key(*id).as_str(), encode(spec)?.as_slice()).map_err(io_err)?;
+                    meta.insert(row.as_str(), encode(id)?.as_slice()).map_err(io_err)?;
+                    *id
+                }
+            };
+            return Ok(CommandResult::Ok(encode(&id)?));
         }
     }
     Ok(CommandResult::Ok(Vec::new()))
+}
+
+/// Whether group `id` with `spec` may join the catalog.
+fn check_new(
+    existing: &[(GroupId, GroupSpec)],
+    registered: &[MemberId],
+    id: GroupId,
+    spec: &GroupSpec,
+) -> Result<(), ApplyError> {
+    if id == FIRST_GROUP || existing.iter().any(|(g, _)| *g == id) {
+        return Err(ApplyError::GroupExists);
+    }
+    if existing.len() >= MAX_GROUPS {
+        return Err(ApplyError::TooManyGroups);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let valid = !spec.replicas.is_empty() && spec.replicas.iter().all(|r| registered.contains(r) && seen.insert(*r));
+    if !valid {
+        return Err(ApplyError::BadReplicas);
+    }
+    Ok(())
 }

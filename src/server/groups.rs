@@ -32,12 +32,29 @@ use crate::proto::groups::{
     NodesRequest, NodesResponse, ReadRequest, ReadResponse, RemoveRequest, RemoveResponse, WriteRequest, WriteResponse,
 };
 use crate::register::{RegisterError, Registers};
+use crate::streams::StreamGroup;
 
 /// Least time between a hosted replica's failure and its restart.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Pause between passes that match the hosted replicas to the catalog.
 const HOST_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A hosted replica, by its service.
+#[derive(Clone)]
+pub enum Hosted {
+    Register(Registers),
+    Stream(StreamGroup),
+}
+
+impl Hosted {
+    pub fn group(&self) -> &crate::consensus::Group {
+        match self {
+            Hosted::Register(r) => &r.group,
+            Hosted::Stream(s) => &s.group,
+        }
+    }
+}
 
 /// The catalog groups this member hosts.
 pub struct GroupHost {
@@ -48,7 +65,7 @@ pub struct GroupHost {
     /// Where the peer service finds each group.
     registry: GroupRegistry,
     config: GroupConfig,
-    hosted: Mutex<BTreeMap<GroupId, Registers>>,
+    hosted: Mutex<BTreeMap<GroupId, Hosted>>,
     /// Hosted groups known to be initialised: not asked again every pass (each
     /// question wakes the group's Raft core).
     initialized: Mutex<BTreeSet<GroupId>>,
@@ -74,9 +91,25 @@ impl GroupHost {
         }
     }
 
+    /// The replica of group `id`, if this member hosts it.
+    pub fn hosted(&self, id: GroupId) -> Option<Hosted> {
+        self.hosted.lock().expect("hosted groups poisoned").get(&id).cloned()
+    }
+
     /// The register group `id`, if this member hosts it.
     pub fn registers(&self, id: GroupId) -> Option<Registers> {
-        self.hosted.lock().expect("hosted groups poisoned").get(&id).cloned()
+        match self.hosted(id)? {
+            Hosted::Register(r) => Some(r),
+            Hosted::Stream(_) => None,
+        }
+    }
+
+    /// The stream group `id`, if this member hosts it.
+    pub fn stream(&self, id: GroupId) -> Option<StreamGroup> {
+        match self.hosted(id)? {
+            Hosted::Stream(s) => Some(s),
+            Hosted::Register(_) => None,
+        }
     }
 
     /// Matches the hosted replicas to the catalog, every [`HOST_INTERVAL`], for
@@ -102,8 +135,8 @@ impl GroupHost {
         self.kick.notify_one();
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            let done = match self.registers(id) {
-                Some(r) => hosted && r.group.metrics().current_leader.is_some(),
+            let done = match self.hosted(id) {
+                Some(r) => hosted && r.group().metrics().current_leader.is_some(),
                 None => !hosted,
             };
             if done {
@@ -164,7 +197,7 @@ impl GroupHost {
             .expect("hosted groups poisoned")
             .iter()
             .filter_map(|(id, r)| {
-                let metrics = r.group.raft.metrics();
+                let metrics = r.group().raft.metrics();
                 let state = openraft::async_runtime::WatchReceiver::borrow_watched(&metrics);
                 state.running_state.as_ref().err().map(|e| (*id, e.to_string()))
             })
@@ -184,7 +217,7 @@ impl GroupHost {
         self.initialized.lock().expect("initialized groups poisoned").remove(&id);
         let Some(group) = self.hosted.lock().expect("hosted groups poisoned").remove(&id) else { return Ok(()) };
         // A core that failed has stopped already; shutting it down again is harmless.
-        if let Err(e) = group.group.raft.shutdown().await {
+        if let Err(e) = group.group().raft.shutdown().await {
             tracing::debug!(group = id, "shutdown: {e}");
         }
         drop(group);
@@ -192,12 +225,18 @@ impl GroupHost {
     }
 
     async fn start(&self, id: GroupId, spec: &GroupSpec) -> Result<(), String> {
-        let ServiceKind::Register = spec.service;
         let log = self.log.group(id, self.member).map_err(|e| format!("group {id}: {e}"))?;
         let dir = self.dir.join(id.to_string());
-        let group =
-            Registers::start(self.member, id, &dir, log, &self.config).await.map_err(|e| format!("group {id}: {e}"))?;
-        self.registry.insert(group.group.clone());
+        let failed = |e| format!("group {id}: {e}");
+        let group = match spec.service {
+            ServiceKind::Register => {
+                Hosted::Register(Registers::start(self.member, id, &dir, log, &self.config).await.map_err(failed)?)
+            }
+            ServiceKind::Stream => {
+                Hosted::Stream(StreamGroup::start(self.member, id, &dir, log, &self.config).await.map_err(failed)?)
+            }
+        };
+        self.registry.insert(group.group().clone());
         self.hosted.lock().expect("hosted groups poisoned").insert(id, group);
         tracing::info!(group = id, service = spec.service.name(), "hosting a replica");
         Ok(())
@@ -209,11 +248,12 @@ impl GroupHost {
         spec: &GroupSpec,
         peers: &BTreeMap<MemberId, PeerInfo>,
     ) -> Result<(), String> {
-        let Some(group) = self.registers(id) else { return Ok(()) };
+        let Some(group) = self.hosted(id) else { return Ok(()) };
+        let group = group.group();
         if self.initialized.lock().expect("initialized groups poisoned").contains(&id) {
             return Ok(());
         }
-        if group.group.raft.is_initialized().await.map_err(|e| e.to_string())? {
+        if group.raft.is_initialized().await.map_err(|e| e.to_string())? {
             self.initialized.lock().expect("initialized groups poisoned").insert(id);
             return Ok(());
         }
@@ -222,7 +262,7 @@ impl GroupHost {
         if voters.len() != spec.replicas.len() {
             return Err(format!("group {id}: a replica is not a registered member"));
         }
-        match group.group.raft.initialize(voters).await {
+        match group.raft.initialize(voters).await {
             Ok(()) => tracing::info!(group = id, "initialised a catalog group"),
             Err(e) => tracing::debug!(group = id, "group already initialised: {e}"),
         }
@@ -265,7 +305,11 @@ pub const DEFAULT_GROUP_REPLICAS: usize = 3;
 /// members with their announced labels, the catalog's groups where they are
 /// (they do not move here). The first replica initialises the group and so
 /// usually leads it; it is the first on the group's walk, so leaders spread.
-fn place_new_group(txn: &redb::ReadTransaction, id: GroupId, count: usize) -> std::io::Result<Vec<MemberId>> {
+pub(crate) fn place_new_group(
+    txn: &redb::ReadTransaction,
+    id: GroupId,
+    count: usize,
+) -> std::io::Result<Vec<MemberId>> {
     let labels = members::labels(txn)?;
     let nodes = members::records(txn)?.into_iter().filter(|(_, r)| !r.learner).map(|(m, _)| {
         let l = labels.get(&m).cloned().unwrap_or_default();
