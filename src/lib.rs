@@ -1,9 +1,10 @@
 //! concord: one consensus core (Raft), services as state machines on it.
 //!
-//! Layers, dependencies pointing downward only:
-//! `server` (etcd gRPC services, config, process) → `consensus` (openraft, log,
-//! peer network, state-machine adapter) → `auth` (users, roles, tokens) and
-//! `mvcc` (etcd KV semantics) → `storage` (redb file per group) ; `proto` holds generated code only.
+//! Layers, dependencies pointing downward only: `server` (the etcd gRPC
+//! services, the Redis gateway, config, process) and `cli` → the services
+//! (`etcd_store`, `register`, `streams`) and the RESP protocol (`resp`) →
+//! `consensus` (openraft, log, peer network, the service interface) →
+//! `storage`; `placement` is pure functions, `proto` generated code only.
 //! See `docs/ARCHITECTURE.md`.
 
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod fuzzing;
 pub mod placement;
 pub mod proto;
 pub mod register;
+pub mod resp;
 pub mod server;
 pub mod stats;
 pub mod storage;

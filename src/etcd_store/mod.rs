@@ -54,6 +54,8 @@ pub struct EtcdStore {
     /// This member's copy of the replicated simple auth tokens.
     pub tokens: Arc<crate::etcd_store::auth::SimpleTokens>,
     apply_gate: Arc<state_machine::ApplyGate>,
+    /// Who answers node calls here (see [`EtcdStore::serve_node_calls`]).
+    node_calls: Arc<std::sync::OnceLock<Arc<dyn MemberCalls>>>,
 }
 
 /// The store is its group with etcd's state beside it: the group's methods
@@ -75,6 +77,9 @@ enum StoreCall {
     /// The receiver's HashKV at a revision, once it has applied that revision (the
     /// leader's cross-member corruption check).
     HashKvAt(i64),
+    /// A request for the member's other services (see [`EtcdStore::serve_node_calls`]);
+    /// appended last, so earlier calls keep their encoding.
+    Node(Vec<u8>),
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -91,14 +96,21 @@ struct StoreCalls {
     backend: Arc<Backend>,
     index: Arc<KeyIndex>,
     revision: tokio::sync::watch::Receiver<Rev>,
+    /// Who answers [`StoreCall::Node`] here (set once by the server).
+    node_calls: Arc<std::sync::OnceLock<Arc<dyn MemberCalls>>>,
 }
 
 impl MemberCalls for StoreCalls {
     fn call(&self, req: Vec<u8>) -> openraft::base::BoxFuture<'static, Result<Vec<u8>, String>> {
         let (raft, backend, index, revision) =
             (self.raft.clone(), self.backend.clone(), self.index.clone(), self.revision.clone());
+        let node_calls = self.node_calls.get().cloned();
         Box::pin(async move {
             match decode::<StoreCall>(&req)? {
+                StoreCall::Node(body) => match node_calls {
+                    Some(handler) => handler.call(body).await,
+                    None => Err("no service answers node calls on this member yet".into()),
+                },
                 StoreCall::ClusterInfo => Ok(encode(&local_cluster_info(&raft, &backend).map_err(|e| e.to_string()))),
                 StoreCall::HashKvAt(rev) => {
                     Ok(encode(&local_hash_kv_at(&backend, &index, revision, rev, HASH_KV_WAIT).await))
@@ -185,18 +197,33 @@ impl EtcdStore {
         let apply_gate = sm.gate();
         let auth_revision = sm.auth_revision();
         let group = Group::start(member, group_id, log.clone(), Box::new(sm), &dir.join("snap"), config, stats).await?;
+        let node_calls: Arc<std::sync::OnceLock<Arc<dyn MemberCalls>>> = Arc::default();
         let calls = StoreCalls {
             raft: group.raft.clone(),
             backend: backend.clone(),
             index: index.clone(),
             revision: revision.clone(),
+            node_calls: node_calls.clone(),
         };
         group.serve_member_calls(Arc::new(calls));
-        let store = EtcdStore { group, backend, index, revision, auth_revision, tokens, apply_gate };
+        let store = EtcdStore { group, backend, index, revision, auth_revision, tokens, apply_gate, node_calls };
         Ok((store, log))
     }
 
     /// Proposes `cmd` and waits for its applied result (see [`Group::propose`]).
+    /// Registers who answers [`EtcdStore::call_node`] requests on this member: the
+    /// member's other services (the Redis gateway forwards a stream's commands to a
+    /// member holding it). Only the first registration counts.
+    pub fn serve_node_calls(&self, handler: Arc<dyn MemberCalls>) {
+        let _ = self.node_calls.set(handler);
+    }
+
+    /// Has member `id`'s node-call handler answer `req`, over the peer network.
+    pub async fn call_node(&self, id: MemberId, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+        let reply = self.group.call_member(id, encode(&StoreCall::Node(req)), timeout).await?;
+        Ok(reply)
+    }
+
     pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, ConsensusError> {
         let alone = cmd.reply_may_be_large();
         let reply = self.group.propose(cmd.encode(), alone, timeout).await?;

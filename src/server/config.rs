@@ -165,6 +165,13 @@ pub struct Flags {
     /// in proportion.
     #[arg(long, env = "CONCORD_WEIGHT")]
     pub weight: Option<u64>,
+    /// Where to serve the Redis Streams protocol (`redis://host:port`, comma
+    /// separated; off when empty).
+    #[arg(long, env = "CONCORD_LISTEN_REDIS_URLS")]
+    pub listen_redis_urls: Option<String>,
+    /// Most Redis connections served at once (Redis's `maxclients`).
+    #[arg(long, env = "CONCORD_REDIS_MAX_CLIENTS")]
+    pub redis_max_clients: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -222,6 +229,10 @@ pub struct Config {
     /// `--zone` and `--weight`, published in the member registry for placement.
     pub zone: String,
     pub weight: u32,
+    /// `--listen-redis-urls`: where the Redis Streams gateway listens (none: off).
+    pub listen_redis_urls: Vec<String>,
+    /// `--redis-max-clients`: Redis connections served at once.
+    pub redis_max_clients: usize,
 }
 
 /// Most worker threads `--worker-threads` may ask for.
@@ -262,7 +273,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 42] = [
+const KNOWN_KEYS: [&str; 44] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -305,6 +316,8 @@ const KNOWN_KEYS: [&str; 42] = [
     "worker-threads",
     "zone",
     "weight",
+    "listen-redis-urls",
+    "redis-max-clients",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -458,6 +471,18 @@ fn check_url(flag: &str, u: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The `host:port` of a `redis://host:port` URL.
+pub fn redis_addr(u: &str) -> Result<String, String> {
+    let hostport = u
+        .strip_prefix("redis://")
+        .ok_or_else(|| format!("--listen-redis-urls: URL {u:?} must start with redis://"))?
+        .trim_end_matches('/');
+    if !hostport.contains(':') || !valid_host_port(hostport) {
+        return Err(format!("--listen-redis-urls: invalid URL {u:?} (want redis://host:port)"));
+    }
+    Ok(hostport.to_string())
+}
+
 fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>, String> {
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -605,6 +630,14 @@ impl Config {
             .ok()
             .filter(|n| *n > 0)
             .ok_or("--max-client-connections must be positive")?;
+        let listen_redis_urls = split_urls(raw.get("listen-redis-urls").unwrap_or(""));
+        for u in &listen_redis_urls {
+            redis_addr(u)?;
+        }
+        let redis_max_clients = usize::try_from(parse_u64(raw, "redis-max-clients", 10_000)?)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or("--redis-max-clients must be positive")?;
         let zone = raw.get("zone").unwrap_or_default().to_string();
         if zone.len() > MAX_ZONE_BYTES {
             return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
@@ -653,6 +686,8 @@ impl Config {
             max_client_connections,
             worker_threads,
             zone,
+            listen_redis_urls,
+            redis_max_clients,
             weight,
         };
         config.check_self_in_cluster()?;
@@ -730,6 +765,8 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("worker-threads", f.worker_threads);
     raw.set("zone", f.zone);
     raw.set("weight", f.weight);
+    raw.set("listen-redis-urls", f.listen_redis_urls);
+    raw.set("redis-max-clients", f.redis_max_clients);
     raw
 }
 

@@ -27,6 +27,7 @@ pub mod kv;
 pub mod lease;
 pub mod metrics;
 pub mod recipes;
+pub mod redis;
 pub mod tls;
 pub mod watch;
 
@@ -425,6 +426,11 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let addr = bind_addr(u).await?;
         metrics_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
     }
+    let mut redis_listeners = Vec::new();
+    for u in &config.listen_redis_urls {
+        let addr = config::redis_addr(u)?;
+        redis_listeners.push(TcpListener::bind(&addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+    }
     let mut client_listeners = Vec::new();
     for u in &config.listen_client_urls {
         let addr = bind_addr(u).await?;
@@ -587,6 +593,23 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     supervisor.spawn_finite("publish", publish(node.clone()));
     supervisor.spawn("membership-reconciler", group.clone().run_reconciler());
     supervisor.spawn("group-host", host.clone().run(node.clone()));
+    // Every member answers stream commands forwarded by other members' gateways
+    // (for the streams it holds), whether or not it listens for Redis clients.
+    let gateway = Arc::new(redis::RedisGateway { node: node.clone(), host: host.clone() });
+    node.group.serve_node_calls(Arc::new(redis::ForwardedCalls(Arc::downgrade(&gateway))));
+    for l in redis_listeners {
+        let gateway = gateway.clone();
+        let limits = crate::resp::Limits {
+            max_bulk_bytes: usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX),
+            ..crate::resp::Limits::default()
+        };
+        let settings = crate::resp::ServerConfig {
+            max_clients: config.redis_max_clients,
+            limits,
+            ..crate::resp::ServerConfig::default()
+        };
+        supervisor.spawn("redis-listener", crate::resp::serve(l, gateway, settings));
+    }
     if let Some(every) = config.corrupt_check_interval {
         supervisor.spawn("corruption-checker", corruption::run(node.clone(), every));
     }

@@ -178,7 +178,7 @@ impl model::Table for WriteRows<'_, '_> {
 }
 
 /// A read-only view of a stream group's rows, for reads.
-pub struct ReadView(Rows<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>);
+struct ReadView(Rows<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>);
 
 impl model::Table for ReadView {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
@@ -199,8 +199,10 @@ impl model::Table for ReadView {
 pub struct StreamService {
     db: Arc<Database>,
     snap_path: PathBuf,
-    /// Woken after every applied batch: blocked XREAD/XREADGROUP look again.
-    applied: Arc<tokio::sync::Notify>,
+    /// Counts applied batches (and installed snapshots): blocked XREAD and
+    /// XREADGROUP wait for it to change, so no apply between their look and
+    /// their wait goes unnoticed.
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StreamService {
@@ -214,7 +216,7 @@ impl StreamService {
         let service = StreamService {
             db: Arc::new(db),
             snap_path: dir.join("snap").join("current"),
-            applied: Arc::new(tokio::sync::Notify::new()),
+            applied: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         // A corrupt snapshot file is refused at start, not when a follower needs it.
         if let Some(snapshot) = service.current_snapshot()? {
@@ -303,7 +305,7 @@ impl Service for StreamService {
             }
         }
         txn.commit().map_err(io_err)?;
-        self.applied.notify_waiters();
+        self.applied.send_modify(|n| *n = n.wrapping_add(1));
         Ok(replies)
     }
 
@@ -331,7 +333,7 @@ impl Service for StreamService {
             m.insert(META_MEMBERSHIP, encode(&meta.last_membership)?.as_slice()).map_err(io_err)?;
         }
         txn.commit().map_err(io_err)?;
-        self.applied.notify_waiters();
+        self.applied.send_modify(|n| *n = n.wrapping_add(1));
         write_snapshot_file_with(&self.snap_path, meta, &mut |w| io::copy(&mut data.reader(), w).map(|_| ()))
             .map(|_| ())
     }
@@ -381,7 +383,7 @@ pub enum StreamError {
 pub struct StreamGroup {
     pub group: Group,
     db: Arc<Database>,
-    applied: Arc<tokio::sync::Notify>,
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StreamGroup {
@@ -415,7 +417,7 @@ impl StreamGroup {
     pub async fn read<T>(
         &self,
         timeout: Duration,
-        f: impl FnOnce(&model::View<'_, ReadView>) -> Result<T, model::Corrupt>,
+        f: impl FnOnce(&model::View<'_, dyn model::Table>) -> Result<T, model::Corrupt>,
     ) -> Result<T, StreamError> {
         self.group.read_barrier(timeout).await?;
         self.read_local(f)
@@ -425,19 +427,21 @@ impl StreamGroup {
     /// after a barrier already taken, such as a blocked read waking up).
     pub fn read_local<T>(
         &self,
-        f: impl FnOnce(&model::View<'_, ReadView>) -> Result<T, model::Corrupt>,
+        f: impl FnOnce(&model::View<'_, dyn model::Table>) -> Result<T, model::Corrupt>,
     ) -> Result<T, StreamError> {
         let storage = |e: redb::Error| StreamError::Storage(e.to_string());
         let txn = self.db.begin_read().map_err(|e| storage(e.into()))?;
         let table = ReadView(Rows::new(txn.open_table(ROWS).map_err(|e| storage(e.into()))?));
-        let value = f(&model::View { table: &table }).map_err(|e| StreamError::Storage(e.to_string()))?;
+        let value =
+            f(&model::View { table: &table as &dyn model::Table }).map_err(|e| StreamError::Storage(e.to_string()))?;
         table.0.checked().map_err(|e| StreamError::Storage(e.to_string()))?;
         Ok(value)
     }
 
-    /// Resolves when the next batch is applied here (register before checking).
-    pub fn applied(&self) -> Arc<tokio::sync::Notify> {
-        self.applied.clone()
+    /// Changes with every batch applied here from now on: take it before
+    /// looking at the state, then wait on it.
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 }
 

@@ -108,6 +108,7 @@ impl Value {
 
 pub const ERR_SMALLER_ID: &str = "ERR The ID specified in XADD is equal or smaller than the target stream top item";
 pub const ERR_ZERO_ID: &str = "ERR The ID specified in XADD must be greater than 0-0";
+pub const ERR_EXHAUSTED: &str = "ERR The stream has exhausted the last possible ID, unable to add more items";
 pub const ERR_GROUP_NEEDS_KEY: &str = "ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.";
 pub const ERR_BUSYGROUP: &str = "BUSYGROUP Consumer Group name already exists";
 pub const ERR_NO_SUCH_KEY: &str = "ERR no such key";
@@ -143,9 +144,10 @@ pub enum GroupStart {
 pub struct Trim {
     pub strategy: TrimStrategy,
     /// `~`: trim only whole nodes of [`NODE_ENTRIES`] entries, as Redis trims
-    /// only whole radix-tree nodes; at most `limit` entries (0: no limit).
+    /// only whole radix-tree nodes.
     pub approx: bool,
-    pub limit: u64,
+    /// At most this many entries (`~` only; `None`: no limit).
+    pub limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +159,9 @@ pub enum TrimStrategy {
 /// Entries per node for approximate trimming: Redis's default
 /// `stream-node-max-entries`.
 pub const NODE_ENTRIES: u64 = 100;
+
+/// What `~` trims at most without a LIMIT: Redis's default, 100 nodes.
+pub const DEFAULT_APPROX_LIMIT: u64 = 100 * NODE_ENTRIES;
 
 /// Where an XREADGROUP reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,8 +313,6 @@ pub struct GroupMeta {
 pub struct ConsumerMeta {
     /// Last time the consumer was seen by a command (ms).
     pub seen_ms: u64,
-    /// Last time it read or claimed something (ms); 0: never.
-    pub active_ms: u64,
 }
 
 /// An entry delivered to a consumer and not yet acknowledged.
@@ -553,7 +556,7 @@ impl<T: Table + ?Sized> View<'_, T> {
     pub fn range(&self, key: &[u8], from: StreamId, to: StreamId, count: Option<u64>, reverse: bool) -> R<Value> {
         let limit = count.map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
         if limit == 0 {
-            return Ok(Value::Array(Vec::new()));
+            return Ok(Value::NilArray);
         }
         let entries = self.entries(key, from, to, limit, reverse)?;
         Ok(Value::Array(entries.iter().map(|(id, f)| entry_value(*id, f)).collect()))
@@ -573,6 +576,14 @@ impl<T: Table + ?Sized> View<'_, T> {
     /// The stream's last id (`$` in XREAD), 0-0 when it does not exist.
     pub fn last_id(&self, key: &[u8]) -> R<StreamId> {
         Ok(self.meta(key)?.map_or(StreamId::MIN, |m| m.last_id))
+    }
+
+    /// Whether the group has entries it has not delivered yet (an XREADGROUP `>`
+    /// would deliver something).
+    pub fn group_has_new(&self, key: &[u8], group: &[u8]) -> R<bool> {
+        let Some(g) = self.group(key, group)? else { return Ok(true) };
+        let Some(start) = g.last_delivered.next() else { return Ok(false) };
+        Ok(!self.entries(key, start, StreamId::MAX, 1, false)?.is_empty())
     }
 
     /// Whether the group exists on the stream.
@@ -655,7 +666,8 @@ impl<T: Table + ?Sized> View<'_, T> {
             Some(n) if !has_tombstones(meta, g.last_delivered) => Some(n),
             _ => distance_from_first_ever(meta, g.last_delivered),
         };
-        read.map_or(Value::Nil, |n| Value::count(meta.entries_added.saturating_sub(n)))
+        // Negative when ENTRIESREAD claimed more than was ever added, as in Redis.
+        read.map_or(Value::Nil, |n| Value::Integer((meta.entries_added as i128 - n as i128) as i64))
     }
 
     /// XINFO STREAM (without FULL).
@@ -676,6 +688,71 @@ impl<T: Table + ?Sized> View<'_, T> {
             (Value::text("groups"), Value::count(self.groups(key)?.len() as u64)),
             (Value::text("first-entry"), entry(first.first())),
             (Value::text("last-entry"), entry(last.first())),
+        ]))
+    }
+
+    /// XINFO STREAM FULL: the stream, its first `count` entries (all when 0),
+    /// every group with its first `count` pending entries and its consumers.
+    pub fn info_stream_full(&self, key: &[u8], count: u64) -> R<Value> {
+        let Some(meta) = self.meta(key)? else { return Ok(Value::err(ERR_NO_SUCH_KEY)) };
+        let limit = match count {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let nodes = meta.length.div_ceil(NODE_ENTRIES);
+        let entries = self.entries(key, StreamId::MIN, StreamId::MAX, limit, false)?;
+        let mut groups = Vec::new();
+        for (name, g) in self.groups(key)? {
+            let pending = self.pending(key, &name, StreamId::MIN, StreamId::MAX, usize::MAX)?;
+            let pel = pending
+                .iter()
+                .take(limit)
+                .map(|(id, p)| {
+                    Value::Array(vec![
+                        id.bulk(),
+                        Value::Bulk(p.consumer.clone()),
+                        Value::count(p.delivery_ms),
+                        Value::count(p.deliveries),
+                    ])
+                })
+                .collect();
+            let mut consumers = Vec::new();
+            for (cname, c) in self.consumers(key, &name)? {
+                let mine: Vec<_> = pending.iter().filter(|(_, p)| p.consumer == cname).collect();
+                let own = mine
+                    .iter()
+                    .take(limit)
+                    .map(|(id, p)| {
+                        Value::Array(vec![id.bulk(), Value::count(p.delivery_ms), Value::count(p.deliveries)])
+                    })
+                    .collect();
+                consumers.push(Value::Map(vec![
+                    (Value::text("name"), Value::Bulk(cname.clone())),
+                    (Value::text("seen-time"), Value::count(c.seen_ms)),
+                    (Value::text("pel-count"), Value::count(mine.len() as u64)),
+                    (Value::text("pending"), Value::Array(own)),
+                ]));
+            }
+            groups.push(Value::Map(vec![
+                (Value::text("name"), Value::Bulk(name.clone())),
+                (Value::text("last-delivered-id"), g.last_delivered.bulk()),
+                (Value::text("entries-read"), g.entries_read.map_or(Value::Nil, Value::count)),
+                (Value::text("lag"), self.lag(&meta, &g)),
+                (Value::text("pel-count"), Value::count(pending.len() as u64)),
+                (Value::text("pending"), Value::Array(pel)),
+                (Value::text("consumers"), Value::Array(consumers)),
+            ]));
+        }
+        Ok(Value::Map(vec![
+            (Value::text("length"), Value::count(meta.length)),
+            (Value::text("radix-tree-keys"), Value::count(nodes)),
+            (Value::text("radix-tree-nodes"), Value::count(nodes + 1)),
+            (Value::text("last-generated-id"), meta.last_id.bulk()),
+            (Value::text("max-deleted-entry-id"), meta.max_deleted_id.bulk()),
+            (Value::text("entries-added"), Value::count(meta.entries_added)),
+            (Value::text("recorded-first-entry-id"), meta.first_id.bulk()),
+            (Value::text("entries"), Value::Array(entries.iter().map(|(id, f)| entry_value(*id, f)).collect())),
+            (Value::text("groups"), Value::Array(groups)),
         ]))
     }
 
@@ -710,15 +787,10 @@ impl<T: Table + ?Sized> View<'_, T> {
         let mut out = Vec::new();
         for (name, c) in self.consumers(key, group)? {
             let n = pending.iter().filter(|(_, p)| p.consumer == name).count() as u64;
-            let inactive = match c.active_ms {
-                0 => Value::Integer(-1),
-                t => Value::count(now_ms.saturating_sub(t)),
-            };
             out.push(Value::Map(vec![
                 (Value::text("name"), Value::Bulk(name)),
                 (Value::text("pending"), Value::count(n)),
                 (Value::text("idle"), Value::count(now_ms.saturating_sub(c.seen_ms))),
-                (Value::text("inactive"), inactive),
             ]));
         }
         Ok(Value::Array(out))
@@ -861,7 +933,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 if self.table.get(&ck).is_some() {
                     return Ok(Value::Integer(0));
                 }
-                self.table.put(&ck, &encode(&ConsumerMeta { seen_ms: now_ms, active_ms: 0 }));
+                self.table.put(&ck, &encode(&ConsumerMeta { seen_ms: now_ms }));
                 Ok(Value::Integer(1))
             }
             StreamCommand::DelConsumer { key, group, consumer } => {
@@ -942,7 +1014,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 Ordering::Less => return Ok(Value::err(ERR_SMALLER_ID)),
                 Ordering::Equal => match last.seq.checked_add(1) {
                     Some(seq) => StreamId::new(ms, seq),
-                    None => return Ok(Value::err(ERR_SMALLER_ID)),
+                    None => return Ok(Value::err(ERR_EXHAUSTED)),
                 },
                 Ordering::Greater => StreamId::new(ms, 0),
             },
@@ -952,7 +1024,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 } else {
                     match last.next() {
                         Some(id) => id,
-                        None => return Ok(Value::err(ERR_SMALLER_ID)),
+                        None => return Ok(Value::err(ERR_EXHAUSTED)),
                     }
                 }
             }
@@ -971,24 +1043,38 @@ impl<T: Table + ?Sized> Streams<'_, T> {
         Ok(new_id.bulk())
     }
 
-    /// Trims the stream's head; the number of entries removed.
+    /// Trims the stream's head; the number of entries removed. Reads only the
+    /// entries it removes (and the one after, the new first entry).
     fn trim(&mut self, key: &[u8], meta: &mut StreamMeta, trim: Trim) -> R<u64> {
-        let head = self.view().entries(key, StreamId::MIN, StreamId::MAX, usize::MAX, false)?;
         let mut remove = match trim.strategy {
             TrimStrategy::MaxLen(max) => meta.length.saturating_sub(max),
-            TrimStrategy::MinId(min) => head.iter().take_while(|(id, _)| *id < min).count() as u64,
+            TrimStrategy::MinId(min) => match min.prev() {
+                Some(last) => self.view().entries(key, StreamId::MIN, last, usize::MAX, false)?.len() as u64,
+                None => 0,
+            },
         };
         if trim.approx {
-            remove -= remove % NODE_ENTRIES;
-            if trim.limit > 0 {
-                remove = remove.min(trim.limit - trim.limit % NODE_ENTRIES);
+            // Whole nodes from the head: full ones of NODE_ENTRIES, the last one
+            // partial; a node goes only if every entry in it may go.
+            if remove < meta.length {
+                remove -= remove % NODE_ENTRIES;
+            }
+            if let Some(limit) = trim.limit {
+                if remove > limit {
+                    remove = limit - limit % NODE_ENTRIES;
+                }
             }
         }
-        for (id, _) in head.iter().take(usize::try_from(remove).unwrap_or(usize::MAX)) {
+        if remove == 0 {
+            return Ok(0);
+        }
+        let take = usize::try_from(remove).unwrap_or(usize::MAX);
+        let head = self.view().entries(key, StreamId::MIN, StreamId::MAX, take.saturating_add(1), false)?;
+        for (id, _) in head.iter().take(take) {
             self.table.delete(&entry_key(key, *id));
         }
         meta.length -= remove;
-        meta.first_id = head.get(usize::try_from(remove).unwrap_or(usize::MAX)).map_or(StreamId::MIN, |(id, _)| *id);
+        meta.first_id = head.get(take).map_or(StreamId::MIN, |(id, _)| *id);
         Ok(remove)
     }
 
@@ -1013,18 +1099,9 @@ impl<T: Table + ?Sized> Streams<'_, T> {
         Ok(Value::count(n))
     }
 
-    fn touch_consumer(&mut self, key: &[u8], group: &[u8], consumer: &[u8], now_ms: u64, active: bool) -> R<()> {
-        let ck = consumer_key(key, group, consumer);
-        let mut c: ConsumerMeta = match self.table.get(&ck) {
-            Some(b) => decode(&b)?,
-            None => ConsumerMeta::default(),
-        };
-        c.seen_ms = now_ms;
-        if active {
-            c.active_ms = now_ms;
-        }
-        self.table.put(&ck, &encode(&c));
-        Ok(())
+    /// Creates the consumer if needed and records it as seen now.
+    fn touch_consumer(&mut self, key: &[u8], group: &[u8], consumer: &[u8], now_ms: u64) {
+        self.table.put(&consumer_key(key, group, consumer), &encode(&ConsumerMeta { seen_ms: now_ms }));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1050,12 +1127,9 @@ impl<T: Table + ?Sized> Streams<'_, T> {
         let limit = count.filter(|c| *c > 0).map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
         match from {
             GroupRead::New => {
-                let Some(start) = g.last_delivered.next() else {
-                    self.touch_consumer(key, group, consumer, now_ms, false)?;
-                    return Ok(Value::NilArray);
-                };
+                self.touch_consumer(key, group, consumer, now_ms);
+                let Some(start) = g.last_delivered.next() else { return Ok(Value::NilArray) };
                 let entries = self.view().entries(key, start, StreamId::MAX, limit, false)?;
-                self.touch_consumer(key, group, consumer, now_ms, !entries.is_empty())?;
                 if entries.is_empty() {
                     return Ok(Value::NilArray);
                 }
@@ -1074,15 +1148,21 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 Ok(Value::Array(entries.iter().map(|(id, f)| entry_value(*id, f)).collect()))
             }
             GroupRead::History(after) => {
-                self.touch_consumer(key, group, consumer, now_ms, false)?;
+                self.touch_consumer(key, group, consumer, now_ms);
                 let Some(start) = after.next() else { return Ok(Value::Array(Vec::new())) };
                 let mut out = Vec::new();
-                for (id, p) in self.view().pending(key, group, start, StreamId::MAX, usize::MAX)? {
+                for (id, mut p) in self.view().pending(key, group, start, StreamId::MAX, usize::MAX)? {
                     if p.consumer != consumer {
                         continue;
                     }
                     match self.view().entry(key, id)? {
-                        Some(f) => out.push(entry_value(id, &f)),
+                        Some(f) => {
+                            // A history read is a delivery again, as in Redis.
+                            p.delivery_ms = now_ms;
+                            p.deliveries += 1;
+                            self.table.put(&pel_key(key, group, id), &encode(&p));
+                            out.push(entry_value(id, &f));
+                        }
                         None => out.push(Value::Array(vec![id.bulk(), Value::NilArray])),
                     }
                     if out.len() >= limit {
@@ -1114,7 +1194,6 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 self.put_group(key, group, &g);
             }
         }
-        self.touch_consumer(key, group, consumer, now_ms, false)?;
         let mut out = Vec::new();
         for id in ids {
             let pk = pel_key(key, group, *id);
@@ -1122,7 +1201,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
             let mut p: Pending = match self.table.get(&pk) {
                 Some(b) => decode(&b)?,
                 None if o.force && entry.is_some() => {
-                    Pending { consumer: consumer.to_vec(), delivery_ms: now_ms, deliveries: 0 }
+                    Pending { consumer: consumer.to_vec(), delivery_ms: now_ms, deliveries: 1 }
                 }
                 None => continue,
             };
@@ -1147,8 +1226,9 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 false => entry_value(*id, &fields),
             });
         }
+        // The claiming consumer exists from its first successful claim on.
         if !out.is_empty() {
-            self.touch_consumer(key, group, consumer, now_ms, true)?;
+            self.touch_consumer(key, group, consumer, now_ms);
         }
         Ok(Value::Array(out))
     }
@@ -1168,7 +1248,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
         if self.view().meta(key)?.is_none() || self.view().group(key, group)?.is_none() {
             return Ok(nogroup_xpending(key, group));
         }
-        self.touch_consumer(key, group, consumer, now_ms, false)?;
+        self.touch_consumer(key, group, consumer, now_ms);
         // Redis scans at most count * 10 pending entries per call.
         let scan = usize::try_from(count.saturating_mul(10)).unwrap_or(usize::MAX);
         let candidates = self.view().pending(key, group, start, StreamId::MAX, scan.saturating_add(1))?;
@@ -1201,9 +1281,6 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 true => id.bulk(),
                 false => entry_value(id, &fields),
             });
-        }
-        if claimed_n > 0 {
-            self.touch_consumer(key, group, consumer, now_ms, true)?;
         }
         Ok(Value::Array(vec![next.bulk(), Value::Array(claimed), Value::Array(deleted)]))
     }

@@ -105,7 +105,7 @@ fn ranges_counts_and_reverse() {
     );
     assert_eq!(ids_of(&v.range(b"s", id(2, 0), id(4, u64::MAX), Some(2), false).expect("r")), ["2-0", "3-0"]);
     assert_eq!(ids_of(&v.range(b"s", id(2, 0), id(4, u64::MAX), Some(2), true).expect("r")), ["4-0", "3-0"]);
-    assert_eq!(v.range(b"s", StreamId::MIN, StreamId::MAX, Some(0), false).expect("r"), Value::Array(vec![]));
+    assert_eq!(v.range(b"s", StreamId::MIN, StreamId::MAX, Some(0), false).expect("r"), Value::NilArray);
     assert_eq!(v.range(b"s", id(4, 0), id(2, 0), None, false).expect("r"), Value::Array(vec![]));
     assert_eq!(v.read_after(b"s", id(5, 0), None).expect("r"), None);
     assert_eq!(ids_of(&v.read_after(b"s", id(3, 0), None).expect("r").expect("some")), ["4-0", "5-0"]);
@@ -117,16 +117,19 @@ fn trimming_exact_and_by_whole_nodes() {
     for i in 1..=250 {
         x.add("s", IdSpec::Explicit(id(i, 0)), 0);
     }
-    let approx = |max| Trim { strategy: TrimStrategy::MaxLen(max), approx: true, limit: 0 };
+    let approx = |max| Trim { strategy: TrimStrategy::MaxLen(max), approx: true, limit: Some(DEFAULT_APPROX_LIMIT) };
     // 10 over the limit: no whole node to drop.
     assert_eq!(x.apply(StreamCommand::Trim { key: b"s".to_vec(), trim: approx(240) }), Value::Integer(0));
     assert_eq!(x.apply(StreamCommand::Trim { key: b"s".to_vec(), trim: approx(120) }), Value::Integer(100));
-    let exact = Trim { strategy: TrimStrategy::MaxLen(100), approx: false, limit: 0 };
+    let exact = Trim { strategy: TrimStrategy::MaxLen(100), approx: false, limit: None };
     assert_eq!(x.apply(StreamCommand::Trim { key: b"s".to_vec(), trim: exact }), Value::Integer(50));
     assert_eq!(x.view().len(b"s").expect("len"), Value::Integer(100));
-    let minid = Trim { strategy: TrimStrategy::MinId(id(200, 0)), approx: false, limit: 0 };
+    let minid = Trim { strategy: TrimStrategy::MinId(id(200, 0)), approx: false, limit: None };
     assert_eq!(x.apply(StreamCommand::Trim { key: b"s".to_vec(), trim: minid }), Value::Integer(49));
     assert_eq!(x.view().meta(b"s").expect("meta").expect("stream").first_id, id(200, 0));
+    // `~ 0` takes the last, partial node too.
+    let all = Trim { strategy: TrimStrategy::MaxLen(0), approx: true, limit: Some(DEFAULT_APPROX_LIMIT) };
+    assert_eq!(x.apply(StreamCommand::Trim { key: b"s".to_vec(), trim: all }), Value::Integer(51));
 }
 
 #[test]
@@ -181,7 +184,8 @@ fn consumer_groups_deliver_once_and_track_pending() {
     assert_eq!(
         detail,
         Value::Array(vec![
-            Value::Array(vec![bulk("2-0"), bulk("carol"), Value::Integer(600), Value::Integer(2)]),
+            // Delivered, read again as history, claimed: three deliveries.
+            Value::Array(vec![bulk("2-0"), bulk("carol"), Value::Integer(600), Value::Integer(3)]),
             Value::Array(vec![bulk("4-0"), bulk("carol"), Value::Integer(600), Value::Integer(2)]),
         ])
     );

@@ -1,0 +1,645 @@
+//! The Redis Streams gateway on `--listen-redis-urls`: Redis 7's stream
+//! commands over RESP, answered by the stream groups of the catalog (see
+//! [`crate::streams`]).
+//!
+//! Each stream is a Raft group of its own, named in the catalog
+//! ([`CatalogChange::CreateNamed`]) and placed by the ring like any catalog
+//! group; the first write that makes a stream exist (XADD, XGROUP CREATE
+//! MKSTREAM) creates it. A command on a stream that does not exist is answered
+//! by the same model over an empty table, so it gets exactly the reply Redis
+//! gives for a missing key. Guarantees are the stream service's: writes answered
+//! after a quorum fsynced them, reads linearizable.
+//!
+//! Limits (named settings): connections (`--redis-max-clients`), request size
+//! (`--max-request-bytes` bounds a bulk string and a whole command), and keys
+//! ([`MAX_NAME_BYTES`]). A member answers the streams whose group it hosts (every
+//! stream, while the cluster has no more members than `DEFAULT_GROUP_REPLICAS`);
+//! others get an error naming the stream.
+
+pub mod parse;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::groups::{place_new_group, GroupHost, DEFAULT_GROUP_REPLICAS};
+use super::Node;
+use crate::consensus::{GroupId, MemberId};
+use crate::etcd_store::catalog::{self, CatalogChange, GroupSpec, ServiceKind, MAX_NAME_BYTES};
+use crate::etcd_store::{ApplyError, Command, CommandResult};
+use crate::resp::{Protocol, Reply, Session};
+use crate::streams::model::{Corrupt, GroupRead, StreamCommand, Streams, Table, Value, View};
+use crate::streams::{StreamError, StreamGroup};
+use parse::{ReadFrom, Request};
+
+/// Longest a blocked read sleeps before looking again for streams created
+/// meanwhile (a stream created elsewhere has no group here to wake it).
+const BLOCK_POLL: Duration = Duration::from_millis(50);
+
+/// Attempts at a fresh group id for a new stream (an id collides with another
+/// group's only by chance).
+const CREATE_ATTEMPTS: u64 = 4;
+
+/// Where a stream is, seen from this member.
+enum Place {
+    Here(Box<StreamGroup>),
+    Missing,
+    /// Held by these members (its replicas), not this one.
+    Elsewhere(Vec<MemberId>),
+}
+
+/// A command another member forwards here, for a stream this member holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Forwarded {
+    resp3: bool,
+    args: Vec<Vec<u8>>,
+}
+
+/// How long one forwarded round of a `BLOCK 0` read waits before it is asked again.
+const FORWARDED_BLOCK: Duration = Duration::from_secs(10);
+
+/// Answers commands forwarded by other members' gateways (a node call, see
+/// `EtcdStore::serve_node_calls`).
+pub struct ForwardedCalls(pub std::sync::Weak<RedisGateway>);
+
+impl crate::consensus::MemberCalls for ForwardedCalls {
+    fn call(&self, req: Vec<u8>) -> openraft::base::BoxFuture<'static, Result<Vec<u8>, String>> {
+        let gateway = self.0.upgrade();
+        Box::pin(async move {
+            let gateway = gateway.ok_or("the Redis gateway has stopped")?;
+            let (f, _) = crate::consensus::decode_bounded::<Forwarded>(&req).map_err(|e| e.to_string())?;
+            let protocol = if f.resp3 { Protocol::Resp3 } else { Protocol::Resp2 };
+            let reply = gateway.run(f.args, protocol, true).await;
+            bincode::serde::encode_to_vec(&reply, bincode::config::standard()).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// The gateway: [`crate::resp::Handler`] for the Redis listener.
+pub struct RedisGateway {
+    pub node: Arc<Node>,
+    pub host: Arc<GroupHost>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn reply(v: Value, protocol: Protocol) -> Reply {
+    match v {
+        Value::Ok => Reply::Simple("OK".into()),
+        Value::Error(e) => Reply::Error(e),
+        Value::Integer(n) => Reply::Integer(n),
+        Value::Bulk(b) => Reply::Bulk(b),
+        Value::Nil => Reply::Nil,
+        Value::NilArray => Reply::NilArray,
+        Value::Array(items) => Reply::Array(items.into_iter().map(|v| reply(v, protocol)).collect()),
+        Value::Map(pairs) => {
+            Reply::Map(pairs.into_iter().map(|(k, v)| (reply(k, protocol), reply(v, protocol))).collect())
+        }
+        Value::StreamMap(pairs) => match protocol {
+            Protocol::Resp3 => {
+                Reply::Map(pairs.into_iter().map(|(k, v)| (reply(k, protocol), reply(v, protocol))).collect())
+            }
+            Protocol::Resp2 => Reply::Array(
+                pairs.into_iter().map(|(k, v)| Reply::Array(vec![reply(k, protocol), reply(v, protocol)])).collect(),
+            ),
+        },
+    }
+}
+
+fn failure(e: StreamError) -> Reply {
+    match e {
+        StreamError::Consensus(e) => Reply::Error(format!("TRYAGAIN {e}")),
+        StreamError::Storage(e) => Reply::Error(format!("ERR {e}")),
+    }
+}
+
+/// The model's answer for a stream that does not exist.
+fn on_missing(cmd: StreamCommand) -> Value {
+    let mut empty = BTreeMap::new();
+    Streams { table: &mut empty }.apply(cmd).unwrap_or_else(|e| Value::err(format!("ERR {e}")))
+}
+
+/// A group id for stream `key`, attempt `n`: spread over the id space, clear of
+/// the small ids administrators give groups by hand.
+fn stream_group_id(key: &[u8], n: u64) -> GroupId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = h.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | (1 << 62)
+}
+
+impl RedisGateway {
+    fn timeout(&self) -> Duration {
+        self.node.config.request_timeout()
+    }
+
+    /// Where stream `key` is: looked up in the applied catalog, then in the
+    /// catalog as of now (a stream another member just created), then created
+    /// when `create`.
+    async fn place(&self, key: &[u8], create: bool) -> Result<Place, Reply> {
+        if key.len() > MAX_NAME_BYTES {
+            return Err(Reply::Error(format!("ERR concord: stream names are limited to {MAX_NAME_BYTES} bytes")));
+        }
+        let internal = |e: String| Reply::Error(format!("ERR {e}"));
+        let local = {
+            let txn = self.node.group.backend.begin_read().map_err(|e| internal(e.to_string()))?;
+            catalog::named(&txn, ServiceKind::Stream, key).map_err(|e| internal(e.to_string()))?
+        };
+        let id = match local {
+            Some(id) => Some(id),
+            None => {
+                let txn = self
+                    .node
+                    .linearizable_txn()
+                    .await
+                    .map_err(|s| Reply::Error(format!("TRYAGAIN {}", s.message())))?;
+                catalog::named(&txn, ServiceKind::Stream, key).map_err(|e| internal(e.to_string()))?
+            }
+        };
+        let id = match (id, create) {
+            (Some(id), _) => id,
+            (None, false) => return Ok(Place::Missing),
+            (None, true) => self.create(key).await?,
+        };
+        self.hosted(key, id).await
+    }
+
+    /// The group of stream `key` when this member holds it (`None`: no such stream).
+    async fn resolve(&self, key: &[u8], create: bool) -> Result<Option<StreamGroup>, Reply> {
+        match self.place(key, create).await? {
+            Place::Here(g) => Ok(Some(*g)),
+            Place::Missing => Ok(None),
+            Place::Elsewhere(_) => Err(Reply::Error(format!(
+                "ERR concord: stream '{}' is held by other members; this command cannot be forwarded",
+                String::from_utf8_lossy(key)
+            ))),
+        }
+    }
+
+    async fn create(&self, key: &[u8]) -> Result<GroupId, Reply> {
+        let tryagain = |e: String| Reply::Error(format!("TRYAGAIN {e}"));
+        for n in 0..CREATE_ATTEMPTS {
+            let id = stream_group_id(key, n);
+            let txn = self.node.linearizable_txn().await.map_err(|s| tryagain(s.message().to_string()))?;
+            let replicas =
+                place_new_group(&txn, id, DEFAULT_GROUP_REPLICAS).map_err(|e| Reply::Error(format!("ERR {e}")))?;
+            drop(txn);
+            let spec = GroupSpec { service: ServiceKind::Stream, replicas };
+            let change = CatalogChange::CreateNamed { id, name: key.to_vec(), spec };
+            match self.node.group.propose(Command::Catalog(change), self.timeout()).await {
+                Ok(CommandResult::Ok(bytes)) => {
+                    return crate::consensus::decode_bounded::<GroupId>(&bytes)
+                        .map(|(id, _)| id)
+                        .map_err(|e| Reply::Error(format!("ERR {e}")));
+                }
+                Ok(CommandResult::Err(ApplyError::GroupExists)) => continue,
+                Ok(CommandResult::Err(ApplyError::TooManyGroups)) => {
+                    return Err(Reply::Error(format!(
+                        "ERR concord: the cluster holds {} groups, its limit; no new stream can be created",
+                        catalog::MAX_GROUPS
+                    )))
+                }
+                Ok(CommandResult::Err(e)) => return Err(Reply::Error(format!("ERR concord: {e:?}"))),
+                Err(e) => return Err(tryagain(e.to_string())),
+            }
+        }
+        Err(Reply::Error("ERR concord: no free group id for this stream".into()))
+    }
+
+    /// This member's replica of stream group `id` (waiting for it to start), or
+    /// the members holding it.
+    async fn hosted(&self, key: &[u8], id: GroupId) -> Result<Place, Reply> {
+        if let Some(g) = self.host.stream(id) {
+            return Ok(Place::Here(Box::new(g)));
+        }
+        let replicas_in = |txn: &redb::ReadTransaction| -> Result<Vec<MemberId>, Reply> {
+            let groups = catalog::groups(txn).map_err(|e| Reply::Error(format!("ERR {e}")))?;
+            Ok(groups.into_iter().find(|(g, _)| *g == id).map(|(_, spec)| spec.replicas).unwrap_or_default())
+        };
+        let mut replicas = {
+            let txn = self.node.group.backend.begin_read().map_err(|e| Reply::Error(format!("ERR {e}")))?;
+            replicas_in(&txn)?
+        };
+        if replicas.is_empty() {
+            // Created through the leader a moment ago, not yet applied here.
+            let txn =
+                self.node.linearizable_txn().await.map_err(|s| Reply::Error(format!("TRYAGAIN {}", s.message())))?;
+            replicas = replicas_in(&txn)?;
+        }
+        if !replicas.is_empty() && !replicas.contains(&self.node.member_id) {
+            return Ok(Place::Elsewhere(replicas));
+        }
+        self.host.settle(id, true, self.timeout()).await;
+        self.host.stream(id).map(|g| Place::Here(Box::new(g))).ok_or_else(|| {
+            Reply::Error(format!(
+                "TRYAGAIN concord: this member's replica of stream '{}' is not running yet",
+                String::from_utf8_lossy(key)
+            ))
+        })
+    }
+
+    /// Has a member holding the stream run `args` (the whole command), trying its
+    /// replicas in turn. A blocking read waits there; `BLOCK 0` (forever) is asked
+    /// again in rounds of [`FORWARDED_BLOCK`].
+    async fn forward(&self, replicas: &[MemberId], protocol: Protocol, mut args: Vec<Vec<u8>>) -> Reply {
+        let block_at = args.iter().position(|a| a.eq_ignore_ascii_case(b"BLOCK")).filter(|i| *i + 1 < args.len());
+        let block_ms = block_at.and_then(|i| parse::parse_i64(&args[i + 1])).unwrap_or(0).max(0) as u64;
+        let forever = block_at.is_some() && block_ms == 0;
+        if forever {
+            if let Some(i) = block_at {
+                args[i + 1] = FORWARDED_BLOCK.as_millis().to_string().into_bytes();
+            }
+        }
+        let timeout =
+            self.timeout() + Duration::from_millis(if forever { FORWARDED_BLOCK.as_millis() as u64 } else { block_ms });
+        let body = match bincode::serde::encode_to_vec(
+            Forwarded { resp3: protocol == Protocol::Resp3, args },
+            bincode::config::standard(),
+        ) {
+            Ok(b) => b,
+            Err(e) => return Reply::Error(format!("ERR {e}")),
+        };
+        loop {
+            let mut last = String::from("no replica");
+            let mut answer = None;
+            for member in replicas {
+                match self.node.group.call_node(*member, body.clone(), timeout).await {
+                    Ok(bytes) => match crate::consensus::decode_bounded::<Reply>(&bytes) {
+                        Ok((r, _)) => {
+                            answer = Some(r);
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    },
+                    Err(e) => last = e,
+                }
+            }
+            match answer {
+                Some(Reply::NilArray) if forever => continue,
+                Some(r) => return r,
+                None => {
+                    return Reply::Error(format!("TRYAGAIN concord: no member holding the stream answered: {last}"))
+                }
+            }
+        }
+    }
+
+    /// Forwards a command on streams this member does not hold (see
+    /// [`RedisGateway::forward`]); `None`: run it here.
+    async fn route(&self, request: &Request, args: &[Vec<u8>], protocol: Protocol) -> Option<Reply> {
+        let keys = request.keys();
+        let mut elsewhere = Vec::new();
+        for key in &keys {
+            match self.place(key, false).await {
+                Ok(Place::Elsewhere(replicas)) => elsewhere.push((key.to_vec(), replicas)),
+                Ok(_) => {}
+                Err(r) => return Some(r),
+            }
+        }
+        if elsewhere.is_empty() {
+            return None;
+        }
+        if keys.len() == 1 {
+            let (_, replicas) = &elsewhere[0];
+            return Some(self.forward(replicas, protocol, args.to_vec()).await);
+        }
+        match request {
+            // Counted a key at a time, here or where the key is held.
+            Request::Del(_) | Request::Exists(_) => {
+                let mut n = 0;
+                for key in keys {
+                    let one = vec![args[0].clone(), key.to_vec()];
+                    let r = match elsewhere.iter().find(|(k, _)| k == key) {
+                        Some((_, replicas)) => self.forward(replicas, protocol, one).await,
+                        None => Box::pin(self.run(one, protocol, true)).await,
+                    };
+                    match r {
+                        Reply::Integer(k) => n += k,
+                        other => return Some(other),
+                    }
+                }
+                Some(Reply::Integer(n))
+            }
+            _ => Some(Reply::Error(
+                "ERR concord: this command names streams held by different members; name one stream per command".into(),
+            )),
+        }
+    }
+
+    async fn write(&self, cmd: StreamCommand, protocol: Protocol, args: &[Vec<u8>], forwarded: bool) -> Reply {
+        let create = matches!(
+            cmd,
+            StreamCommand::Add { no_mkstream: false, .. } | StreamCommand::GroupCreate { mkstream: true, .. }
+        );
+        match self.place(cmd.key(), create).await {
+            Ok(Place::Here(g)) => match g.write(&cmd, self.timeout()).await {
+                Ok(v) => reply(v, protocol),
+                Err(e) => failure(e),
+            },
+            Ok(Place::Missing) => reply(on_missing(cmd), protocol),
+            // A stream just created, on other members.
+            Ok(Place::Elsewhere(replicas)) if !forwarded => self.forward(&replicas, protocol, args.to_vec()).await,
+            Ok(Place::Elsewhere(_)) => {
+                Reply::Error("ERR concord: a forwarded command reached a member without the stream".into())
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// `f` over stream `key`'s state, linearizable (over an empty table when
+    /// the stream does not exist).
+    async fn read<T>(&self, key: &[u8], f: impl Fn(&View<'_, dyn Table>) -> Result<T, Corrupt>) -> Result<T, Reply> {
+        match self.resolve(key, false).await? {
+            Some(g) => g.read(self.timeout(), f).await.map_err(failure),
+            None => {
+                let empty: &dyn Table = &BTreeMap::new();
+                f(&View { table: empty }).map_err(|e| Reply::Error(format!("ERR {e}")))
+            }
+        }
+    }
+
+    /// Runs one command; `forwarded`: another member sent it here, so it runs here.
+    async fn run(&self, args: Vec<Vec<u8>>, protocol: Protocol, forwarded: bool) -> Reply {
+        let now = now_ms();
+        let request = match parse::parse(&args, now) {
+            Ok(r) => r,
+            Err(e) => return Reply::Error(e),
+        };
+        if !forwarded {
+            if let Some(r) = self.route(&request, &args, protocol).await {
+                return r;
+            }
+        }
+        let done = |r: Result<Value, Reply>| match r {
+            Ok(v) => reply(v, protocol),
+            Err(r) => r,
+        };
+        match request {
+            Request::Write(mut cmd) => {
+                stamp(&mut cmd, now);
+                self.write(cmd, protocol, &args, forwarded).await
+            }
+            Request::Del(keys) => {
+                let mut deleted = 0;
+                for key in keys {
+                    match self.resolve(&key, false).await {
+                        Ok(Some(g)) => match g.write(&StreamCommand::DelKey { key }, self.timeout()).await {
+                            Ok(Value::Integer(n)) => deleted += n,
+                            Ok(other) => return reply(other, protocol),
+                            Err(e) => return failure(e),
+                        },
+                        Ok(None) => {}
+                        Err(r) => return r,
+                    }
+                }
+                Reply::Integer(deleted)
+            }
+            Request::Len(key) => done(self.read(&key, |v| v.len(&key)).await),
+            Request::Range { key, from, to, count, reverse } => {
+                done(self.read(&key, |v| v.range(&key, from, to, count, reverse)).await)
+            }
+            Request::PendingSummary { key, group } => done(self.read(&key, |v| v.pending_summary(&key, &group)).await),
+            Request::PendingRange { key, group, min_idle_ms, from, to, count, consumer } => done(
+                self.read(&key, |v| {
+                    v.pending_range(&key, &group, min_idle_ms, from, to, count, consumer.as_deref(), now)
+                })
+                .await,
+            ),
+            Request::InfoStream(key) => done(self.read(&key, |v| v.info_stream(&key)).await),
+            Request::InfoStreamFull { key, count } => done(self.read(&key, |v| v.info_stream_full(&key, count)).await),
+            Request::Exists(keys) => {
+                let mut n = 0;
+                for key in keys {
+                    match self.read(&key, |v| v.meta(&key).map(|m| m.is_some())).await {
+                        Ok(true) => n += 1,
+                        Ok(false) => {}
+                        Err(r) => return r,
+                    }
+                }
+                Reply::Integer(n)
+            }
+            Request::Type(key) => match self.read(&key, |v| v.meta(&key).map(|m| m.is_some())).await {
+                Ok(true) => Reply::Simple("stream".into()),
+                Ok(false) => Reply::Simple("none".into()),
+                Err(r) => r,
+            },
+            Request::Help(lines) => Reply::Array(lines.iter().map(|l| Reply::Simple((*l).to_string())).collect()),
+            Request::InfoGroups(key) => done(self.read(&key, |v| v.info_groups(&key)).await),
+            Request::InfoConsumers { key, group } => {
+                done(self.read(&key, |v| v.info_consumers(&key, &group, now)).await)
+            }
+            Request::Read { count, block_ms, streams } => self.xread(count, block_ms, streams, protocol).await,
+            Request::ReadGroup { group, consumer, count, block_ms, no_ack, streams } => {
+                self.xreadgroup(&group, &consumer, count, block_ms, no_ack, streams, protocol).await
+            }
+        }
+    }
+
+    async fn xread(
+        &self,
+        count: Option<u64>,
+        block_ms: Option<u64>,
+        streams: Vec<(Vec<u8>, ReadFrom)>,
+        protocol: Protocol,
+    ) -> Reply {
+        // `$` is the last id when the read starts.
+        let mut after = Vec::with_capacity(streams.len());
+        for (key, from) in &streams {
+            let id = match from {
+                ReadFrom::After(id) => *id,
+                ReadFrom::Last => match self.read(key, |v| v.last_id(key)).await {
+                    Ok(id) => id,
+                    Err(r) => return r,
+                },
+            };
+            after.push((key.clone(), id));
+        }
+        let deadline = block_ms.map(|ms| match ms {
+            0 => None,
+            ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
+        });
+        let mut first = true;
+        loop {
+            let mut found = Vec::new();
+            let mut wakers = Vec::new();
+            for (key, id) in &after {
+                let group = match self.resolve(key, false).await {
+                    Ok(g) => g,
+                    Err(r) => return r,
+                };
+                let Some(g) = group else { continue };
+                wakers.push(g.applied());
+                let part = if first {
+                    g.read(self.timeout(), |v| v.read_after(key, *id, count)).await
+                } else {
+                    g.read_local(|v| v.read_after(key, *id, count))
+                };
+                match part {
+                    Ok(Some(entries)) => found.push((Value::Bulk(key.clone()), entries)),
+                    Ok(None) => {}
+                    Err(e) => return failure(e),
+                }
+            }
+            first = false;
+            if !found.is_empty() {
+                return reply(Value::StreamMap(found), protocol);
+            }
+            let Some(deadline) = deadline else { return Reply::NilArray };
+            if !wait_applied(wakers, deadline).await {
+                return Reply::NilArray;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn xreadgroup(
+        &self,
+        group: &[u8],
+        consumer: &[u8],
+        count: Option<u64>,
+        block_ms: Option<u64>,
+        no_ack: bool,
+        streams: Vec<(Vec<u8>, GroupRead)>,
+        protocol: Protocol,
+    ) -> Reply {
+        // Every stream and group must exist before anything is delivered.
+        let mut groups = Vec::with_capacity(streams.len());
+        for (key, _) in &streams {
+            let exists = match self.resolve(key, false).await {
+                Ok(Some(g)) => match g.read(self.timeout(), |v| v.has_group(key, group)).await {
+                    Ok(true) => Some(g),
+                    Ok(false) => None,
+                    Err(e) => return failure(e),
+                },
+                Ok(None) => None,
+                Err(r) => return r,
+            };
+            let Some(g) = exists else {
+                return Reply::Error(format!(
+                    "NOGROUP No such key '{}' or consumer group '{}' in XREADGROUP with GROUP option",
+                    String::from_utf8_lossy(key),
+                    String::from_utf8_lossy(group)
+                ));
+            };
+            groups.push(g);
+        }
+        let deadline = block_ms.map(|ms| match ms {
+            0 => None,
+            ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
+        });
+        let mut first = true;
+        loop {
+            let mut found = Vec::new();
+            let mut wakers = Vec::new();
+            let mut any_history = false;
+            for ((key, from), g) in streams.iter().zip(&groups) {
+                wakers.push(g.applied());
+                any_history |= matches!(from, GroupRead::History(_));
+                // A blocked read proposes again only when this member has applied
+                // something the group has not delivered (a delivery is a write).
+                if !first {
+                    match g.read_local(|v| v.group_has_new(key, group)) {
+                        Ok(false) => continue,
+                        Ok(true) => {}
+                        Err(e) => return failure(e),
+                    }
+                }
+                let cmd = StreamCommand::ReadGroup {
+                    key: key.clone(),
+                    group: group.to_vec(),
+                    consumer: consumer.to_vec(),
+                    from: *from,
+                    count,
+                    no_ack,
+                    now_ms: now_ms(),
+                };
+                match g.write(&cmd, self.timeout()).await {
+                    Ok(Value::NilArray) => {}
+                    Ok(Value::Error(e)) => return Reply::Error(e),
+                    Ok(entries) => found.push((Value::Bulk(key.clone()), entries)),
+                    Err(e) => return failure(e),
+                }
+            }
+            first = false;
+            if !found.is_empty() {
+                return reply(Value::StreamMap(found), protocol);
+            }
+            let Some(deadline) = deadline.filter(|_| !any_history) else { return Reply::NilArray };
+            if !wait_applied(wakers, deadline).await {
+                return Reply::NilArray;
+            }
+        }
+    }
+}
+
+/// Sets the proposer's clock in a write.
+fn stamp(cmd: &mut StreamCommand, now: u64) {
+    match cmd {
+        StreamCommand::Add { now_ms, .. }
+        | StreamCommand::CreateConsumer { now_ms, .. }
+        | StreamCommand::ReadGroup { now_ms, .. }
+        | StreamCommand::Claim { now_ms, .. }
+        | StreamCommand::AutoClaim { now_ms, .. } => *now_ms = now,
+        _ => {}
+    }
+}
+
+/// Waits until one of the groups applies something after its receiver was
+/// taken, [`BLOCK_POLL`] passes (a stream created meanwhile has no receiver
+/// here), or the deadline (`None`: none) passes; false once the deadline has
+/// passed.
+async fn wait_applied(
+    mut wakers: Vec<tokio::sync::watch::Receiver<u64>>,
+    deadline: Option<tokio::time::Instant>,
+) -> bool {
+    let any = async {
+        match wakers.is_empty() {
+            true => futures::future::pending::<()>().await,
+            false => drop(futures::future::select_all(wakers.iter_mut().map(|w| Box::pin(w.changed()))).await),
+        }
+    };
+    let poll = tokio::time::Instant::now() + BLOCK_POLL;
+    let until = deadline.map_or(poll, |d| d.min(poll));
+    tokio::select! {
+        _ = any => {}
+        _ = tokio::time::sleep_until(until) => {}
+    }
+    deadline.is_none_or(|d| tokio::time::Instant::now() < d)
+}
+
+impl crate::resp::Handler for RedisGateway {
+    fn call<'a>(&'a self, session: &'a mut Session, args: Vec<Vec<u8>>) -> BoxFuture<'a, Reply> {
+        Box::pin(self.run(args, session.protocol, false))
+    }
+
+    /// Redis clients authenticate when etcd's auth is enabled.
+    fn auth_required(&self) -> bool {
+        self.node.auth_state().map_or(true, |s| s.enabled)
+    }
+
+    /// An etcd user's name and password (AUTH user pass, HELLO .. AUTH); any
+    /// authenticated user may use every stream.
+    fn authenticate<'a>(&'a self, user: &'a str, password: &'a [u8]) -> BoxFuture<'a, Result<(), Reply>> {
+        Box::pin(async move {
+            let state = self.node.auth_state().map_err(|s| Reply::Error(format!("ERR {}", s.message())))?;
+            let Some(record) = state.users.get(user).cloned() else { return Err(Reply::wrong_pass()) };
+            let password = String::from_utf8_lossy(password).into_owned();
+            let ok = tokio::task::spawn_blocking(move || crate::etcd_store::auth::verify_password(&record, &password))
+                .await
+                .unwrap_or(false);
+            if ok {
+                Ok(())
+            } else {
+                Err(Reply::wrong_pass())
+            }
+        })
+    }
+}
