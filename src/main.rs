@@ -7,6 +7,7 @@
 //! `concord health [--endpoint URL]` checks one member's `/health` (exit 0 healthy);
 //! `concord nodes` lists the members with zone, weight, replica and leader counts;
 //! `concord bench WORKLOAD ...` generates load against any etcd-v3 endpoints;
+//! `concord bench-streams --workload ...` against any Redis-protocol endpoints;
 //! `concord group ...` and `concord register ...` manage the group catalog and
 //! the register service.
 
@@ -27,6 +28,7 @@ fn main() {
         Some("status") => std::process::exit(concord::cli::status::main(&args[2..])),
         Some("bench") => std::process::exit(concord::cli::bench::main(&args[2..])),
         Some("bench-log") => std::process::exit(concord::cli::bench_log::main(&args[2..])),
+        Some("bench-streams") => std::process::exit(concord::cli::bench_streams::main(&args[2..])),
         Some("nodes") => std::process::exit(concord::cli::nodes::main(&args[2..])),
         Some("group") => std::process::exit(concord::cli::group::group_main(&args[2..])),
         Some("register") => std::process::exit(concord::cli::group::register_main(&args[2..])),

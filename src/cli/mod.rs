@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_log;
+pub mod bench_streams;
 pub mod group;
 pub mod health;
 pub mod nodes;
