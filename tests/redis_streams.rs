@@ -275,6 +275,14 @@ async fn acknowledged_entries_survive_kills_of_every_member() {
         let want: Vec<Vec<u8>> = (1..=N).map(|i| format!("{i}-0").into_bytes()).collect();
         assert_eq!(ids, want, "entries on the member serving {port}");
     }
+    // Each member's /metrics shows the stream as its replica holds it.
+    for m in &cluster.members {
+        let (status, body) = concord_testkit::http_get(m.client_port, "/metrics").expect("metrics");
+        assert_eq!(status, 200);
+        assert!(body.contains("concord_streams 1\n"), "{body}");
+        assert!(body.contains(&format!("concord_stream_entries{{stream=\"orders\"}} {N}\n")), "{body}");
+        assert!(body.contains("concord_stream_pending_entries{stream=\"orders\"} 0\n"), "{body}");
+    }
 }
 
 /// XREAD BLOCK wakes on an XADD from another connection (on another member),

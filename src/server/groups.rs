@@ -104,6 +104,18 @@ impl GroupHost {
         }
     }
 
+    /// Every stream group this member hosts.
+    pub fn streams(&self) -> Vec<StreamGroup> {
+        let hosted = self.hosted.lock().expect("hosted groups poisoned");
+        hosted
+            .values()
+            .filter_map(|h| match h {
+                Hosted::Stream(s) => Some(s.clone()),
+                Hosted::Register(_) => None,
+            })
+            .collect()
+    }
+
     /// The stream group `id`, if this member hosts it.
     pub fn stream(&self, id: GroupId) -> Option<StreamGroup> {
         match self.hosted(id)? {

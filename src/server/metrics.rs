@@ -461,6 +461,7 @@ pub fn render(node: &Node) -> String {
         };
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
     }
+    render_streams(node, &mut out);
     let group = &node.group.stats;
     for (name, help, h) in [
         ("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", &group.wal_fsync),
@@ -503,6 +504,45 @@ pub fn render(node: &Node) -> String {
         );
     }
     out
+}
+
+/// A Prometheus label value: `\\`, `"` and newlines escaped.
+fn label_value(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The streams whose groups this member hosts (each replica reports its own
+/// applied state): their count, and per stream its entries, consumer groups and
+/// pending entries.
+fn render_streams(node: &Node, out: &mut String) {
+    let mut summaries = Vec::new();
+    for g in node.host.streams() {
+        match g.read_local(|v| v.summaries()) {
+            Ok(s) => summaries.extend(s),
+            Err(e) => tracing::warn!("stream metrics: {e}"),
+        }
+    }
+    let _ = write!(
+        out,
+        "# HELP concord_streams Redis streams whose Raft group this member hosts.\n# TYPE concord_streams gauge\nconcord_streams {}\n",
+        summaries.len()
+    );
+    for (name, help, value) in [
+        (
+            "concord_stream_entries",
+            "Entries in a stream (XLEN).",
+            (|s: &crate::streams::model::StreamSummary| s.length) as fn(&_) -> u64,
+        ),
+        ("concord_stream_consumer_groups", "Consumer groups of a stream.", |s| s.groups),
+        ("concord_stream_pending_entries", "Entries delivered to a stream's consumers and not acknowledged.", |s| {
+            s.pending
+        }),
+    ] {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+        for s in &summaries {
+            let _ = writeln!(out, "{name}{{stream=\"{}\"}} {}", label_value(&s.name), value(s));
+        }
+    }
 }
 
 /// grpc-go's names for status codes (as Prometheus labels show them).

@@ -201,6 +201,9 @@ pub struct Node {
     /// Every Raft group this node hosts (the etcd store's and the catalog's),
     /// and what it heard from its peers' liveness pings.
     pub registry: GroupRegistry,
+    /// This member's replicas of the catalog's groups (for metrics; the services
+    /// that use them hold it too).
+    pub host: Arc<groups::GroupHost>,
 }
 
 /// How often the quota's size sample is refreshed: writes can overshoot the quota
@@ -482,6 +485,13 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
 
     let registry = GroupRegistry::default();
     registry.insert(group.group.clone());
+    let host = Arc::new(groups::GroupHost::new(
+        identity.member_id,
+        member_dir.join("groups"),
+        node_log.clone(),
+        registry.clone(),
+        group_config.clone(),
+    ));
     let node = Arc::new(Node {
         config: config.clone(),
         group: group.clone(),
@@ -491,6 +501,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         stats: Arc::default(),
         auth: auth::AuthContext::new(jwt),
         registry: registry.clone(),
+        host: host.clone(),
     });
     let supervisor = Supervisor::new();
     supervisor.spawn("metrics-monitor", metrics::run_monitor(node.clone()));
@@ -506,13 +517,6 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         Duration::from_millis(config.election_timeout_ms),
     );
     supervisor.spawn("quiescer", quiescer.run());
-    let host = Arc::new(groups::GroupHost::new(
-        identity.member_id,
-        member_dir.join("groups"),
-        node_log.clone(),
-        registry.clone(),
-        group_config.clone(),
-    ));
     let mut tasks = tokio::task::JoinSet::new();
     for (url, l) in peer_listeners {
         let router = tonic::transport::Server::builder()

@@ -300,6 +300,16 @@ pub struct StreamMeta {
     pub first_id: StreamId,
 }
 
+/// A stream at a glance (see [`View::summaries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub name: Vec<u8>,
+    pub length: u64,
+    pub groups: u64,
+    /// Entries delivered and not acknowledged, over all its groups.
+    pub pending: u64,
+}
+
 /// A consumer group.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupMeta {
@@ -543,6 +553,24 @@ impl<T: Table + ?Sized> View<'_, T> {
         let mut out = Vec::new();
         for (k, v) in self.table.range(&p, &prefix_end(&p), false, usize::MAX) {
             out.push((k[p.len()..].to_vec(), decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every stream in the table with its length, consumer groups and pending
+    /// entries (for metrics).
+    pub fn summaries(&self) -> R<Vec<StreamSummary>> {
+        let mut out = Vec::new();
+        for (k, v) in self.table.range(b"M", b"N", false, usize::MAX) {
+            let name = k[1..].to_vec();
+            let meta: StreamMeta = decode(&v)?;
+            let groups = self.groups(&name)?;
+            let mut pending = 0u64;
+            for (g, _) in &groups {
+                let p = pel_prefix(&name, g);
+                pending += self.table.range(&p, &prefix_end(&p), false, usize::MAX).len() as u64;
+            }
+            out.push(StreamSummary { name, length: meta.length, groups: groups.len() as u64, pending });
         }
         Ok(out)
     }
