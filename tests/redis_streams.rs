@@ -365,9 +365,18 @@ async fn members_without_a_replica_forward_to_one_with_it() {
     for s in 0..STREAMS {
         let key = format!("s{s}");
         let k = key.as_bytes();
+        // A field named like an option travels unchanged.
         assert_eq!(
-            c3.call(&[b"XADD", k, b"2-0", b"g", b"w"]).expect("xadd"),
+            c3.call(&[b"XADD", k, b"2-0", b"BLOCK", b"0"]).expect("xadd"),
             Resp::Bulk(Some(b"2-0".to_vec())),
+            "{key}"
+        );
+        assert_eq!(
+            c3.call(&[b"XRANGE", k, b"2-0", b"2-0"]).expect("xrange"),
+            Resp::Array(vec![Resp::Array(vec![
+                Resp::Bulk(Some(b"2-0".to_vec())),
+                Resp::Array(vec![Resp::Bulk(Some(b"BLOCK".to_vec())), Resp::Bulk(Some(b"0".to_vec()))]),
+            ])]),
             "{key}"
         );
         assert_eq!(c3.call(&[b"XLEN", k]).expect("xlen"), Resp::Int(2), "{key}");

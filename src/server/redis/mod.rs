@@ -250,12 +250,37 @@ impl RedisGateway {
     /// replicas in turn. A blocking read waits there; `BLOCK 0` (forever) is asked
     /// again in rounds of [`FORWARDED_BLOCK`].
     async fn forward(&self, replicas: &[MemberId], protocol: Protocol, mut args: Vec<Vec<u8>>) -> Reply {
-        let block_at = args.iter().position(|a| a.eq_ignore_ascii_case(b"BLOCK")).filter(|i| *i + 1 < args.len());
+        // BLOCK is an option of XREAD and XREADGROUP, before their STREAMS.
+        let reads = args[0].eq_ignore_ascii_case(b"XREAD") || args[0].eq_ignore_ascii_case(b"XREADGROUP");
+        let streams_at = args.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS")).unwrap_or(args.len());
+        let block_at = args[..streams_at]
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(b"BLOCK"))
+            .filter(|i| reads && *i + 1 < streams_at);
         let block_ms = block_at.and_then(|i| parse::parse_i64(&args[i + 1])).unwrap_or(0).max(0) as u64;
         let forever = block_at.is_some() && block_ms == 0;
         if forever {
             if let Some(i) = block_at {
                 args[i + 1] = FORWARDED_BLOCK.as_millis().to_string().into_bytes();
+            }
+            // Each round would take `$` anew and miss what was added between
+            // rounds: an XREAD's `$` becomes the stream's last id once, first.
+            let xread = args[0].eq_ignore_ascii_case(b"XREAD");
+            if let (true, [_, key, id]) = (xread, &args[streams_at..]) {
+                if id.as_slice() == b"$" {
+                    let info = vec![b"XINFO".to_vec(), b"STREAM".to_vec(), key.clone()];
+                    let last = match Box::pin(self.forward(replicas, protocol, info)).await {
+                        Reply::Map(fields) => fields.into_iter().find_map(|(k, v)| match (k, v) {
+                            (Reply::Bulk(k), Reply::Bulk(v)) if k == b"last-generated-id" => Some(v),
+                            _ => None,
+                        }),
+                        _ => None,
+                    };
+                    if let Some(last) = last {
+                        let at = args.len() - 1;
+                        args[at] = last;
+                    }
+                }
             }
         }
         let timeout =
