@@ -55,6 +55,8 @@ use super::journal::{FjallJournal, Journal, Op, Space};
 use super::TypeConfig;
 
 type C = TypeConfig;
+/// A log id that may be absent (an empty log, nothing purged).
+type OptionalLogId = Option<LogIdOf<C>>;
 
 /// The format of the entries a group's log holds: `Entry<TypeConfig>` whose
 /// commands are [`super::service::Proposal`]s. (Logs from before hold etcd
@@ -440,8 +442,44 @@ impl LogStore {
 
     /// The index of the last entry the log holds or has purged (0 when empty).
     pub fn last_index(&self) -> io::Result<u64> {
+        Ok(self.log_state()?.1.map_or(0, |l| l.index()))
+    }
+
+    /// (last purged, last) log ids. An entry at or below the purge mark is not
+    /// in the log (see [`LogStore::finish_purge`]): the last log id is the last
+    /// entry's only when it is above the mark.
+    fn log_state(&self) -> io::Result<(OptionalLogId, OptionalLogId)> {
         let purged: Option<LogIdOf<C>> = self.get_meta("purged")?;
-        Ok(self.last_entry_log_id()?.or(purged).map_or(0, |l| l.index()))
+        let last = match (self.last_entry_log_id()?, purged) {
+            (Some(entry), Some(mark)) if entry.index() <= mark.index() => Some(mark),
+            (entry, mark) => entry.or(mark),
+        };
+        Ok((purged, last))
+    }
+
+    /// Removes the entries at or below the purge mark that a crash left behind.
+    /// Crash point: `purge` writes its mark, then removes the entries, neither
+    /// synced; a crash can keep the mark and lose the removal. Entries below the
+    /// mark may then remain, even as the whole log when the purge followed a
+    /// snapshot install past everything this member held (found by the
+    /// simulation, seed 1796649313877716617): they are never read, but they
+    /// must not count as the log's end, nor sit below later entries as a gap.
+    fn finish_purge(&self) -> io::Result<()> {
+        let Some(mark) = self.get_meta::<LogIdOf<C>>("purged")? else { return Ok(()) };
+        let mut below = false;
+        self.scan_log(0, mark.index(), &mut |_, _| {
+            below = true;
+            Ok(false)
+        })?;
+        if below {
+            tracing::info!(
+                group = self.inner.group,
+                purged = mark.index(),
+                "removing entries an interrupted purge left"
+            );
+            self.remove_entries(0, mark.index())?;
+        }
+        Ok(())
     }
 
     /// Removes the entries with indexes in `lo..=hi`, in one batch.
@@ -457,6 +495,7 @@ impl LogStore {
     /// Verifies every stored record's checksum; run at startup so a corrupted log
     /// is refused before the member serves anything.
     pub fn verify(&self) -> io::Result<u64> {
+        self.finish_purge()?;
         let mut n = 0;
         let mut expect: Option<u64> = None;
         self.scan_log(0, u64::MAX, &mut |k, v| {
@@ -652,8 +691,8 @@ impl RaftLogStorage<C> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
-        let last_purged_log_id: Option<LogIdOf<C>> = self.get_meta("purged")?;
-        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        self.finish_purge()?;
+        let (last_purged_log_id, last_log_id) = self.log_state()?;
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -740,7 +779,7 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
         // Record the purge point first: a crash between the two steps leaves extra
-        // entries below it, which are never read.
+        // entries below it, which `finish_purge` removes at the next start.
         self.put_meta("purged", &log_id)?;
         self.recent().purge(log_id.index());
         self.remove_entries(0, log_id.index())
@@ -851,6 +890,28 @@ mod tests {
         drop(log);
         let reopened = LogStore::open(dir.path(), 1, 1, stats).expect("reopen");
         assert_eq!(reopened.progress().tail(), 2);
+    }
+
+    /// A purge whose mark survived a crash and whose removal did not (here: the
+    /// mark written alone, past every entry, as after a snapshot install) leaves
+    /// a log whose end is the mark; the entries below it go at the next start, so
+    /// later appends leave no gap.
+    #[tokio::test]
+    async fn an_interrupted_purge_is_finished_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(crate::stats::GroupStats::default());
+        let mut log = LogStore::open(dir.path(), 1, 1, stats.clone()).expect("open log store");
+        flushed_append(&mut log, (1..=16).map(|i| entry(1, i)).collect()).await;
+        log.put_meta("purged", &log_id::<C>(1, 1, 39)).expect("mark");
+        log.sync().expect("sync");
+        drop(log);
+        let mut log = LogStore::open(dir.path(), 1, 1, stats).expect("reopen");
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id, Some(log_id::<C>(1, 1, 39)));
+        assert_eq!(state.last_log_id, Some(log_id::<C>(1, 1, 39)), "the log ends at the mark");
+        assert_eq!(log.last_index().expect("last index"), 39);
+        flushed_append(&mut log, (40..=42).map(|i| entry(1, i)).collect()).await;
+        assert_eq!(log.verify().expect("no gap below the new entries"), 3);
     }
 
     fn entry(term: u64, index: u64) -> EntryOf<C> {
