@@ -359,6 +359,13 @@ mod tests {
         // A peer payload whose string length prefix claimed ~2^62 bytes: bincode
         // allocated it before reading and the process aborted.
         peer_message(&[131, 0, 1, 224, 249, 0, 2, 0, 0, 0, 253, 0, 0, 0, 0, 0, 0, 0, 54, 171, 14]);
+        // An inline command whose unknown name's arguments, shown in the error, were
+        // cut inside a UTF-8 character (the replacement for invalid bytes).
+        redis_command(&[
+            0, 63, 9, 6, 47, 9, 1, 13, 6, 124, 1, 2, 2, 1, 1, 1, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+            255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+            255, 255, 255, 255, 255, 10,
+        ]);
     }
 
     #[test]

@@ -118,6 +118,14 @@ impl Liveness {
         std::mem::take(&mut *self.returned.lock().expect("liveness poisoned"))
     }
 
+    /// Whether `member`'s node pinged within the silence that counts as gone
+    /// (false before the first ping, or while no [`Quiescer`] runs here).
+    pub fn alive(&self, member: MemberId) -> bool {
+        let silence = Duration::from_millis(self.silence_ms.load(Ordering::Relaxed));
+        let heard = self.heard.lock().expect("liveness poisoned");
+        heard.get(&member).is_some_and(|h| h.at.elapsed() < silence)
+    }
+
     /// Groups on this node that were quiescent after the last round.
     pub fn quiet_groups(&self) -> u64 {
         self.quiet_groups.load(Ordering::Relaxed)

@@ -1226,10 +1226,10 @@ impl<T: Table + ?Sized> Streams<'_, T> {
         for id in ids {
             let pk = pel_key(key, group, *id);
             let entry = self.view().entry(key, *id)?;
-            let mut p: Pending = match self.table.get(&pk) {
-                Some(b) => decode(&b)?,
+            let (mut p, forced): (Pending, bool) = match self.table.get(&pk) {
+                Some(b) => (decode(&b)?, false),
                 None if o.force && entry.is_some() => {
-                    Pending { consumer: consumer.to_vec(), delivery_ms: now_ms, deliveries: 1 }
+                    (Pending { consumer: consumer.to_vec(), delivery_ms: now_ms, deliveries: 1 }, true)
                 }
                 None => continue,
             };
@@ -1238,7 +1238,8 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 self.table.delete(&pk);
                 continue;
             };
-            if min_idle_ms > 0 && now_ms.saturating_sub(p.delivery_ms) < min_idle_ms {
+            // As in Redis, an entry FORCE just made pending has no idle time to check.
+            if !forced && min_idle_ms > 0 && now_ms.saturating_sub(p.delivery_ms) < min_idle_ms {
                 continue;
             }
             p.consumer = consumer.to_vec();

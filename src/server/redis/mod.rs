@@ -70,6 +70,9 @@ impl crate::consensus::MemberCalls for ForwardedCalls {
         Box::pin(async move {
             let gateway = gateway.ok_or("the Redis gateway has stopped")?;
             let (f, _) = crate::consensus::decode_bounded::<Forwarded>(&req).map_err(|e| e.to_string())?;
+            if f.args.is_empty() {
+                return Err("a forwarded command without a name".into());
+            }
             let protocol = if f.resp3 { Protocol::Resp3 } else { Protocol::Resp2 };
             let reply = gateway.run(f.args, protocol, true).await;
             bincode::serde::encode_to_vec(&reply, bincode::config::standard()).map_err(|e| e.to_string())
@@ -145,6 +148,13 @@ impl RedisGateway {
     /// catalog as of now (a stream another member just created), then created
     /// when `create`.
     async fn place(&self, key: &[u8], create: bool) -> Result<Place, Reply> {
+        self.place_as_of(key, create, true).await
+    }
+
+    /// [`RedisGateway::place`]; `fresh` false looks only at the catalog as this
+    /// member has applied it (a blocked read's later rounds: no read barrier per
+    /// missing key per round).
+    async fn place_as_of(&self, key: &[u8], create: bool, fresh: bool) -> Result<Place, Reply> {
         if key.len() > MAX_NAME_BYTES {
             return Err(Reply::Error(format!("ERR concord: stream names are limited to {MAX_NAME_BYTES} bytes")));
         }
@@ -155,6 +165,7 @@ impl RedisGateway {
         };
         let id = match local {
             Some(id) => Some(id),
+            None if !fresh => None,
             None => {
                 let txn = self
                     .node
@@ -283,8 +294,21 @@ impl RedisGateway {
                 }
             }
         }
-        let timeout =
-            self.timeout() + Duration::from_millis(if forever { FORWARDED_BLOCK.as_millis() as u64 } else { block_ms });
+        // The member asked may first wait for its replica to start, then for the
+        // commit: twice the request timeout, plus the read's own wait.
+        let timeout = self.timeout() * 2
+            + Duration::from_millis(if forever { FORWARDED_BLOCK.as_millis() as u64 } else { block_ms });
+        // A read may be asked again elsewhere; a write (XREADGROUP's delivery too)
+        // goes to one member only: after a failed attempt it may have been applied
+        // there, and asking another would apply it twice. Members heard from
+        // lately are asked first.
+        let idempotent = is_read(&args[0]);
+        let liveness = self.node.registry.liveness();
+        let mut order: Vec<MemberId> = replicas.to_vec();
+        order.sort_by_key(|m| !liveness.alive(*m));
+        if !idempotent {
+            order.truncate(1);
+        }
         let body = match bincode::serde::encode_to_vec(
             Forwarded { resp3: protocol == Protocol::Resp3, args },
             bincode::config::standard(),
@@ -295,7 +319,7 @@ impl RedisGateway {
         loop {
             let mut last = String::from("no replica");
             let mut answer = None;
-            for member in replicas {
+            for member in &order {
                 match self.node.group.call_node(*member, body.clone(), timeout).await {
                     Ok(bytes) => match crate::consensus::decode_bounded::<Reply>(&bytes) {
                         Ok((r, _)) => {
@@ -310,8 +334,13 @@ impl RedisGateway {
             match answer {
                 Some(Reply::NilArray) if forever => continue,
                 Some(r) => return r,
-                None => {
+                None if idempotent => {
                     return Reply::Error(format!("TRYAGAIN concord: no member holding the stream answered: {last}"))
+                }
+                None => {
+                    return Reply::Error(format!(
+                        "TRYAGAIN concord: the member holding the stream did not answer; the command may or may not have been applied: {last}"
+                    ))
                 }
             }
         }
@@ -496,11 +525,15 @@ impl RedisGateway {
             let mut found = Vec::new();
             let mut wakers = Vec::new();
             for (key, id) in &after {
-                let group = match self.resolve(key, false).await {
-                    Ok(g) => g,
+                let g = match self.place_as_of(key, false, first).await {
+                    Ok(Place::Here(g)) => g,
+                    Ok(Place::Missing) => continue,
+                    Ok(Place::Elsewhere(_)) => return Reply::Error(format!(
+                        "ERR concord: stream '{}' was created on other members while this read waited; read it again",
+                        String::from_utf8_lossy(key)
+                    )),
                     Err(r) => return r,
                 };
-                let Some(g) = group else { continue };
                 wakers.push(g.applied());
                 let part = if first {
                     g.read(self.timeout(), |v| v.read_after(key, *id, count)).await
@@ -603,6 +636,13 @@ impl RedisGateway {
             }
         }
     }
+}
+
+/// Whether command `name` only reads (so it may be asked of several members).
+fn is_read(name: &[u8]) -> bool {
+    const READS: [&[u8]; 9] =
+        [b"XLEN", b"XRANGE", b"XREVRANGE", b"XREAD", b"XPENDING", b"XINFO", b"EXISTS", b"TYPE", b"PING"];
+    READS.iter().any(|r| name.eq_ignore_ascii_case(r))
 }
 
 /// Sets the proposer's clock in a write.

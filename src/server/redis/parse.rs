@@ -630,7 +630,13 @@ pub fn parse(args: &[Vec<u8>], now_ms: u64) -> Result<Request, Failure> {
                 }
                 shown.push_str(&format!("'{}' ", String::from_utf8_lossy(a)));
             }
-            shown.truncate(128);
+            // At most 128 bytes, cut on a character boundary (names are shown
+            // lossily as UTF-8).
+            let mut cut = shown.len().min(128);
+            while !shown.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            shown.truncate(cut);
             return Err(format!(
                 "ERR unknown command '{}', with args beginning with: {shown}",
                 String::from_utf8_lossy(&args[0])
@@ -717,5 +723,8 @@ mod tests {
         assert_eq!(err("XREAD BLOCK -1 STREAMS a 0"), "ERR timeout is negative");
         assert_eq!(err("XCLAIM s g c 0 abc"), "ERR Unrecognized XCLAIM option 'abc'");
         assert_eq!(err("XAUTOCLAIM s g c 0 0 COUNT 0"), "ERR COUNT must be > 0");
+        // Found by fuzzing: the shown arguments are cut on a character boundary.
+        let long = format!("XFOO {}", "é".repeat(100));
+        assert!(err(&long).starts_with("ERR unknown command 'XFOO', with args beginning with: 'éé"));
     }
 }

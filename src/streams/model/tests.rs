@@ -258,3 +258,28 @@ fn deleting_a_key_removes_every_row() {
     assert_eq!(x.view().len(b"s2").expect("len"), Value::Integer(1));
     assert_eq!(x.0.len(), 2, "only s2's rows remain");
 }
+
+#[test]
+fn xclaim_force_creates_pending_entries_whatever_the_min_idle() {
+    let mut x = Fixture::new();
+    x.add("s", IdSpec::Explicit(id(1, 0)), 0);
+    x.apply(StreamCommand::GroupCreate {
+        key: b"s".to_vec(),
+        group: b"g".to_vec(),
+        start: GroupStart::Last,
+        mkstream: false,
+        entries_read: None,
+    });
+    let claim = |force| StreamCommand::Claim {
+        key: b"s".to_vec(),
+        group: b"g".to_vec(),
+        consumer: b"c".to_vec(),
+        min_idle_ms: 60_000,
+        ids: vec![id(1, 0)],
+        options: ClaimOptions { force, just_id: true, ..ClaimOptions::default() },
+        now_ms: 1_000,
+    };
+    assert_eq!(ids_of(&x.apply(claim(false))), Vec::<String>::new(), "not pending, no FORCE: nothing");
+    assert_eq!(ids_of(&x.apply(claim(true))), ["1-0"], "FORCE makes it pending for c");
+    assert_eq!(ids_of(&x.apply(claim(true))), Vec::<String>::new(), "now pending and not idle long enough");
+}
