@@ -528,10 +528,12 @@ impl RedisGateway {
                 let g = match self.place_as_of(key, false, first).await {
                     Ok(Place::Here(g)) => g,
                     Ok(Place::Missing) => continue,
-                    Ok(Place::Elsewhere(_)) => return Reply::Error(format!(
+                    Ok(Place::Elsewhere(_)) => {
+                        return Reply::Error(format!(
                         "ERR concord: stream '{}' was created on other members while this read waited; read it again",
                         String::from_utf8_lossy(key)
-                    )),
+                    ))
+                    }
                     Err(r) => return r,
                 };
                 wakers.push(g.applied());
