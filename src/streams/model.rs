@@ -951,11 +951,8 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 Ok(Value::Integer(1))
             }
             StreamCommand::CreateConsumer { key, group, consumer, now_ms } => {
-                if self.view().meta(&key)?.is_none() {
-                    return Ok(Value::err(ERR_GROUP_NEEDS_KEY));
-                }
-                if self.view().group(&key, &group)?.is_none() {
-                    return Ok(nogroup(&key, &group));
+                if let Some(missing) = self.missing_group(&key, &group)? {
+                    return Ok(missing);
                 }
                 let ck = consumer_key(&key, &group, &consumer);
                 if self.table.get(&ck).is_some() {
@@ -965,11 +962,8 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 Ok(Value::Integer(1))
             }
             StreamCommand::DelConsumer { key, group, consumer } => {
-                if self.view().meta(&key)?.is_none() {
-                    return Ok(Value::err(ERR_GROUP_NEEDS_KEY));
-                }
-                if self.view().group(&key, &group)?.is_none() {
-                    return Ok(nogroup(&key, &group));
+                if let Some(missing) = self.missing_group(&key, &group)? {
+                    return Ok(missing);
                 }
                 let ck = consumer_key(&key, &group, &consumer);
                 if self.table.get(&ck).is_none() {
@@ -1009,6 +1003,17 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 self.auto_claim(&key, &group, &consumer, min_idle_ms, start, count, just_id, now_ms)
             }
         }
+    }
+
+    /// XGROUP's error when the stream or its group does not exist.
+    fn missing_group(&self, key: &[u8], group: &[u8]) -> R<Option<Value>> {
+        if self.view().meta(key)?.is_none() {
+            return Ok(Some(Value::err(ERR_GROUP_NEEDS_KEY)));
+        }
+        if self.view().group(key, group)?.is_none() {
+            return Ok(Some(nogroup(key, group)));
+        }
+        Ok(None)
     }
 
     fn group_at(&self, meta: &StreamMeta, start: GroupStart, entries_read: Option<u64>) -> GroupMeta {

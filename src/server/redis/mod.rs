@@ -516,10 +516,7 @@ impl RedisGateway {
             };
             after.push((key.clone(), id));
         }
-        let deadline = block_ms.map(|ms| match ms {
-            0 => None,
-            ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
-        });
+        let deadline = block_deadline(block_ms);
         let mut first = true;
         loop {
             let mut found = Vec::new();
@@ -591,10 +588,7 @@ impl RedisGateway {
             };
             groups.push(g);
         }
-        let deadline = block_ms.map(|ms| match ms {
-            0 => None,
-            ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
-        });
+        let deadline = block_deadline(block_ms);
         let mut first = true;
         loop {
             let mut found = Vec::new();
@@ -638,6 +632,15 @@ impl RedisGateway {
             }
         }
     }
+}
+
+/// When a blocking read gives up: `None` when it does not block, `Some(None)`
+/// for `BLOCK 0` (never).
+fn block_deadline(block_ms: Option<u64>) -> Option<Option<tokio::time::Instant>> {
+    block_ms.map(|ms| match ms {
+        0 => None,
+        ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
+    })
 }
 
 /// Whether command `name` only reads (so it may be asked of several members).
