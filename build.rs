@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/etcd/v3election.proto",
                 "proto/concord/peer.proto",
                 "proto/concord/groups.proto",
+                "proto/concord/queue.proto",
             ],
             &["proto"],
         )?;

@@ -3,7 +3,7 @@
 //! The schemas live in `proto/` at the repository root. `etcd/*.proto` are written
 //! from etcd's documented v3 API (field numbers are the wire contract every etcd
 //! client relies on); `concord/peer.proto` is concord's member-to-member service, `concord/groups.proto`
-//! its group catalog and register service.
+//! its group catalog and register service, `concord/queue.proto` its durable queues.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -38,4 +38,8 @@ pub mod peer {
 
 pub mod groups {
     tonic::include_proto!("concord.groups.v1");
+}
+
+pub mod queue {
+    tonic::include_proto!("concord.queue.v1");
 }

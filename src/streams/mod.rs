@@ -21,6 +21,7 @@
 //! is every row, streamed a row at a time into the runtime's snapshot file.
 
 pub mod model;
+pub mod queue;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,8 @@ pub enum StreamReply {
     Value(Value),
     /// The body was no command (a bug or a corrupted log); nothing changed.
     Malformed(String),
+    /// A queue command's reply.
+    Queue(queue::QueueReply),
 }
 
 /// The model's table (infallible) over a redb table: the first storage error
@@ -284,6 +287,12 @@ impl Service for StreamService {
                 let reply = match &entry.payload {
                     EntryPayload::Blank => StreamReply::Value(Value::Ok),
                     EntryPayload::Normal(p) => match decode::<StreamCommand>(&p.body) {
+                        Ok(StreamCommand::Queue(cmd)) => {
+                            let mut table = Rows::new(&mut rows);
+                            let reply = queue::Queues { table: &mut table }.apply(cmd).map_err(io_err)?;
+                            table.checked()?;
+                            StreamReply::Queue(reply)
+                        }
                         Ok(cmd) => {
                             let mut table = Rows::new(&mut rows);
                             let value = model::Streams { table: &mut table }.apply(cmd).map_err(io_err)?;
@@ -410,7 +419,42 @@ impl StreamGroup {
         match decode::<StreamReply>(&reply).map_err(|e| StreamError::Storage(e.to_string()))? {
             StreamReply::Value(v) => Ok(v),
             StreamReply::Malformed(why) => Err(StreamError::Storage(format!("malformed stream command: {why}"))),
+            StreamReply::Queue(r) => Err(StreamError::Storage(format!("a queue reply to a stream command: {r:?}"))),
         }
+    }
+
+    /// Replicates a queue write; its reply.
+    pub async fn queue_write(
+        &self,
+        cmd: queue::QueueCommand,
+        timeout: Duration,
+    ) -> Result<queue::QueueReply, StreamError> {
+        let body = encode(&StreamCommand::Queue(cmd)).map_err(|e| StreamError::Storage(e.to_string()))?;
+        let reply = self.group.propose(body, false, timeout).await?;
+        match decode::<StreamReply>(&reply).map_err(|e| StreamError::Storage(e.to_string()))? {
+            StreamReply::Queue(r) => Ok(r),
+            StreamReply::Malformed(why) => Err(StreamError::Storage(format!("malformed queue command: {why}"))),
+            StreamReply::Value(v) => Err(StreamError::Storage(format!("a stream reply to a queue command: {v:?}"))),
+        }
+    }
+
+    /// `f` over this member's applied queue state; linearizable when `barrier`.
+    pub async fn queue_read<T>(
+        &self,
+        timeout: Duration,
+        barrier: bool,
+        f: impl FnOnce(&queue::QueueView<'_, dyn model::Table>) -> Result<T, model::Corrupt>,
+    ) -> Result<T, StreamError> {
+        if barrier {
+            self.group.read_barrier(timeout).await?;
+        }
+        let storage = |e: redb::Error| StreamError::Storage(e.to_string());
+        let txn = self.db.begin_read().map_err(|e| storage(e.into()))?;
+        let table = ReadView(Rows::new(txn.open_table(ROWS).map_err(|e| storage(e.into()))?));
+        let value = f(&queue::QueueView { table: &table as &dyn model::Table })
+            .map_err(|e| StreamError::Storage(e.to_string()))?;
+        table.0.checked().map_err(|e| StreamError::Storage(e.to_string()))?;
+        Ok(value)
     }
 
     /// A linearizable read: a read barrier, then `f` over this member's state.

@@ -266,6 +266,9 @@ pub enum StreamCommand {
         just_id: bool,
         now_ms: u64,
     },
+    /// A durable-queue command (see [`super::queue`]): the same service and
+    /// table, its own rows; appended last so earlier commands keep their encoding.
+    Queue(super::queue::QueueCommand),
 }
 
 impl StreamCommand {
@@ -285,6 +288,7 @@ impl StreamCommand {
             | StreamCommand::Ack { key, .. }
             | StreamCommand::Claim { key, .. }
             | StreamCommand::AutoClaim { key, .. } => key,
+            StreamCommand::Queue(q) => q.name().as_bytes(),
         }
     }
 }
@@ -366,13 +370,13 @@ impl Table for std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("in-memory encode")
 }
 
 /// Decodes a row the model wrote itself; a row that does not decode is corrupt
 /// state, which the service refuses to serve (it stops the group).
-fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Corrupt> {
+pub(super) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Corrupt> {
     crate::consensus::decode_bounded(b).map(|(v, _)| v).map_err(|e| Corrupt(e.to_string()))
 }
 
@@ -381,9 +385,9 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Corrupt> {
 #[error("stream state is corrupt: {0}")]
 pub struct Corrupt(pub String);
 
-type R<T> = Result<T, Corrupt>;
+pub(super) type R<T> = Result<T, Corrupt>;
 
-fn lp(out: &mut Vec<u8>, s: &[u8]) {
+pub(super) fn lp(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(s);
 }
@@ -394,7 +398,7 @@ fn meta_key(key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn prefix(kind: u8, key: &[u8]) -> Vec<u8> {
+pub(super) fn prefix(kind: u8, key: &[u8]) -> Vec<u8> {
     let mut k = vec![kind];
     lp(&mut k, key);
     k
@@ -437,7 +441,7 @@ fn pel_key(key: &[u8], group: &[u8], id: StreamId) -> Vec<u8> {
 }
 
 /// The first key after every key starting with `p`.
-fn prefix_end(p: &[u8]) -> Vec<u8> {
+pub(super) fn prefix_end(p: &[u8]) -> Vec<u8> {
     let mut end = p.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -1002,6 +1006,8 @@ impl<T: Table + ?Sized> Streams<'_, T> {
             StreamCommand::AutoClaim { key, group, consumer, min_idle_ms, start, count, just_id, now_ms } => {
                 self.auto_claim(&key, &group, &consumer, min_idle_ms, start, count, just_id, now_ms)
             }
+            // The service runs these through the queue model.
+            StreamCommand::Queue(_) => Ok(Value::err("ERR concord: a queue command has no Redis reply")),
         }
     }
 
