@@ -99,6 +99,25 @@ pub fn named(txn: &redb::ReadTransaction, service: ServiceKind, name: &[u8]) -> 
     value.map(|v| decode(v.value())).transpose()
 }
 
+/// Every name `service` has in the catalog, with its group, in name order.
+pub fn names(txn: &redb::ReadTransaction, service: ServiceKind) -> io::Result<Vec<(Vec<u8>, GroupId)>> {
+    let meta = txn.open_table(META).map_err(io_err)?;
+    let start = format!("{NAME_PREFIX}{}/", service.name());
+    let mut out = Vec::new();
+    for row in meta.range(start.as_str()..).map_err(io_err)? {
+        let (k, v) = row.map_err(io_err)?;
+        let Some(hex) = k.value().strip_prefix(start.as_str()) else { break };
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad catalog name key {}", k.value()));
+        let name = (0..hex.len())
+            .step_by(2)
+            .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(bad)?;
+        out.push((name, decode(v.value())?));
+    }
+    Ok(out)
+}
+
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }

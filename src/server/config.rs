@@ -172,6 +172,13 @@ pub struct Flags {
     /// Most Redis connections served at once (Redis's `maxclients`).
     #[arg(long, env = "CONCORD_REDIS_MAX_CLIENTS")]
     pub redis_max_clients: Option<u64>,
+    /// Largest queue message (payload and headers), bytes; a stream's own limit
+    /// can only be lower.
+    #[arg(long, env = "CONCORD_QUEUE_MAX_MSG_BYTES")]
+    pub queue_max_msg_bytes: Option<u64>,
+    /// Most messages one queue fetch leases.
+    #[arg(long, env = "CONCORD_QUEUE_MAX_BATCH")]
+    pub queue_max_batch: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -233,6 +240,11 @@ pub struct Config {
     pub listen_redis_urls: Vec<String>,
     /// `--redis-max-clients`: Redis connections served at once.
     pub redis_max_clients: usize,
+    /// `--queue-max-msg-bytes`: the largest queue message (default 1 MiB, at
+    /// most `--max-request-bytes`).
+    pub queue_max_msg_bytes: u64,
+    /// `--queue-max-batch`: most messages one fetch leases (default 256).
+    pub queue_max_batch: u64,
 }
 
 /// Most worker threads `--worker-threads` may ask for.
@@ -273,7 +285,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 44] = [
+const KNOWN_KEYS: [&str; 46] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -318,6 +330,8 @@ const KNOWN_KEYS: [&str; 44] = [
     "weight",
     "listen-redis-urls",
     "redis-max-clients",
+    "queue-max-msg-bytes",
+    "queue-max-batch",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -638,6 +652,16 @@ impl Config {
             .ok()
             .filter(|n| *n > 0)
             .ok_or("--redis-max-clients must be positive")?;
+        let queue_max_msg_bytes = parse_u64(raw, "queue-max-msg-bytes", 1 << 20)?;
+        if queue_max_msg_bytes == 0 || queue_max_msg_bytes > max_request_bytes {
+            return Err(format!(
+                "--queue-max-msg-bytes must be between 1 and --max-request-bytes ({max_request_bytes})"
+            ));
+        }
+        let queue_max_batch = parse_u64(raw, "queue-max-batch", 256)?;
+        if !(1..=100_000).contains(&queue_max_batch) {
+            return Err("--queue-max-batch must be between 1 and 100000".into());
+        }
         let zone = raw.get("zone").unwrap_or_default().to_string();
         if zone.len() > MAX_ZONE_BYTES {
             return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
@@ -688,6 +712,8 @@ impl Config {
             zone,
             listen_redis_urls,
             redis_max_clients,
+            queue_max_msg_bytes,
+            queue_max_batch,
             weight,
         };
         config.check_self_in_cluster()?;
@@ -767,6 +793,8 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("weight", f.weight);
     raw.set("listen-redis-urls", f.listen_redis_urls);
     raw.set("redis-max-clients", f.redis_max_clients);
+    raw.set("queue-max-msg-bytes", f.queue_max_msg_bytes);
+    raw.set("queue-max-batch", f.queue_max_batch);
     raw
 }
 

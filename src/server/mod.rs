@@ -26,8 +26,10 @@ pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod metrics;
+pub mod queue;
 pub mod recipes;
 pub mod redis;
+pub mod stream_place;
 pub mod tls;
 pub mod watch;
 
@@ -53,6 +55,7 @@ use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::groups::groups_server::GroupsServer;
 use crate::proto::groups::registers_server::RegistersServer;
+use crate::proto::queue::queue_server::QueueServer;
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::supervisor::Supervisor;
@@ -537,6 +540,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     supervisor.spawn("lessor", lessor.clone().run());
     let event_cache = watch::EventCache::start(node.clone(), &supervisor);
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
+    let queues = Arc::new(queue::QueueService { node: node.clone(), host: host.clone() });
     for (url, l) in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
         let watch = WatchServer::new(watch::WatchService {
@@ -570,6 +574,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .add_service(auth)
             .add_service(catalog)
             .add_service(registers)
+            .add_service(QueueServer::new(queues.clone()).max_decoding_message_size(max_recv))
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(node.clone(), http::grpc_stats))
             .merge(http::routes(node.clone()))
@@ -600,7 +605,11 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     // Every member answers stream commands forwarded by other members' gateways
     // (for the streams it holds), whether or not it listens for Redis clients.
     let gateway = Arc::new(redis::RedisGateway { node: node.clone(), host: host.clone() });
-    node.group.serve_node_calls(Arc::new(redis::ForwardedCalls(Arc::downgrade(&gateway))));
+    node.group.serve_node_calls(Arc::new(stream_place::StreamCalls {
+        redis: Arc::new(redis::ForwardedCalls(Arc::downgrade(&gateway))),
+        queue: Arc::new(queue::ForwardedQueueCalls(Arc::downgrade(&queues))),
+    }));
+    supervisor.spawn("queue-keeper", queue::run_keeper(queues.clone()));
     for l in redis_listeners {
         let gateway = gateway.clone();
         let limits = crate::resp::Limits {

@@ -202,7 +202,9 @@ pub struct Delivery {
 pub enum LeaseAction {
     Ack,
     /// Redeliver no sooner than `delay_ms` from now.
-    Nak { delay_ms: u64 },
+    Nak {
+        delay_ms: u64,
+    },
     InProgress,
     Term,
 }
@@ -210,19 +212,60 @@ pub enum LeaseAction {
 /// A queue write: one log entry's command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum QueueCommand {
-    CreateStream { config: QueueConfig, now_ms: u64 },
-    UpdateStream { config: QueueConfig, now_ms: u64 },
-    DeleteStream { name: String },
-    Purge { name: String, keep_from_seq: u64 },
-    Publish { name: String, msg: Msg, msg_id: String, expected_last_seq: Option<u64>, max_msg_bytes: u64 },
-    CreateConsumer { name: String, config: ConsumerConfig, now_ms: u64 },
-    DeleteConsumer { name: String, consumer: String },
-    Fetch { name: String, consumer: String, batch: u64, now_ms: u64 },
-    Leases { name: String, consumer: String, leases: Vec<(u64, u64)>, action: LeaseAction, now_ms: u64 },
+    CreateStream {
+        config: QueueConfig,
+        now_ms: u64,
+    },
+    UpdateStream {
+        config: QueueConfig,
+        now_ms: u64,
+    },
+    DeleteStream {
+        name: String,
+    },
+    Purge {
+        name: String,
+        keep_from_seq: u64,
+    },
+    Publish {
+        name: String,
+        msg: Msg,
+        msg_id: String,
+        expected_last_seq: Option<u64>,
+        max_msg_bytes: u64,
+    },
+    CreateConsumer {
+        name: String,
+        config: ConsumerConfig,
+        now_ms: u64,
+    },
+    DeleteConsumer {
+        name: String,
+        consumer: String,
+    },
+    Fetch {
+        name: String,
+        consumer: String,
+        batch: u64,
+        now_ms: u64,
+    },
+    Leases {
+        name: String,
+        consumer: String,
+        leases: Vec<(u64, u64)>,
+        action: LeaseAction,
+        now_ms: u64,
+    },
     /// Removes what max-age and the dedup window let go of (the keeper's round).
-    Expire { name: String, now_ms: u64 },
+    Expire {
+        name: String,
+        now_ms: u64,
+    },
     /// The keeper published these outbox entries `(seq, consumer)` to the dead-letter stream.
-    ForgetDead { name: String, entries: Vec<(u64, String)> },
+    ForgetDead {
+        name: String,
+        entries: Vec<(u64, String)>,
+    },
 }
 
 impl QueueCommand {
@@ -272,7 +315,10 @@ pub enum QueueError {
 pub enum QueueReply {
     Stream(Box<QueueMeta>),
     Consumer(Box<Consumer>),
-    PubAck { seq: u64, duplicate: bool },
+    PubAck {
+        seq: u64,
+        duplicate: bool,
+    },
     Deliveries(Vec<Delivery>),
     /// Per lease acted on: whether it was still held.
     Done(Vec<bool>),
@@ -357,6 +403,16 @@ pub struct QueueView<'a, T: Table + ?Sized> {
 impl<T: Table + ?Sized> QueueView<'_, T> {
     pub fn meta(&self, name: &str) -> R<Option<QueueMeta>> {
         self.table.get(&meta_key(name)).map(|b| decode(&b)).transpose()
+    }
+
+    /// The streams this table holds (one per group, as the catalog places them).
+    pub fn names(&self) -> R<Vec<String>> {
+        let (from, to) = (vec![b'Q'], vec![b'Q' + 1]);
+        let mut out = Vec::new();
+        for (_, v) in self.table.range(&from, &to, false, usize::MAX) {
+            out.push(decode::<QueueMeta>(&v)?.config.name);
+        }
+        Ok(out)
     }
 
     pub fn consumer(&self, name: &str, consumer: &str) -> R<Option<Consumer>> {
@@ -887,7 +943,12 @@ impl<T: Table + ?Sized> Queues<'_, T> {
                 }
                 LeaseAction::Nak { delay_ms } => {
                     self.drop_lease(name, consumer, seq, lease);
-                    self.set_lease(name, consumer, seq, Lease { deadline_ms: now_ms.saturating_add(delay_ms), ..lease });
+                    self.set_lease(
+                        name,
+                        consumer,
+                        seq,
+                        Lease { deadline_ms: now_ms.saturating_add(delay_ms), ..lease },
+                    );
                 }
                 LeaseAction::InProgress => {
                     self.drop_lease(name, consumer, seq, lease);

@@ -465,7 +465,7 @@ impl ProcessCluster {
     }
 
     /// Maps a member ID to its index via any running member's member list.
-    async fn member_index(&self, id: u64) -> Option<usize> {
+    pub async fn member_index(&self, id: u64) -> Option<usize> {
         for (i, m) in self.members.iter().enumerate() {
             if !m.is_running() {
                 continue;

@@ -2,19 +2,18 @@
 //! commands over RESP, answered by the stream groups of the catalog (see
 //! [`crate::streams`]).
 //!
-//! Each stream is a Raft group of its own, named in the catalog
-//! ([`CatalogChange::CreateNamed`]) and placed by the ring like any catalog
-//! group; the first write that makes a stream exist (XADD, XGROUP CREATE
-//! MKSTREAM) creates it. A command on a stream that does not exist is answered
-//! by the same model over an empty table, so it gets exactly the reply Redis
-//! gives for a missing key. Guarantees are the stream service's: writes answered
-//! after a quorum fsynced them, reads linearizable.
+//! Each stream is a Raft group of its own, found and created through
+//! [`super::stream_place`]; the first write that makes a stream exist (XADD,
+//! XGROUP CREATE MKSTREAM) creates it. A command on a stream that does not
+//! exist is answered by the same model over an empty table, so it gets exactly
+//! the reply Redis gives for a missing key. Guarantees are the stream
+//! service's: writes answered after a quorum fsynced them, reads linearizable.
 //!
 //! Limits (named settings): connections (`--redis-max-clients`), request size
 //! (`--max-request-bytes` bounds a bulk string and a whole command), and keys
-//! ([`MAX_NAME_BYTES`]). A member answers the streams whose group it hosts (every
-//! stream, while the cluster has no more members than `DEFAULT_GROUP_REPLICAS`);
-//! others get an error naming the stream.
+//! ([`crate::etcd_store::catalog::MAX_NAME_BYTES`]). A member answers the
+//! streams whose group it hosts and forwards commands on the others to a member
+//! that does.
 
 pub mod parse;
 
@@ -24,11 +23,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::groups::{place_new_group, GroupHost, DEFAULT_GROUP_REPLICAS};
+use super::groups::GroupHost;
+use super::stream_place::{Place, PlaceError, StreamPlacement};
 use super::Node;
-use crate::consensus::{GroupId, MemberId};
-use crate::etcd_store::catalog::{self, CatalogChange, GroupSpec, ServiceKind, MAX_NAME_BYTES};
-use crate::etcd_store::{ApplyError, Command, CommandResult};
+use crate::consensus::MemberId;
 use crate::resp::{Protocol, Reply, Session};
 use crate::streams::model::{Corrupt, GroupRead, StreamCommand, Streams, Table, Value, View};
 use crate::streams::{StreamError, StreamGroup};
@@ -37,18 +35,6 @@ use parse::{ReadFrom, Request};
 /// Longest a blocked read sleeps before looking again for streams created
 /// meanwhile (a stream created elsewhere has no group here to wake it).
 const BLOCK_POLL: Duration = Duration::from_millis(50);
-
-/// Attempts at a fresh group id for a new stream (an id collides with another
-/// group's only by chance).
-const CREATE_ATTEMPTS: u64 = 4;
-
-/// Where a stream is, seen from this member.
-enum Place {
-    Here(Box<StreamGroup>),
-    Missing,
-    /// Held by these members (its replicas), not this one.
-    Elsewhere(Vec<MemberId>),
-}
 
 /// A command another member forwards here, for a stream this member holds.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -126,61 +112,27 @@ fn on_missing(cmd: StreamCommand) -> Value {
     Streams { table: &mut empty }.apply(cmd).unwrap_or_else(|e| Value::err(format!("ERR {e}")))
 }
 
-/// A group id for stream `key`, attempt `n`: spread over the id space, clear of
-/// the small ids administrators give groups by hand.
-fn stream_group_id(key: &[u8], n: u64) -> GroupId {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    let mut z = h.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | (1 << 62)
-}
-
 impl RedisGateway {
     fn timeout(&self) -> Duration {
         self.node.config.request_timeout()
     }
 
-    /// Where stream `key` is: looked up in the applied catalog, then in the
-    /// catalog as of now (a stream another member just created), then created
-    /// when `create`.
+    fn placement(&self) -> StreamPlacement<'_> {
+        StreamPlacement { node: &self.node, host: &self.host }
+    }
+
+    /// Where stream `key` is (see [`StreamPlacement::place`]), created when `create`.
     async fn place(&self, key: &[u8], create: bool) -> Result<Place, Reply> {
         self.place_as_of(key, create, true).await
     }
 
     /// [`RedisGateway::place`]; `fresh` false looks only at the catalog as this
-    /// member has applied it (a blocked read's later rounds: no read barrier per
-    /// missing key per round).
+    /// member has applied it.
     async fn place_as_of(&self, key: &[u8], create: bool, fresh: bool) -> Result<Place, Reply> {
-        if key.len() > MAX_NAME_BYTES {
-            return Err(Reply::Error(format!("ERR concord: stream names are limited to {MAX_NAME_BYTES} bytes")));
-        }
-        let internal = |e: String| Reply::Error(format!("ERR {e}"));
-        let local = {
-            let txn = self.node.group.backend.begin_read().map_err(|e| internal(e.to_string()))?;
-            catalog::named(&txn, ServiceKind::Stream, key).map_err(|e| internal(e.to_string()))?
-        };
-        let id = match local {
-            Some(id) => Some(id),
-            None if !fresh => None,
-            None => {
-                let txn = self
-                    .node
-                    .linearizable_txn()
-                    .await
-                    .map_err(|s| Reply::Error(format!("TRYAGAIN {}", s.message())))?;
-                catalog::named(&txn, ServiceKind::Stream, key).map_err(|e| internal(e.to_string()))?
-            }
-        };
-        let id = match (id, create) {
-            (Some(id), _) => id,
-            (None, false) => return Ok(Place::Missing),
-            (None, true) => self.create(key).await?,
-        };
-        self.hosted(key, id).await
+        self.placement().place(key, create, fresh).await.map_err(|e| match e {
+            PlaceError::Failed(e) => Reply::Error(format!("ERR {e}")),
+            PlaceError::Unavailable(e) => Reply::Error(format!("TRYAGAIN {e}")),
+        })
     }
 
     /// The group of stream `key` when this member holds it (`None`: no such stream).
@@ -193,68 +145,6 @@ impl RedisGateway {
                 String::from_utf8_lossy(key)
             ))),
         }
-    }
-
-    async fn create(&self, key: &[u8]) -> Result<GroupId, Reply> {
-        let tryagain = |e: String| Reply::Error(format!("TRYAGAIN {e}"));
-        for n in 0..CREATE_ATTEMPTS {
-            let id = stream_group_id(key, n);
-            let txn = self.node.linearizable_txn().await.map_err(|s| tryagain(s.message().to_string()))?;
-            let replicas =
-                place_new_group(&txn, id, DEFAULT_GROUP_REPLICAS).map_err(|e| Reply::Error(format!("ERR {e}")))?;
-            drop(txn);
-            let spec = GroupSpec { service: ServiceKind::Stream, replicas };
-            let change = CatalogChange::CreateNamed { id, name: key.to_vec(), spec };
-            match self.node.group.propose(Command::Catalog(change), self.timeout()).await {
-                Ok(CommandResult::Ok(bytes)) => {
-                    return crate::consensus::decode_bounded::<GroupId>(&bytes)
-                        .map(|(id, _)| id)
-                        .map_err(|e| Reply::Error(format!("ERR {e}")));
-                }
-                Ok(CommandResult::Err(ApplyError::GroupExists)) => continue,
-                Ok(CommandResult::Err(ApplyError::TooManyGroups)) => {
-                    return Err(Reply::Error(format!(
-                        "ERR concord: the cluster holds {} groups, its limit; no new stream can be created",
-                        catalog::MAX_GROUPS
-                    )))
-                }
-                Ok(CommandResult::Err(e)) => return Err(Reply::Error(format!("ERR concord: {e:?}"))),
-                Err(e) => return Err(tryagain(e.to_string())),
-            }
-        }
-        Err(Reply::Error("ERR concord: no free group id for this stream".into()))
-    }
-
-    /// This member's replica of stream group `id` (waiting for it to start), or
-    /// the members holding it.
-    async fn hosted(&self, key: &[u8], id: GroupId) -> Result<Place, Reply> {
-        if let Some(g) = self.host.stream(id) {
-            return Ok(Place::Here(Box::new(g)));
-        }
-        let replicas_in = |txn: &redb::ReadTransaction| -> Result<Vec<MemberId>, Reply> {
-            let groups = catalog::groups(txn).map_err(|e| Reply::Error(format!("ERR {e}")))?;
-            Ok(groups.into_iter().find(|(g, _)| *g == id).map(|(_, spec)| spec.replicas).unwrap_or_default())
-        };
-        let mut replicas = {
-            let txn = self.node.group.backend.begin_read().map_err(|e| Reply::Error(format!("ERR {e}")))?;
-            replicas_in(&txn)?
-        };
-        if replicas.is_empty() {
-            // Created through the leader a moment ago, not yet applied here.
-            let txn =
-                self.node.linearizable_txn().await.map_err(|s| Reply::Error(format!("TRYAGAIN {}", s.message())))?;
-            replicas = replicas_in(&txn)?;
-        }
-        if !replicas.is_empty() && !replicas.contains(&self.node.member_id) {
-            return Ok(Place::Elsewhere(replicas));
-        }
-        self.host.settle(id, true, self.timeout()).await;
-        self.host.stream(id).map(|g| Place::Here(Box::new(g))).ok_or_else(|| {
-            Reply::Error(format!(
-                "TRYAGAIN concord: this member's replica of stream '{}' is not running yet",
-                String::from_utf8_lossy(key)
-            ))
-        })
     }
 
     /// Has a member holding the stream run `args` (the whole command), trying its
@@ -303,16 +193,9 @@ impl RedisGateway {
         // there, and asking another would apply it twice. Members heard from
         // lately are asked first.
         let idempotent = is_read(&args[0]);
-        let liveness = self.node.registry.liveness();
-        let mut order: Vec<MemberId> = replicas.to_vec();
-        order.sort_by_key(|m| !liveness.alive(*m));
-        if !idempotent {
-            order.truncate(1);
-        }
-        let body = match bincode::serde::encode_to_vec(
-            Forwarded { resp3: protocol == Protocol::Resp3, args },
-            bincode::config::standard(),
-        ) {
+        let order = self.placement().call_order(replicas, idempotent);
+        let forwarded = Forwarded { resp3: protocol == Protocol::Resp3, args };
+        let body = match super::stream_place::node_call(super::stream_place::NodeCall::Redis, &forwarded) {
             Ok(b) => b,
             Err(e) => return Reply::Error(format!("ERR {e}")),
         };
