@@ -303,3 +303,76 @@ async fn a_stopped_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead
     assert_eq!((info.ack_pending, info.num_pending, info.dead_lettered), (0, 0, 1));
     assert!(cluster.crashed().is_empty());
 }
+
+/// With four members each stream has replicas on three: every member answers
+/// for every stream, forwarding to a replica when it holds none.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_member_answers_for_streams_it_holds_no_replica_of() {
+    const STREAMS: usize = 6;
+    let cluster = ProcessCluster::start(Path::new(BIN), 4, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let endpoints = cluster.endpoints();
+    for s in 0..STREAMS {
+        let info =
+            retry(&endpoints, "create", |mut c| async move { c.create_stream(stream(&format!("q{s}"), 0)).await })
+                .await;
+        assert_eq!(info.replicas.len(), 3, "q{s}");
+    }
+    let mut clients = Vec::new();
+    for e in &endpoints {
+        clients.push(client(e).await);
+    }
+    for (m, c) in clients.iter_mut().enumerate() {
+        let listed = c.list_streams(pb::ListStreamsRequest {}).await.expect("list").into_inner().streams;
+        assert_eq!(listed.len(), STREAMS, "member {m}");
+        for s in 0..STREAMS {
+            let name = format!("q{s}");
+            let consumer = format!("c{m}");
+            let config = pb::ConsumerConfig { name: consumer.clone(), ..Default::default() };
+            c.create_consumer(pb::CreateConsumerRequest { stream: name.clone(), config: Some(config) })
+                .await
+                .expect("consumer");
+            let ack = c
+                .publish(pb::PublishRequest {
+                    stream: name.clone(),
+                    payload: format!("from {m}").into_bytes(),
+                    ..Default::default()
+                })
+                .await
+                .expect("publish")
+                .into_inner();
+            assert_eq!(ack.seq, m as u64 + 1, "{name} through member {m}");
+            let fetched = c
+                .fetch(pb::FetchRequest {
+                    stream: name.clone(),
+                    consumer: consumer.clone(),
+                    batch: 10,
+                    max_wait_ms: 1_000,
+                })
+                .await
+                .expect("fetch")
+                .into_inner()
+                .deliveries;
+            assert_eq!(fetched.len(), m + 1, "{name} through member {m}");
+            let leases = fetched
+                .iter()
+                .map(|d| pb::Lease { seq: d.message.as_ref().map_or(0, |m| m.seq), deliveries: d.deliveries })
+                .collect();
+            let done = c
+                .ack(pb::AckRequest { stream: name.clone(), consumer, leases, delay_ms: 0 })
+                .await
+                .expect("ack")
+                .into_inner()
+                .done;
+            assert!(done.iter().all(|d| *d), "{name} through member {m}: {done:?}");
+        }
+    }
+    // Errors travel back unchanged.
+    let e = clients[3].get_stream(pb::StreamInfoRequest { name: "nope".into() }).await.expect_err("missing stream");
+    assert_eq!((e.code(), e.message()), (tonic::Code::NotFound, "stream not found"));
+    let e = clients[2]
+        .publish(pb::PublishRequest { stream: "q0".into(), expected_last_seq: Some(1), ..Default::default() })
+        .await
+        .expect_err("wrong last sequence");
+    assert_eq!((e.code(), e.message()), (tonic::Code::FailedPrecondition, "wrong last sequence: 4"));
+}
