@@ -301,6 +301,18 @@ async fn a_stopped_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead
         .expect("consumer")
         .into_inner();
     assert_eq!((info.ack_pending, info.num_pending, info.dead_lettered), (0, 0, 1));
+    // Each member's /metrics shows the queues as its replica holds them.
+    for m in &cluster.members {
+        let (status, body) = concord_testkit::http_get(m.client_port, "/metrics").expect("metrics");
+        assert_eq!(status, 200);
+        assert!(body.contains("concord_queues 2\n"), "{body}");
+        assert!(body.contains("concord_queue_messages{stream=\"jobs.dlq\"} 1\n"), "{body}");
+        assert!(body.contains(&format!("concord_queue_last_seq{{stream=\"jobs\"}} {MESSAGES}\n")), "{body}");
+        assert!(
+            body.contains("concord_queue_consumer_ack_pending{stream=\"jobs\",consumer=\"workers\"} 0\n"),
+            "{body}"
+        );
+    }
     assert!(cluster.crashed().is_empty());
 }
 

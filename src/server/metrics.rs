@@ -462,6 +462,7 @@ pub fn render(node: &Node) -> String {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
     }
     render_streams(node, &mut out);
+    render_queues(node, &mut out);
     let group = &node.group.stats;
     for (name, help, h) in [
         ("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", &group.wal_fsync),
@@ -541,6 +542,78 @@ fn render_streams(node: &Node, out: &mut String) {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
         for s in &summaries {
             let _ = writeln!(out, "{name}{{stream=\"{}\"}} {}", label_value(&s.name), value(s));
+        }
+    }
+}
+
+/// The durable queues whose groups this member hosts (each replica reports its
+/// own applied state): per stream its messages, bytes, last sequence and dead
+/// letters waiting; per consumer its outstanding leases, messages still to
+/// deliver and redeliveries.
+fn render_queues(node: &Node, out: &mut String) {
+    type Row = (crate::streams::queue::QueueMeta, Vec<(crate::streams::queue::Consumer, u64)>);
+    let mut rows: Vec<Row> = Vec::new();
+    for g in node.host.streams() {
+        let read = g.read_queue_local(|v| {
+            let mut found = Vec::new();
+            for name in v.names()? {
+                let Some(meta) = v.meta(&name)? else { continue };
+                let consumers = v
+                    .consumers(&name)?
+                    .into_iter()
+                    .map(|c| {
+                        let n = v.num_pending(&meta, &c);
+                        (c, n)
+                    })
+                    .collect();
+                found.push((meta, consumers));
+            }
+            Ok(found)
+        });
+        match read {
+            Ok(found) => rows.extend(found),
+            Err(e) => tracing::warn!("queue metrics: {e}"),
+        }
+    }
+    let _ = write!(
+        out,
+        "# HELP concord_queues Durable queue streams whose Raft group this member hosts.\n# TYPE concord_queues gauge\nconcord_queues {}\n",
+        rows.len()
+    );
+    type Meta = crate::streams::queue::QueueMeta;
+    for (name, help, value) in [
+        ("concord_queue_messages", "Messages kept in a queue stream.", (|m: &Meta| m.msgs) as fn(&Meta) -> u64),
+        ("concord_queue_bytes", "Payload and header bytes kept in a queue stream.", |m| m.bytes),
+        ("concord_queue_last_seq", "A queue stream's last sequence.", |m| m.last_seq),
+        ("concord_queue_dead_waiting", "Dead letters waiting to move to the dead-letter stream.", |m| m.dead_waiting),
+    ] {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+        for (m, _) in &rows {
+            let _ = writeln!(out, "{name}{{stream=\"{}\"}} {}", label_value(m.config.name.as_bytes()), value(m));
+        }
+    }
+    type Consumer = (crate::streams::queue::Consumer, u64);
+    for (name, kind, help, value) in [
+        (
+            "concord_queue_consumer_ack_pending",
+            "gauge",
+            "Messages leased to a consumer and not acknowledged.",
+            (|c: &Consumer| c.0.pending) as fn(&Consumer) -> u64,
+        ),
+        ("concord_queue_consumer_num_pending", "gauge", "Messages a consumer has still to be delivered.", |c| c.1),
+        ("concord_queue_consumer_redelivered_total", "counter", "Redeliveries to a consumer.", |c| c.0.redelivered),
+    ] {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for (m, consumers) in &rows {
+            for c in consumers {
+                let _ = writeln!(
+                    out,
+                    "{name}{{stream=\"{}\",consumer=\"{}\"}} {}",
+                    label_value(m.config.name.as_bytes()),
+                    label_value(c.0.config.name.as_bytes()),
+                    value(c)
+                );
+            }
         }
     }
 }

@@ -448,6 +448,14 @@ impl StreamGroup {
         if barrier {
             self.group.read_barrier(timeout).await?;
         }
+        self.read_queue_local(f)
+    }
+
+    /// `f` over this member's applied queue state, without a barrier.
+    pub fn read_queue_local<T>(
+        &self,
+        f: impl FnOnce(&queue::QueueView<'_, dyn model::Table>) -> Result<T, model::Corrupt>,
+    ) -> Result<T, StreamError> {
         let storage = |e: redb::Error| StreamError::Storage(e.to_string());
         let txn = self.db.begin_read().map_err(|e| storage(e.into()))?;
         let table = ReadView(Rows::new(txn.open_table(ROWS).map_err(|e| storage(e.into()))?));
