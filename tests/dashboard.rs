@@ -35,6 +35,15 @@ async fn probes_metrics_status_cli_and_dashboard() {
         c.put(format!("k{i}"), "v", Some(PutOptions::new().with_lease(lease.id()))).await.unwrap();
     }
     let _ = c.get("missing", None).await.unwrap();
+    // A durable queue, for the dashboard's queue table.
+    let mut q = concord::proto::queue::queue_client::QueueClient::connect(cluster.endpoints()[0].clone())
+        .await
+        .expect("queue client");
+    let config = concord::proto::queue::StreamConfig { name: "orders".into(), ..Default::default() };
+    q.create_stream(concord::proto::queue::CreateStreamRequest { config: Some(config) }).await.expect("create stream");
+    let publish =
+        concord::proto::queue::PublishRequest { stream: "orders".into(), payload: b"o".to_vec(), ..Default::default() };
+    q.publish(publish).await.expect("publish");
     let (_watcher, _stream) =
         cluster.client(0).await.watch("k", Some(WatchOptions::new().with_prefix())).await.unwrap();
 
@@ -136,6 +145,7 @@ async fn probes_metrics_status_cli_and_dashboard() {
         assert!(dom.contains(&format!("data-member=\"m{i}\"")), "member m{i} missing from the dashboard");
     }
     assert!(dom.contains("class=\"pill leader\""), "the leader is marked");
+    assert!(dom.contains("data-queue=\"orders\""), "the queue is missing from the dashboard");
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let status = Command::new("chromium")

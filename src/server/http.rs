@@ -85,7 +85,30 @@ async fn dashboard_state(State(node): State<Arc<Node>>) -> impl IntoResponse {
             format!("{name} on {m:x}")
         })
         .collect();
+    let queues: Vec<serde_json::Value> = super::metrics::hosted_queues(&node)
+        .into_iter()
+        .map(|(m, consumers)| {
+            serde_json::json!({
+                "name": m.config.name,
+                "retention": format!("{:?}", m.config.retention).to_lowercase(),
+                "messages": m.msgs,
+                "bytes": m.bytes,
+                "first_seq": if m.msgs == 0 { 0 } else { m.first_seq },
+                "last_seq": m.last_seq,
+                "dead_waiting": m.dead_waiting,
+                "dead_lettered": m.dead_lettered,
+                "consumers": consumers.iter().map(|(c, pending)| serde_json::json!({
+                    "name": c.config.name,
+                    "ack_pending": c.pending,
+                    "num_pending": pending,
+                    "redelivered": c.redelivered,
+                    "acked": c.acked,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     let body = serde_json::json!({
+        "queues": queues,
         "member_id": format!("{:x}", node.member_id),
         "member_name": node.config.name,
         "quota_bytes": node.config.quota_backend_bytes,

@@ -546,13 +546,13 @@ fn render_streams(node: &Node, out: &mut String) {
     }
 }
 
-/// The durable queues whose groups this member hosts (each replica reports its
-/// own applied state): per stream its messages, bytes, last sequence and dead
-/// letters waiting; per consumer its outstanding leases, messages still to
-/// deliver and redeliveries.
-fn render_queues(node: &Node, out: &mut String) {
-    type Row = (crate::streams::queue::QueueMeta, Vec<(crate::streams::queue::Consumer, u64)>);
-    let mut rows: Vec<Row> = Vec::new();
+/// A queue stream as this member's replica holds it, with each consumer and the
+/// messages it has still to be delivered.
+pub type HostedQueue = (crate::streams::queue::QueueMeta, Vec<(crate::streams::queue::Consumer, u64)>);
+
+/// The durable queues whose groups this member hosts, as applied here.
+pub fn hosted_queues(node: &Node) -> Vec<HostedQueue> {
+    let mut rows = Vec::new();
     for g in node.host.streams() {
         let read = g.read_queue_local(|v| {
             let mut found = Vec::new();
@@ -572,9 +572,18 @@ fn render_queues(node: &Node, out: &mut String) {
         });
         match read {
             Ok(found) => rows.extend(found),
-            Err(e) => tracing::warn!("queue metrics: {e}"),
+            Err(e) => tracing::warn!("queue state: {e}"),
         }
     }
+    rows
+}
+
+/// The durable queues whose groups this member hosts (each replica reports its
+/// own applied state): per stream its messages, bytes, last sequence and dead
+/// letters waiting; per consumer its outstanding leases, messages still to
+/// deliver and redeliveries.
+fn render_queues(node: &Node, out: &mut String) {
+    let rows = hosted_queues(node);
     let _ = write!(
         out,
         "# HELP concord_queues Durable queue streams whose Raft group this member hosts.\n# TYPE concord_queues gauge\nconcord_queues {}\n",
