@@ -52,8 +52,13 @@ impl Fixture {
         }
     }
     fn act(&mut self, consumer: &str, leases: &[(u64, u64)], action: LeaseAction, now_ms: u64) -> Vec<bool> {
-        let cmd =
-            QueueCommand::Leases { name: "s".into(), consumer: consumer.into(), leases: leases.to_vec(), action, now_ms };
+        let cmd = QueueCommand::Leases {
+            name: "s".into(),
+            consumer: consumer.into(),
+            leases: leases.to_vec(),
+            action,
+            now_ms,
+        };
         match self.apply(cmd) {
             QueueReply::Done(d) => d,
             other => panic!("leases: {other:?}"),
@@ -88,7 +93,10 @@ fn sequences_are_gapless_and_duplicates_get_the_first_sequence() {
     let m = f.meta();
     assert_eq!((m.msgs, m.first_seq, m.last_seq), (90, 1, 90));
     // Past the window the id is new again, and the dedup rows expire.
-    assert!(matches!(f.publish_at("x", "id-0", 1_100 + DEFAULT_DUPLICATE_WINDOW_MS), QueueReply::PubAck { seq: 91, duplicate: false }));
+    assert!(matches!(
+        f.publish_at("x", "id-0", 1_100 + DEFAULT_DUPLICATE_WINDOW_MS),
+        QueueReply::PubAck { seq: 91, duplicate: false }
+    ));
     assert_eq!(f.0.keys().filter(|k| k[0] == b'd').count(), 1, "old dedup rows were not expired");
 }
 
@@ -101,7 +109,8 @@ fn max_msgs_keeps_the_newest_and_discard_new_refuses() {
     let m = f.meta();
     assert_eq!((m.msgs, m.first_seq, m.last_seq), (1_000, 9_001, 10_000));
 
-    let mut f = Fixture::new(QueueConfig { max_msgs: 2, max_bytes: 0, discard: Discard::New, ..stream(Retention::Limits) });
+    let mut f =
+        Fixture::new(QueueConfig { max_msgs: 2, max_bytes: 0, discard: Discard::New, ..stream(Retention::Limits) });
     f.publish("a");
     f.publish("b");
     assert_eq!(f.publish_at("c", "", 1), QueueReply::Refused(QueueError::MaxMsgs));
