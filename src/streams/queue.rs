@@ -446,6 +446,9 @@ impl<T: Table + ?Sized> QueueView<'_, T> {
             meta.msgs
         } else if c.next_seq > meta.last_seq {
             0
+        } else if meta.msgs == meta.last_seq + 1 - meta.first_seq {
+            // No gaps (nothing removed in the middle): counted, not scanned.
+            meta.last_seq + 1 - c.next_seq
         } else {
             let from = msg_key(&meta.config.name, c.next_seq);
             let to = prefix_end(&prefix(b'm', meta.config.name.as_bytes()));
@@ -666,14 +669,24 @@ impl<T: Table + ?Sized> Queues<'_, T> {
         }
         let window = meta.config.duplicate_window_ms();
         let p = prefix(b't', name.as_bytes());
-        for (k, _) in self.table.range(&p, &prefix_end(&p), false, EXPIRE_BATCH) {
-            let ts = u64_at(&k, p.len()).ok_or_else(|| corrupt("dedup age key"))?;
-            if ts.saturating_add(window) > now_ms {
+        let end = prefix_end(&p);
+        // Oldest first, a few rows at a time: usually the first is still young.
+        let mut removed = 0;
+        'rows: while removed < EXPIRE_BATCH {
+            let rows = self.table.range(&p, &end, false, 16);
+            if rows.is_empty() {
                 break;
             }
-            self.table.delete(&k);
-            let id = std::str::from_utf8(&k[p.len() + 8..]).map_err(|_| corrupt("dedup msg id"))?;
-            self.table.delete(&dedup_key(&name, id));
+            for (k, _) in rows {
+                let ts = u64_at(&k, p.len()).ok_or_else(|| corrupt("dedup age key"))?;
+                if ts.saturating_add(window) > now_ms {
+                    break 'rows;
+                }
+                self.table.delete(&k);
+                let id = std::str::from_utf8(&k[p.len() + 8..]).map_err(|_| corrupt("dedup msg id"))?;
+                self.table.delete(&dedup_key(&name, id));
+                removed += 1;
+            }
         }
         Ok(n)
     }
