@@ -388,3 +388,34 @@ async fn every_member_answers_for_streams_it_holds_no_replica_of() {
         .expect_err("wrong last sequence");
     assert_eq!((e.code(), e.message()), (tonic::Code::FailedPrecondition, "wrong last sequence: 4"));
 }
+
+/// With auth enabled a queue call needs an etcd user's token: etcd's error
+/// without one, served with one.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_enabled_calls_need_a_user_token() {
+    let cluster = ProcessCluster::start(Path::new(BIN), 1, ClusterOptions::default());
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let endpoint = cluster.endpoints()[0].clone();
+    let c = cluster.client(0).await;
+    c.auth_client().user_add("root", "pw", None).await.expect("user add");
+    c.auth_client().user_grant_role("root", "root").await.expect("grant");
+    c.auth_client().auth_enable().await.expect("auth enable");
+    let mut anonymous = client(&endpoint).await;
+    let e = anonymous.create_stream(stream("secret", 0)).await.expect_err("no token");
+    assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: user name is empty"));
+    let options = concord_testkit::etcd_client::ConnectOptions::new().with_user("root", "pw");
+    let mut root =
+        concord_testkit::etcd_client::Client::connect([endpoint.as_str()], Some(options)).await.expect("root");
+    let token = root.auth_client().authenticate("root".into(), "pw".into()).await.expect("authenticate");
+    let channel =
+        tonic::transport::Endpoint::from_shared(endpoint).expect("endpoint").connect().await.expect("connect");
+    let token: tonic::metadata::MetadataValue<_> = token.token().parse().expect("token");
+    let mut authed = QueueClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("token", token.clone());
+        Ok(req)
+    });
+    let info = authed.create_stream(stream("secret", 0)).await.expect("create with a token").into_inner();
+    assert_eq!(info.config.expect("config").name, "secret");
+    let e = anonymous.get_stream(pb::StreamInfoRequest { name: "secret".into() }).await.expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}

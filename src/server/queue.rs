@@ -168,6 +168,16 @@ impl QueueService {
         self.node.config.request_timeout()
     }
 
+    /// With auth enabled, a call needs an etcd user's token (any user: queues
+    /// have no per-stream permissions yet); etcd's error without one.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let caller = self.node.caller(&Credentials::of(req))?;
+        match (caller.state.enabled, caller.user) {
+            (true, None) => Err(super::errors::from_auth(crate::etcd_store::auth::AuthError::UserEmpty)),
+            _ => Ok(()),
+        }
+    }
+
     fn placement(&self) -> StreamPlacement<'_> {
         StreamPlacement { node: &self.node, host: &self.host }
     }
@@ -315,7 +325,7 @@ impl QueueService {
         req: Request<pb::AckRequest>,
         action: q::LeaseAction,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.stream)?;
         let leases = r.leases.iter().map(|l| (l.seq, l.deliveries)).collect();
@@ -551,7 +561,7 @@ fn message_to_pb(seq: u64, m: q::Msg) -> pb::Message {
 #[tonic::async_trait]
 impl pb::queue_server::Queue for Arc<QueueService> {
     async fn create_stream(&self, req: Request<pb::CreateStreamRequest>) -> Result<Response<pb::StreamInfo>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let config = config_from_pb(req.into_inner().config.unwrap_or_default())?;
         match self.write(QueueCommand::CreateStream { config, now_ms: 0 }, true).await? {
             QueueReply::Stream(meta) => Ok(Response::new(self.info(&meta)?)),
@@ -560,7 +570,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
     }
 
     async fn update_stream(&self, req: Request<pb::CreateStreamRequest>) -> Result<Response<pb::StreamInfo>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let config = config_from_pb(req.into_inner().config.unwrap_or_default())?;
         match self.write(QueueCommand::UpdateStream { config, now_ms: 0 }, false).await? {
             QueueReply::Stream(meta) => Ok(Response::new(self.info(&meta)?)),
@@ -572,7 +582,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
         &self,
         req: Request<pb::DeleteStreamRequest>,
     ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let name = req.into_inner().name;
         check_name("stream", &name)?;
         self.write(QueueCommand::DeleteStream { name }, false).await?;
@@ -580,7 +590,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
     }
 
     async fn get_stream(&self, req: Request<pb::StreamInfoRequest>) -> Result<Response<pb::StreamInfo>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         Ok(Response::new(self.stream_info(&req.into_inner().name).await?))
     }
 
@@ -588,7 +598,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
         &self,
         req: Request<pb::ListStreamsRequest>,
     ) -> Result<Response<pb::ListStreamsResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let txn = self.node.linearizable_txn().await?;
         let names = catalog::names(&txn, ServiceKind::Stream).map_err(|e| Status::internal(e.to_string()))?;
         drop(txn);
@@ -606,7 +616,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
     }
 
     async fn purge(&self, req: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.name)?;
         match self.write(QueueCommand::Purge { name: r.name, keep_from_seq: r.keep_from_seq }, false).await? {
@@ -616,7 +626,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
     }
 
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PubAck>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.stream)?;
         if r.msg_id.len() > MAX_NAME_BYTES {
@@ -640,7 +650,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
     }
 
     async fn get_message(&self, req: Request<pb::GetMessageRequest>) -> Result<Response<pb::Message>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.stream)?;
         match self.call(QueueCall::Message(r.stream, r.seq), false).await? {
@@ -654,7 +664,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
         &self,
         req: Request<pb::CreateConsumerRequest>,
     ) -> Result<Response<pb::ConsumerInfo>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.stream)?;
         let c = r.config.unwrap_or_default();
@@ -687,7 +697,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
         &self,
         req: Request<pb::DeleteConsumerRequest>,
     ) -> Result<Response<pb::DeleteConsumerResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.stream)?;
         self.write(QueueCommand::DeleteConsumer { name: r.stream, consumer: r.name }, false).await?;
@@ -695,7 +705,7 @@ impl pb::queue_server::Queue for Arc<QueueService> {
     }
 
     async fn get_consumer(&self, req: Request<pb::ConsumerInfoRequest>) -> Result<Response<pb::ConsumerInfo>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         match self.consumers(&r.stream, Some(&r.name)).await?.pop() {
             Some(c) => Ok(Response::new(c)),
@@ -707,13 +717,13 @@ impl pb::queue_server::Queue for Arc<QueueService> {
         &self,
         req: Request<pb::ListConsumersRequest>,
     ) -> Result<Response<pb::ListConsumersResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let consumers = self.consumers(&req.into_inner().stream, None).await?;
         Ok(Response::new(pb::ListConsumersResponse { consumers }))
     }
 
     async fn fetch(&self, req: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
-        self.node.caller(&Credentials::of(&req))?;
+        self.authorize(&req)?;
         let r = req.into_inner();
         check_name("stream", &r.stream)?;
         let call = QueueCall::Fetch {
