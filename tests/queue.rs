@@ -404,8 +404,7 @@ async fn with_auth_enabled_calls_need_a_user_token() {
     let e = anonymous.create_stream(stream("secret", 0)).await.expect_err("no token");
     assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: user name is empty"));
     let options = concord_testkit::etcd_client::ConnectOptions::new().with_user("root", "pw");
-    let mut root =
-        concord_testkit::etcd_client::Client::connect([endpoint.as_str()], Some(options)).await.expect("root");
+    let root = concord_testkit::etcd_client::Client::connect([endpoint.as_str()], Some(options)).await.expect("root");
     let token = root.auth_client().authenticate("root".into(), "pw".into()).await.expect("authenticate");
     let channel =
         tonic::transport::Endpoint::from_shared(endpoint).expect("endpoint").connect().await.expect("connect");
