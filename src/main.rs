@@ -8,6 +8,9 @@
 //! `concord nodes` lists the members with zone, weight, replica and leader counts;
 //! `concord bench WORKLOAD ...` generates load against any etcd-v3 endpoints;
 //! `concord bench-streams --workload ...` against any Redis-protocol endpoints;
+//! `concord bench-queue --workload ...` against concord's durable-queue API;
+//! `concord queue ...` manages durable-queue streams and consumers, publishes,
+//! fetches and acknowledges;
 //! `concord group ...` and `concord register ...` manage the group catalog and
 //! the register service.
 
@@ -29,6 +32,8 @@ fn main() {
         Some("bench") => std::process::exit(concord::cli::bench::main(&args[2..])),
         Some("bench-log") => std::process::exit(concord::cli::bench_log::main(&args[2..])),
         Some("bench-streams") => std::process::exit(concord::cli::bench_streams::main(&args[2..])),
+        Some("bench-queue") => std::process::exit(concord::cli::bench_queue::main(&args[2..])),
+        Some("queue") => std::process::exit(concord::cli::queue::main(&args[2..])),
         Some("nodes") => std::process::exit(concord::cli::nodes::main(&args[2..])),
         Some("group") => std::process::exit(concord::cli::group::group_main(&args[2..])),
         Some("register") => std::process::exit(concord::cli::group::register_main(&args[2..])),

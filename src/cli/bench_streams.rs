@@ -319,7 +319,9 @@ fn percentile(sorted_us: &[u32], q: f64) -> f64 {
     f64::from(sorted_us[i]) / 1000.0
 }
 
-fn report(workload: &str, mut lat_us: Vec<u32>, done: u64, errors: u64, seconds: f64) -> Report {
+/// The report of a run: `lat_us` are the latencies in µs (sorted here), `done` the
+/// ops that succeeded.
+pub fn report(workload: &str, mut lat_us: Vec<u32>, done: u64, errors: u64, seconds: f64) -> Report {
     lat_us.sort_unstable();
     let n = lat_us.len();
     let mean = if n == 0 { 0.0 } else { lat_us.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64 / 1000.0 };

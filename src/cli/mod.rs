@@ -2,9 +2,11 @@
 
 pub mod bench;
 pub mod bench_log;
+pub mod bench_queue;
 pub mod bench_streams;
 pub mod group;
 pub mod health;
 pub mod nodes;
+pub mod queue;
 pub mod snapshot;
 pub mod status;
