@@ -379,6 +379,9 @@ async fn every_member_answers_for_streams_it_holds_no_replica_of() {
             assert!(done.iter().all(|d| *d), "{name} through member {m}: {done:?}");
         }
     }
+    let s = clients[1].get_stream(pb::StreamInfoRequest { name: "q0".into() }).await.expect("info").into_inner();
+    let s = s.state.expect("state");
+    assert!(s.first_ts_ms > 0 && s.first_ts_ms <= s.last_ts_ms, "{s:?}");
     // Errors travel back unchanged.
     let e = clients[3].get_stream(pb::StreamInfoRequest { name: "nope".into() }).await.expect_err("missing stream");
     assert_eq!((e.code(), e.message()), (tonic::Code::NotFound, "stream not found"));

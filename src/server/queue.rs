@@ -90,7 +90,8 @@ type ConsumerState = (q::Consumer, u64);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum QueueAnswer {
     Reply(QueueReply),
-    Stream(Option<q::QueueMeta>),
+    /// A stream, and its first kept message's time (0 when empty).
+    Stream(Option<q::QueueMeta>, u64),
     Consumers(Vec<ConsumerState>),
     Message(Option<q::Msg>),
 }
@@ -246,10 +247,20 @@ impl QueueService {
                 let wait = Duration::from_millis(max_wait_ms).min(MAX_FETCH_WAIT);
                 return fetch(g, &name, &consumer, batch, wait, timeout).await.map(QueueAnswer::Reply);
             }
-            QueueCall::Stream(name) => g.queue_read(timeout, true, |v| Ok(QueueAnswer::Stream(v.meta(&name)?))).await,
+            QueueCall::Stream(name) => {
+                g.queue_read(timeout, true, |v| {
+                    let meta = v.meta(&name)?;
+                    let first_ts_ms = match &meta {
+                        Some(m) if m.msgs > 0 => v.message(&name, m.first_seq)?.map_or(0, |msg| msg.ts_ms),
+                        _ => 0,
+                    };
+                    Ok(QueueAnswer::Stream(meta, first_ts_ms))
+                })
+                .await
+            }
             QueueCall::Consumer(name, consumer) => {
                 g.queue_read(timeout, true, |v| {
-                    let Some(meta) = v.meta(&name)? else { return Ok(QueueAnswer::Stream(None)) };
+                    let Some(meta) = v.meta(&name)? else { return Ok(QueueAnswer::Stream(None, 0)) };
                     let c = v.consumer(&name, &consumer)?;
                     Ok(QueueAnswer::Consumers(
                         c.into_iter().map(|c| (v.num_pending(&meta, &c), c)).map(|(n, c)| (c, n)).collect(),
@@ -259,7 +270,7 @@ impl QueueService {
             }
             QueueCall::Consumers(name) => {
                 g.queue_read(timeout, true, |v| {
-                    let Some(meta) = v.meta(&name)? else { return Ok(QueueAnswer::Stream(None)) };
+                    let Some(meta) = v.meta(&name)? else { return Ok(QueueAnswer::Stream(None, 0)) };
                     let list = v.consumers(&name)?;
                     Ok(QueueAnswer::Consumers(
                         list.into_iter().map(|c| (v.num_pending(&meta, &c), c)).map(|(n, c)| (c, n)).collect(),
@@ -285,8 +296,14 @@ impl QueueService {
     async fn stream_info(&self, name: &str) -> Result<pb::StreamInfo, Status> {
         check_name("stream", name)?;
         match self.call(QueueCall::Stream(name.to_string()), false).await? {
-            QueueAnswer::Stream(Some(meta)) => self.info(&meta),
-            QueueAnswer::Stream(None) => Err(Failure::NotFound(QueueError::StreamNotFound.to_string()).into()),
+            QueueAnswer::Stream(Some(meta), first_ts_ms) => {
+                let mut info = self.info(&meta)?;
+                if let Some(state) = info.state.as_mut() {
+                    state.first_ts_ms = first_ts_ms;
+                }
+                Ok(info)
+            }
+            QueueAnswer::Stream(None, _) => Err(Failure::NotFound(QueueError::StreamNotFound.to_string()).into()),
             other => Err(Status::internal(format!("concord: unexpected answer {other:?}"))),
         }
     }
@@ -315,7 +332,7 @@ impl QueueService {
         };
         match self.call(call, false).await? {
             QueueAnswer::Consumers(list) => Ok(list.iter().map(|(c, n)| consumer_info(stream, c, *n)).collect()),
-            QueueAnswer::Stream(None) => Err(Failure::NotFound(QueueError::StreamNotFound.to_string()).into()),
+            QueueAnswer::Stream(None, _) => Err(Failure::NotFound(QueueError::StreamNotFound.to_string()).into()),
             other => Err(Status::internal(format!("concord: unexpected answer {other:?}"))),
         }
     }
