@@ -222,8 +222,17 @@ pub struct Builder(Box<dyn SnapshotSource>);
 impl RaftSnapshotBuilder<C> for Builder {
     type SnapshotData = SnapshotData;
 
+    /// Builds on this thread, but on a multi-threaded runtime first hands the
+    /// thread's other tasks to another worker (`block_in_place`): a build writes
+    /// every row of the service and fsyncs, which took the only worker of a
+    /// 2-core member for long enough that its groups' heartbeats lapsed and
+    /// elections followed (seen as "no leader" answers in `scripts/bench-queue`).
+    /// On a current-thread runtime (the simulation) it builds inline.
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        self.0.build()
+        match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| self.0.build()),
+            _ => self.0.build(),
+        }
     }
 }
 

@@ -540,7 +540,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     supervisor.spawn("lessor", lessor.clone().run());
     let event_cache = watch::EventCache::start(node.clone(), &supervisor);
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
-    let queues = Arc::new(queue::QueueService { node: node.clone(), host: host.clone() });
+    let queues = Arc::new(queue::QueueService::new(node.clone(), host.clone()));
     for (url, l) in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
         let watch = WatchServer::new(watch::WatchService {

@@ -21,10 +21,12 @@
 //! groups this member leads it proposes expiry (max-age, the dedup window)
 //! when due, and moves dead letters to their dead-letter stream.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use super::auth::Credentials;
@@ -34,7 +36,7 @@ use super::Node;
 use crate::consensus::{ConsensusError, MemberId};
 use crate::etcd_store::catalog::{self, ServiceKind, MAX_NAME_BYTES};
 use crate::proto::queue as pb;
-use crate::streams::queue::{self as q, QueueCommand, QueueError, QueueReply};
+use crate::streams::queue::{self as q, PublishItem, QueueCommand, QueueError, QueueReply};
 use crate::streams::{StreamError, StreamGroup};
 
 /// Longest a fetch waits for a message.
@@ -42,6 +44,15 @@ pub const MAX_FETCH_WAIT: Duration = Duration::from_secs(60);
 
 /// Most payload and header bytes one fetch returns (at least one message).
 pub const FETCH_MAX_BYTES: u64 = 8 << 20;
+
+/// Publishes waiting for a batch, per stream, on the member running them.
+pub const PUBLISH_QUEUE: usize = 4_096;
+
+/// Most publishes one batch (one log entry) carries.
+pub const MAX_PUBLISH_BATCH: usize = 256;
+
+/// Batches of one stream being committed at once, per member.
+pub const PUBLISH_BATCHES_IN_FLIGHT: usize = 4;
 
 /// How often the keeper looks at the stream groups this member leads.
 const KEEPER_INTERVAL: Duration = Duration::from_secs(1);
@@ -162,9 +173,52 @@ fn check_name(what: &str, name: &str) -> Result<(), Failure> {
 pub struct QueueService {
     pub node: Arc<Node>,
     pub host: Arc<GroupHost>,
+    /// Per stream this member has run publishes for: where they wait to be
+    /// batched (see [`run_publisher`]).
+    publishers: std::sync::Mutex<HashMap<String, mpsc::Sender<Waiting>>>,
 }
 
+/// A publish waiting for its batch, and where its reply goes.
+type Waiting = (PublishItem, oneshot::Sender<Result<QueueReply, Failure>>);
+
 impl QueueService {
+    pub fn new(node: Arc<Node>, host: Arc<GroupHost>) -> QueueService {
+        QueueService { node, host, publishers: Default::default() }
+    }
+
+    /// Publishes `cmd` through the stream's batcher on this member: publishes
+    /// arriving while earlier batches are being committed share one log entry.
+    async fn publish_batched(&self, g: &StreamGroup, cmd: QueueCommand) -> Result<QueueReply, Failure> {
+        let QueueCommand::Publish { name, msg, msg_id, expected_last_seq, .. } = cmd else {
+            return Err(Failure::Internal("concord: a batched publish that is no publish".into()));
+        };
+        let tx = {
+            let mut publishers = self.publishers.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = publishers.entry(name.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+                let batch_bytes = self.node.config.max_request_bytes;
+                let max_msg_bytes = self.node.config.queue_max_msg_bytes;
+                tokio::spawn(run_publisher(g.clone(), name.clone(), rx, self.timeout(), batch_bytes, max_msg_bytes));
+                tx
+            });
+            tx.clone()
+        };
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let item = PublishItem { msg, msg_id, expected_last_seq };
+        if tx.send((item, reply_tx)).await.is_err() {
+            self.publishers.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+            return Err(Failure::Unavailable("concord: the stream's publisher stopped; publish again".into()));
+        }
+        let reply = reply_rx
+            .await
+            .map_err(|_| Failure::Unavailable("concord: the publish was dropped; publish again".into()))?;
+        if matches!(reply, Err(Failure::Internal(_))) {
+            // A replica that stopped: the next publish looks the stream up again.
+            self.publishers.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+        }
+        reply
+    }
+
     fn timeout(&self) -> Duration {
         self.node.config.request_timeout()
     }
@@ -240,6 +294,9 @@ impl QueueService {
         let answer = match call {
             QueueCall::Write(mut cmd) => {
                 stamp(&mut cmd, now_ms(), self.node.config.queue_max_msg_bytes);
+                if matches!(cmd, QueueCommand::Publish { .. }) {
+                    return self.publish_batched(g, cmd).await.map(QueueAnswer::Reply);
+                }
                 g.queue_write(cmd, timeout).await.map(QueueAnswer::Reply)
             }
             QueueCall::Fetch { name, consumer, batch, max_wait_ms } => {
@@ -372,10 +429,71 @@ fn stamp(cmd: &mut QueueCommand, now: u64, max_msg_bytes: u64) {
             msg.ts_ms = now;
             *limit = max_msg_bytes;
         }
+        QueueCommand::PublishBatch { items, max_msg_bytes: limit, .. } => {
+            for item in items {
+                item.msg.ts_ms = now;
+            }
+            *limit = max_msg_bytes;
+        }
         QueueCommand::DeleteStream { .. }
         | QueueCommand::DeleteConsumer { .. }
         | QueueCommand::Purge { .. }
         | QueueCommand::ForgetDead { .. } => {}
+    }
+}
+
+/// Publishes one stream's batches from this member: takes the publishes that
+/// wait (at most [`MAX_PUBLISH_BATCH`] and `batch_bytes` of messages) into one
+/// [`QueueCommand::PublishBatch`], with at most [`PUBLISH_BATCHES_IN_FLIGHT`]
+/// batches being committed at once; while they are, the next batch fills.
+/// Each publish is answered with its own reply once its batch committed, so a
+/// publish is still acknowledged only after a quorum fsynced it.
+async fn run_publisher(
+    g: StreamGroup,
+    name: String,
+    mut rx: mpsc::Receiver<Waiting>,
+    timeout: Duration,
+    batch_bytes: u64,
+    max_msg_bytes: u64,
+) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PUBLISH_BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let mut bytes = first.0.msg.size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_PUBLISH_BATCH && bytes < batch_bytes {
+            match rx.try_recv() {
+                Ok(w) => {
+                    bytes += w.0.msg.size();
+                    batch.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        let (g, name) = (g.clone(), name.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (items, waiters): (Vec<PublishItem>, Vec<_>) = batch.into_iter().unzip();
+            let cmd = QueueCommand::PublishBatch { name, items, max_msg_bytes };
+            match g.queue_write(cmd, timeout).await {
+                Ok(QueueReply::Batch(replies)) if replies.len() == waiters.len() => {
+                    for (w, r) in waiters.into_iter().zip(replies) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Ok(other) => {
+                    for w in waiters {
+                        let _ = w.send(Err(Failure::Internal(format!("concord: unexpected reply {other:?}"))));
+                    }
+                }
+                Err(e) => {
+                    let failure = stream_failure(e);
+                    for w in waiters {
+                        let _ = w.send(Err(failure.clone()));
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -266,6 +266,22 @@ pub enum QueueCommand {
         name: String,
         entries: Vec<(u64, String)>,
     },
+    /// Publishes that reached one member at about the same time, in one entry:
+    /// each applied as its own [`QueueCommand::Publish`], in order; the reply is
+    /// a [`QueueReply::Batch`] with each one's reply.
+    PublishBatch {
+        name: String,
+        items: Vec<PublishItem>,
+        max_msg_bytes: u64,
+    },
+}
+
+/// One publish of a [`QueueCommand::PublishBatch`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishItem {
+    pub msg: Msg,
+    pub msg_id: String,
+    pub expected_last_seq: Option<u64>,
 }
 
 impl QueueCommand {
@@ -280,7 +296,8 @@ impl QueueCommand {
             | QueueCommand::Fetch { name, .. }
             | QueueCommand::Leases { name, .. }
             | QueueCommand::Expire { name, .. }
-            | QueueCommand::ForgetDead { name, .. } => name,
+            | QueueCommand::ForgetDead { name, .. }
+            | QueueCommand::PublishBatch { name, .. } => name,
         }
     }
 }
@@ -325,6 +342,8 @@ pub enum QueueReply {
     /// Messages (or outbox entries) removed.
     Count(u64),
     Refused(QueueError),
+    /// A [`QueueCommand::PublishBatch`]'s replies, one per publish.
+    Batch(Vec<QueueReply>),
 }
 
 fn meta_key(name: &str) -> Vec<u8> {
@@ -587,6 +606,13 @@ impl<T: Table + ?Sized> Queues<'_, T> {
                 let n = self.expire(&mut meta, now_ms)?;
                 self.put(&meta_key(&name), &meta);
                 Ok(QueueReply::Count(n))
+            }
+            QueueCommand::PublishBatch { name, items, max_msg_bytes } => {
+                let mut replies = Vec::with_capacity(items.len());
+                for item in items {
+                    replies.push(self.publish(&name, item.msg, &item.msg_id, item.expected_last_seq, max_msg_bytes)?);
+                }
+                Ok(QueueReply::Batch(replies))
             }
             QueueCommand::ForgetDead { name, entries } => {
                 let Some(mut meta) = self.view().meta(&name)? else { return Ok(QueueReply::Count(0)) };

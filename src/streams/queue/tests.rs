@@ -309,3 +309,31 @@ fn purge_and_delete() {
     assert_eq!(f.apply(QueueCommand::DeleteStream { name: "s".into() }), QueueReply::Count(1));
     assert!(f.0.is_empty(), "rows left after delete: {}", f.0.len());
 }
+
+#[test]
+fn a_batch_of_publishes_applies_each_in_order() {
+    let mut f = Fixture::new(QueueConfig { max_msg_bytes: 3, ..stream(Retention::Limits) });
+    let item = |payload: &str, msg_id: &str, expected_last_seq| PublishItem {
+        msg: Msg { ts_ms: 5, headers: vec![], payload: payload.into() },
+        msg_id: msg_id.into(),
+        expected_last_seq,
+    };
+    let items = vec![
+        item("a", "x", None),
+        item("b", "x", None),
+        item("toolong", "", None),
+        item("c", "", Some(1)),
+        item("d", "", Some(7)),
+    ];
+    let r = f.apply(QueueCommand::PublishBatch { name: "s".into(), items, max_msg_bytes: MAX });
+    assert_eq!(
+        r,
+        QueueReply::Batch(vec![
+            QueueReply::PubAck { seq: 1, duplicate: false },
+            QueueReply::PubAck { seq: 1, duplicate: true },
+            QueueReply::Refused(QueueError::MsgTooBig),
+            QueueReply::PubAck { seq: 2, duplicate: false },
+            QueueReply::Refused(QueueError::WrongLastSeq(2)),
+        ])
+    );
+}
