@@ -4,9 +4,9 @@
 //!   publishers across a SIGKILL of the stream's leader: exactly 9,000 messages
 //!   with sequences 1..=9,000, each payload once; a stream limited to 1,000
 //!   messages then starts at 9,001.
-//! - Three fetchers on one durable consumer, one of them stopped mid-batch
-//!   (its leases never acknowledged): nothing lost, its messages redelivered
-//!   once their ack_wait ran out, none acknowledged twice; a message never
+//! - Three consumers sharing one durable consumer, one of them a `concord
+//!   queue sub` process SIGKILLed mid-batch: nothing lost, its leased messages
+//!   redelivered once their ack_wait ran out, none acknowledged twice; a message never
 //!   acknowledged goes to the dead-letter stream after its fifth delivery.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -173,7 +173,7 @@ async fn publishes_across_a_leader_kill_are_exactly_once_and_gapless() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_stopped_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead_letter_stream() {
+async fn a_killed_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead_letter_stream() {
     const MESSAGES: u64 = 600;
     const ACK_WAIT_MS: u64 = 2_000;
     let mut cluster = ProcessCluster::start(Path::new(BIN), 3, ClusterOptions::default());
@@ -209,12 +209,30 @@ async fn a_stopped_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead
     // Acknowledged sequences, by who acknowledged them.
     let acked: Arc<Mutex<Vec<(usize, u64, u64)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The third consumer is a `concord queue sub` process: SIGKILLed once it
+    // printed its first batch of leases, in the middle of fetching its second.
+    let mut sub = std::process::Command::new(BIN)
+        .args(["queue", "--endpoints", &endpoints[2], "sub", "jobs", "workers", "--batch", "10", "--count", "40"])
+        .args(["--wait", "5s", "--no-ack"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("concord queue sub");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(sub.stdout.take().expect("stdout")));
+    let mut killed_leases = Vec::new();
+    while killed_leases.len() < 10 {
+        let line = lines.next().expect("the sub process printed its leases").expect("read");
+        if let Some(lease) = line.trim().strip_prefix("lease ") {
+            let (seq, _) = lease.split_once(':').expect("SEQ:DELIVERIES");
+            killed_leases.push(seq.parse::<u64>().expect("seq"));
+        }
+    }
+    sub.kill().expect("SIGKILL the consumer");
+    let _ = sub.wait();
     let mut fetchers = Vec::new();
-    for (w, endpoint) in endpoints.iter().cloned().enumerate() {
+    for (w, endpoint) in endpoints.iter().take(2).cloned().enumerate() {
         let (acked, stop) = (acked.clone(), stop.clone());
         fetchers.push(tokio::spawn(async move {
             let mut c = client(&endpoint).await;
-            let mut batches = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let fetched = c
                     .fetch(pb::FetchRequest {
@@ -226,11 +244,6 @@ async fn a_stopped_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead
                     .await
                     .expect("fetch")
                     .into_inner();
-                batches += 1;
-                // Worker 2 stops dead in its third batch, holding its leases.
-                if w == 2 && batches == 3 {
-                    return;
-                }
                 let mut leases = Vec::new();
                 for d in &fetched.deliveries {
                     let m = d.message.as_ref().expect("message");
@@ -283,7 +296,11 @@ async fn a_stopped_consumer_s_leases_are_redelivered_and_poison_goes_to_the_dead
     let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
     assert_eq!(seqs.len(), distinct.len(), "a message was acknowledged twice");
     assert_eq!(distinct, (1..=MESSAGES).filter(|s| *s != 8).collect(), "a message was lost");
-    assert!(acked.iter().any(|(_, _, d)| *d == 2), "the stopped worker's leases were never redelivered");
+    // (Seq 8 is the poison: never acknowledged.)
+    for seq in killed_leases.iter().filter(|s| **s != 8) {
+        let (_, _, deliveries) = acked.iter().find(|(_, s, _)| s == seq).expect("acknowledged");
+        assert!(*deliveries >= 2, "seq {seq}, leased by the killed consumer, was acknowledged on its first delivery");
+    }
     // The poison: five deliveries, then the dead-letter stream, gone from the work queue.
     let m = c.get_message(pb::GetMessageRequest { stream: "jobs.dlq".into(), seq: 1 }).await.expect("dlq message");
     let m = m.into_inner();
