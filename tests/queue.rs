@@ -158,14 +158,31 @@ async fn publishes_across_a_leader_kill_are_exactly_once_and_gapless() {
             assert_eq!(m.into_inner().payload, format!("payload-{id}").into_bytes());
         }
     }
-    // A stream limited to 1,000 messages keeps the newest.
+    // A stream limited to 1,000 messages keeps the newest. (Retried with msg-ids:
+    // the restarted member's return may still cost the new group an election.)
     retry(&endpoints, "create", |mut c| async move { c.create_stream(stream("recent", 1_000)).await }).await;
     let mut c = client(&endpoints[1]).await;
+    let mut retries = 0;
     for i in 0..10_000u64 {
-        let req =
-            pb::PublishRequest { stream: "recent".into(), payload: i.to_string().into_bytes(), ..Default::default() };
-        c.publish(req).await.expect("publish");
+        let req = pb::PublishRequest {
+            stream: "recent".into(),
+            payload: i.to_string().into_bytes(),
+            msg_id: i.to_string(),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match c.publish(req.clone()).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(s) => panic!("publish {i}: {s:?}"),
+            }
+        }
     }
+    println!("publishes to 'recent' retried after UNAVAILABLE: {retries}");
     let s = c.get_stream(pb::StreamInfoRequest { name: "recent".into() }).await.expect("info").into_inner();
     let s = s.state.expect("state");
     assert_eq!((s.messages, s.first_seq, s.last_seq), (1_000, 9_001, 10_000));
