@@ -354,18 +354,7 @@ pub fn main(args: &[String]) -> i32 {
         }
         Ok(r) => {
             let unit = if r.workload == "queue-consume" { "messages consumed+acked" } else { "publishes" };
-            println!("{}: {} {unit} in {:.2}s, {} errors", r.workload, r.requests, r.seconds, r.errors);
-            if let Some(e) = &r.first_error {
-                println!("  first error: {e}");
-            }
-            println!("  throughput {:.1}/s", r.throughput_per_s);
-            if let Some(p) = r.prefill_per_s {
-                println!("  pre-fill {p:.1} publishes/s; latency below is one Fetch + Ack round");
-            }
-            println!(
-                "  latency ms: mean {:.3} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3}",
-                r.mean_ms, r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.max_ms
-            );
+            super::bench_streams::print_report(&r, unit, "publishes/s; latency below is one Fetch + Ack round");
             0
         }
         Err(e) => {

@@ -624,6 +624,23 @@ fn check(args: &BenchStreamsArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints a run as text: `unit` names what was counted, `prefill` what a
+/// consume run's pre-fill rate is of.
+pub fn print_report(r: &Report, unit: &str, prefill: &str) {
+    println!("{}: {} {unit} in {:.2}s, {} errors", r.workload, r.requests, r.seconds, r.errors);
+    if let Some(e) = &r.first_error {
+        println!("  first error: {e}");
+    }
+    println!("  throughput {:.1}/s", r.throughput_per_s);
+    if let Some(p) = r.prefill_per_s {
+        println!("  pre-fill {p:.1} {prefill}");
+    }
+    println!(
+        "  latency ms: mean {:.3} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3}",
+        r.mean_ms, r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.max_ms
+    );
+}
+
 /// Runs `concord bench-streams ...`; returns the process exit code.
 pub fn main(args: &[String]) -> i32 {
     let args = match BenchStreamsArgs::try_parse_from(
@@ -650,18 +667,7 @@ pub fn main(args: &[String]) -> i32 {
         }
         Ok(r) => {
             let unit = if r.workload == "consume-ack" { "entries consumed+acked" } else { "XADDs" };
-            println!("{}: {} {unit} in {:.2}s, {} errors", r.workload, r.requests, r.seconds, r.errors);
-            if let Some(e) = &r.first_error {
-                println!("  first error: {e}");
-            }
-            println!("  throughput {:.1}/s", r.throughput_per_s);
-            if let Some(p) = r.prefill_per_s {
-                println!("  pre-fill {p:.1} XADDs/s; latency below is one XREADGROUP + XACK round");
-            }
-            println!(
-                "  latency ms: mean {:.3} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3}",
-                r.mean_ms, r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.max_ms
-            );
+            print_report(&r, unit, "XADDs/s; latency below is one XREADGROUP + XACK round");
             0
         }
         Err(e) => {

@@ -557,15 +557,7 @@ pub fn hosted_queues(node: &Node) -> Vec<HostedQueue> {
         let read = g.read_queue_local(|v| {
             let mut found = Vec::new();
             for name in v.names()? {
-                let Some(meta) = v.meta(&name)? else { continue };
-                let consumers = v
-                    .consumers(&name)?
-                    .into_iter()
-                    .map(|c| {
-                        let n = v.num_pending(&meta, &c);
-                        (c, n)
-                    })
-                    .collect();
+                let (Some(meta), Some(consumers)) = (v.meta(&name)?, v.consumer_states(&name, None)?) else { continue };
                 found.push((meta, consumers));
             }
             Ok(found)

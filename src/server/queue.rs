@@ -316,24 +316,10 @@ impl QueueService {
                 .await
             }
             QueueCall::Consumer(name, consumer) => {
-                g.queue_read(timeout, true, |v| {
-                    let Some(meta) = v.meta(&name)? else { return Ok(QueueAnswer::Stream(None, 0)) };
-                    let c = v.consumer(&name, &consumer)?;
-                    Ok(QueueAnswer::Consumers(
-                        c.into_iter().map(|c| (v.num_pending(&meta, &c), c)).map(|(n, c)| (c, n)).collect(),
-                    ))
-                })
-                .await
+                g.queue_read(timeout, true, |v| Ok(consumers_answer(v.consumer_states(&name, Some(&consumer))?))).await
             }
             QueueCall::Consumers(name) => {
-                g.queue_read(timeout, true, |v| {
-                    let Some(meta) = v.meta(&name)? else { return Ok(QueueAnswer::Stream(None, 0)) };
-                    let list = v.consumers(&name)?;
-                    Ok(QueueAnswer::Consumers(
-                        list.into_iter().map(|c| (v.num_pending(&meta, &c), c)).map(|(n, c)| (c, n)).collect(),
-                    ))
-                })
-                .await
+                g.queue_read(timeout, true, |v| Ok(consumers_answer(v.consumer_states(&name, None)?))).await
             }
             QueueCall::Message(name, seq) => {
                 g.queue_read(timeout, true, |v| Ok(QueueAnswer::Message(v.message(&name, seq)?))).await
@@ -412,6 +398,13 @@ impl QueueService {
             QueueReply::Done(done) => Ok(Response::new(pb::AckResponse { done })),
             other => Err(Status::internal(format!("concord: unexpected reply {other:?}"))),
         }
+    }
+}
+
+fn consumers_answer(states: Option<Vec<ConsumerState>>) -> QueueAnswer {
+    match states {
+        Some(list) => QueueAnswer::Consumers(list),
+        None => QueueAnswer::Stream(None, 0),
     }
 }
 

@@ -456,13 +456,7 @@ impl StreamGroup {
         &self,
         f: impl FnOnce(&queue::QueueView<'_, dyn model::Table>) -> Result<T, model::Corrupt>,
     ) -> Result<T, StreamError> {
-        let storage = |e: redb::Error| StreamError::Storage(e.to_string());
-        let txn = self.db.begin_read().map_err(|e| storage(e.into()))?;
-        let table = ReadView(Rows::new(txn.open_table(ROWS).map_err(|e| storage(e.into()))?));
-        let value = f(&queue::QueueView { table: &table as &dyn model::Table })
-            .map_err(|e| StreamError::Storage(e.to_string()))?;
-        table.0.checked().map_err(|e| StreamError::Storage(e.to_string()))?;
-        Ok(value)
+        self.with_rows(|table| f(&queue::QueueView { table: table as &dyn model::Table }))
     }
 
     /// A linearizable read: a read barrier, then `f` over this member's state.
@@ -481,11 +475,15 @@ impl StreamGroup {
         &self,
         f: impl FnOnce(&model::View<'_, dyn model::Table>) -> Result<T, model::Corrupt>,
     ) -> Result<T, StreamError> {
+        self.with_rows(|table| f(&model::View { table: table as &dyn model::Table }))
+    }
+
+    /// `f` over this member's applied rows; a storage error it met is the answer.
+    fn with_rows<T>(&self, f: impl FnOnce(&ReadView) -> Result<T, model::Corrupt>) -> Result<T, StreamError> {
         let storage = |e: redb::Error| StreamError::Storage(e.to_string());
         let txn = self.db.begin_read().map_err(|e| storage(e.into()))?;
         let table = ReadView(Rows::new(txn.open_table(ROWS).map_err(|e| storage(e.into()))?));
-        let value =
-            f(&model::View { table: &table as &dyn model::Table }).map_err(|e| StreamError::Storage(e.to_string()))?;
+        let value = f(&table).map_err(|e| StreamError::Storage(e.to_string()))?;
         table.0.checked().map_err(|e| StreamError::Storage(e.to_string()))?;
         Ok(value)
     }

@@ -440,6 +440,20 @@ fn pel_key(key: &[u8], group: &[u8], id: StreamId) -> Vec<u8> {
     k
 }
 
+/// Deletes every row whose key starts with `p`, a bounded batch at a time.
+pub(super) fn delete_prefixed<T: Table + ?Sized>(table: &mut T, p: &[u8]) {
+    let end = prefix_end(p);
+    loop {
+        let rows = table.range(p, &end, false, 1024);
+        if rows.is_empty() {
+            break;
+        }
+        for (k, _) in rows {
+            table.delete(&k);
+        }
+    }
+}
+
 /// The first key after every key starting with `p`.
 pub(super) fn prefix_end(p: &[u8]) -> Vec<u8> {
     let mut end = p.to_vec();
@@ -899,17 +913,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
                 }
                 self.table.delete(&meta_key(&key));
                 for kind in [b'E', b'G', b'C', b'P'] {
-                    let p = prefix(kind, &key);
-                    let end = prefix_end(&p);
-                    loop {
-                        let rows = self.table.range(&p, &end, false, 1024);
-                        if rows.is_empty() {
-                            break;
-                        }
-                        for (k, _) in rows {
-                            self.table.delete(&k);
-                        }
-                    }
+                    delete_prefixed(self.table, &prefix(kind, &key));
                 }
                 Ok(Value::Integer(1))
             }

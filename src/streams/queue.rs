@@ -27,7 +27,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{decode, encode, lp, prefix, prefix_end, Table, R};
+use super::model::{decode, delete_prefixed, encode, lp, prefix, prefix_end, Table, R};
 
 /// How long publishes are remembered by msg-id unless configured (JetStream's 2 min).
 pub const DEFAULT_DUPLICATE_WINDOW_MS: u64 = 120_000;
@@ -510,6 +510,25 @@ impl<T: Table + ?Sized> QueueView<'_, T> {
         }
     }
 
+    /// The stream's consumers (only `only` when given), each with the messages
+    /// it has still to be delivered; `None` when the stream does not exist.
+    pub fn consumer_states(&self, name: &str, only: Option<&str>) -> R<Option<Vec<(Consumer, u64)>>> {
+        let Some(meta) = self.meta(name)? else { return Ok(None) };
+        let consumers = match only {
+            Some(c) => self.consumer(name, c)?.into_iter().collect(),
+            None => self.consumers(name)?,
+        };
+        Ok(Some(
+            consumers
+                .into_iter()
+                .map(|c| {
+                    let n = self.num_pending(&meta, &c);
+                    (c, n)
+                })
+                .collect(),
+        ))
+    }
+
     /// Outbox entries waiting for the dead-letter stream, oldest first.
     pub fn dead(&self, name: &str, limit: usize) -> R<Vec<Dead>> {
         let p = prefix(b'x', name.as_bytes());
@@ -598,17 +617,7 @@ impl<T: Table + ?Sized> Queues<'_, T> {
                     return refused(QueueError::StreamNotFound);
                 }
                 for kind in KINDS {
-                    let p = prefix(kind, name.as_bytes());
-                    let end = prefix_end(&p);
-                    loop {
-                        let rows = self.table.range(&p, &end, false, 1024);
-                        if rows.is_empty() {
-                            break;
-                        }
-                        for (k, _) in rows {
-                            self.table.delete(&k);
-                        }
-                    }
+                    delete_prefixed(self.table, &prefix(kind, name.as_bytes()));
                 }
                 Ok(QueueReply::Count(1))
             }
@@ -867,10 +876,7 @@ impl<T: Table + ?Sized> Queues<'_, T> {
         }
         self.table.delete(&consumer_key(name, consumer));
         for kind in [b'l', b'w'] {
-            let p = lease_prefix(kind, name, consumer);
-            for (k, _) in self.table.range(&p, &prefix_end(&p), false, usize::MAX) {
-                self.table.delete(&k);
-            }
+            delete_prefixed(self.table, &lease_prefix(kind, name, consumer));
         }
         meta.consumers = meta.consumers.saturating_sub(1);
         if meta.config.retention == Retention::Interest {
