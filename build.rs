@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/concord/peer.proto",
                 "proto/concord/groups.proto",
                 "proto/concord/queue.proto",
+                "proto/concord/blob.proto",
             ],
             &["proto"],
         )?;

@@ -7,6 +7,7 @@
 //! `storage`; `placement` is pure functions, `proto` generated code only.
 //! See `docs/ARCHITECTURE.md`.
 
+pub mod blob;
 pub mod cli;
 pub mod consensus;
 pub mod etcd_store;

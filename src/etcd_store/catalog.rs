@@ -35,6 +35,9 @@ pub enum ServiceKind {
     /// A Redis stream (`crate::streams`), found by its name (see
     /// [`CatalogChange::CreateNamed`]).
     Stream,
+    /// A blob bucket's metadata (`crate::blob::meta`, on the stream service's
+    /// ordered table), found by the bucket's name. Appended last.
+    Blob,
 }
 
 impl ServiceKind {
@@ -42,6 +45,7 @@ impl ServiceKind {
         match self {
             ServiceKind::Register => "register",
             ServiceKind::Stream => "stream",
+            ServiceKind::Blob => "blob",
         }
     }
 
@@ -49,6 +53,7 @@ impl ServiceKind {
         match name {
             "register" => Some(ServiceKind::Register),
             "stream" => Some(ServiceKind::Stream),
+            "blob" => Some(ServiceKind::Blob),
             _ => None,
         }
     }

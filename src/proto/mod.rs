@@ -43,3 +43,7 @@ pub mod groups {
 pub mod queue {
     tonic::include_proto!("concord.queue.v1");
 }
+
+pub mod blob {
+    tonic::include_proto!("concord.blob.v1");
+}

@@ -244,7 +244,7 @@ impl GroupHost {
             ServiceKind::Register => {
                 Hosted::Register(Registers::start(self.member, id, &dir, log, &self.config).await.map_err(failed)?)
             }
-            ServiceKind::Stream => {
+            ServiceKind::Stream | ServiceKind::Blob => {
                 Hosted::Stream(StreamGroup::start(self.member, id, &dir, log, &self.config).await.map_err(failed)?)
             }
         };

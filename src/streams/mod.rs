@@ -67,6 +67,8 @@ pub enum StreamReply {
     Malformed(String),
     /// A queue command's reply.
     Queue(queue::QueueReply),
+    /// A blob metadata command's reply.
+    Blob(crate::blob::meta::BlobReply),
 }
 
 /// The model's table (infallible) over a redb table: the first storage error
@@ -293,6 +295,13 @@ impl Service for StreamService {
                             table.checked()?;
                             StreamReply::Queue(reply)
                         }
+                        Ok(StreamCommand::Blob(cmd)) => {
+                            let mut table = Rows::new(&mut rows);
+                            let reply =
+                                crate::blob::meta::BlobApply { table: &mut table }.apply(cmd).map_err(io_err)?;
+                            table.checked()?;
+                            StreamReply::Blob(reply)
+                        }
                         Ok(cmd) => {
                             let mut table = Rows::new(&mut rows);
                             let value = model::Streams { table: &mut table }.apply(cmd).map_err(io_err)?;
@@ -419,7 +428,7 @@ impl StreamGroup {
         match decode::<StreamReply>(&reply).map_err(|e| StreamError::Storage(e.to_string()))? {
             StreamReply::Value(v) => Ok(v),
             StreamReply::Malformed(why) => Err(StreamError::Storage(format!("malformed stream command: {why}"))),
-            StreamReply::Queue(r) => Err(StreamError::Storage(format!("a queue reply to a stream command: {r:?}"))),
+            other => Err(StreamError::Storage(format!("not a stream reply to a stream command: {other:?}"))),
         }
     }
 
@@ -434,8 +443,38 @@ impl StreamGroup {
         match decode::<StreamReply>(&reply).map_err(|e| StreamError::Storage(e.to_string()))? {
             StreamReply::Queue(r) => Ok(r),
             StreamReply::Malformed(why) => Err(StreamError::Storage(format!("malformed queue command: {why}"))),
-            StreamReply::Value(v) => Err(StreamError::Storage(format!("a stream reply to a queue command: {v:?}"))),
+            other => Err(StreamError::Storage(format!("not a queue reply to a queue command: {other:?}"))),
         }
+    }
+
+    /// Replicates a blob metadata write; its reply.
+    pub async fn blob_write(
+        &self,
+        cmd: crate::blob::meta::BlobCommand,
+        timeout: Duration,
+    ) -> Result<crate::blob::meta::BlobReply, StreamError> {
+        let body = encode(&StreamCommand::Blob(cmd)).map_err(|e| StreamError::Storage(e.to_string()))?;
+        let reply = self.group.propose(body, false, timeout).await?;
+        match decode::<StreamReply>(&reply).map_err(|e| StreamError::Storage(e.to_string()))? {
+            StreamReply::Blob(r) => Ok(r),
+            StreamReply::Malformed(why) => Err(StreamError::Storage(format!("malformed blob command: {why}"))),
+            other => Err(StreamError::Storage(format!("not a blob reply to a blob command: {other:?}"))),
+        }
+    }
+
+    /// `f` over this member's applied blob metadata; linearizable when `barrier`.
+    pub async fn blob_read<T>(
+        &self,
+        timeout: Duration,
+        barrier: bool,
+        f: impl FnOnce(&crate::blob::meta::BlobView<'_, dyn model::Table>) -> Result<T, crate::blob::meta::Corrupt>,
+    ) -> Result<T, StreamError> {
+        if barrier {
+            self.group.read_barrier(timeout).await?;
+        }
+        self.with_rows(|table| {
+            f(&crate::blob::meta::BlobView { table: table as &dyn model::Table }).map_err(model::Corrupt::from)
+        })
     }
 
     /// `f` over this member's applied queue state; linearizable when `barrier`.

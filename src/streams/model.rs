@@ -269,6 +269,9 @@ pub enum StreamCommand {
     /// A durable-queue command (see [`super::queue`]): the same service and
     /// table, its own rows; appended last so earlier commands keep their encoding.
     Queue(super::queue::QueueCommand),
+    /// A blob bucket's metadata command (see [`crate::blob::meta`]): a bucket's
+    /// group runs this service with only these commands; appended last.
+    Blob(crate::blob::meta::BlobCommand),
 }
 
 impl StreamCommand {
@@ -289,6 +292,7 @@ impl StreamCommand {
             | StreamCommand::Claim { key, .. }
             | StreamCommand::AutoClaim { key, .. } => key,
             StreamCommand::Queue(q) => q.name().as_bytes(),
+            StreamCommand::Blob(_) => &[],
         }
     }
 }
@@ -1012,6 +1016,7 @@ impl<T: Table + ?Sized> Streams<'_, T> {
             }
             // The service runs these through the queue model.
             StreamCommand::Queue(_) => Ok(Value::err("ERR concord: a queue command has no Redis reply")),
+            StreamCommand::Blob(_) => Ok(Value::err("ERR concord: a blob command has no Redis reply")),
         }
     }
 

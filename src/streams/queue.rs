@@ -114,7 +114,7 @@ pub struct Msg {
 /// bincode encoding (a length, then the bytes), but decoded in one copy. The
 /// sequence decoded a byte at a time and built (and dropped) an error value per
 /// byte: 1-2% of a member's CPU in windowed 256 B publishes (a `perf` profile).
-mod byte_string {
+pub(crate) mod byte_string {
     pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
     }

@@ -1,0 +1,508 @@
+//! A bucket's metadata: its objects' manifests and its chunks' reference
+//! counts, as pure logic over an ordered table (the ordered-table service of
+//! [`crate::streams`] replicates it, one Raft group per bucket).
+//!
+//! Rows:
+//! - `B` → the bucket ([`BucketRecord`]).
+//! - `o` ‖ key → an object's manifest ([`ObjectRecord`]): its size, ETag,
+//!   content type, user metadata, and its bytes inline (small objects) or as the
+//!   list of its chunks.
+//! - `c` ‖ BLAKE3 hash → a chunk ([`ChunkRecord`]): its size, the members
+//!   holding a replica, and how many chunk references of committed objects
+//!   name it. A chunk whose count reaches zero is kept for the collector's grace
+//!   period, then its record goes and its files with it.
+//!
+//! What it guarantees (checked by the tests below):
+//! - A chunk referenced by a committed object has a record with a count of at
+//!   least its references: a put adds before the replaced object's references
+//!   are dropped, and [`BlobCommand::Collect`] removes only records at zero
+//!   references past the grace period.
+//! - A put whose chunk writes started longer than [`MAX_PUT_MS`] before its
+//!   commit is refused: a member's sweeper deletes unreferenced chunk files only
+//!   once they are older than the grace period, so a put that commits is never
+//!   left naming a chunk file swept while it ran.
+//! - Every decision uses only the command and the table (the proposer's clock
+//!   travels in the command): every replica computes the same reply.
+
+use serde::{Deserialize, Serialize};
+
+use crate::consensus::MemberId;
+use crate::streams::model::Table;
+
+/// A chunk's id: the BLAKE3 hash of its bytes.
+pub type ChunkId = [u8; 32];
+
+/// How long a chunk nothing references is kept before it is collected (a put
+/// reusing it within that time keeps it).
+pub const COLLECT_GRACE_MS: i64 = 10 * 60 * 1000;
+
+/// Longest time from a put's first chunk write to its commit (half the grace
+/// period, so clocks of members that differ by less than the other half do not
+/// let a sweeper delete a put's fresh chunk).
+pub const MAX_PUT_MS: i64 = COLLECT_GRACE_MS / 2;
+
+const BUCKET_ROW: &[u8] = b"B";
+const OBJECT: u8 = b'o';
+const CHUNK: u8 = b'c';
+
+/// Rows read per scan of a listing.
+const SCAN_ROWS: usize = 1000;
+
+/// The bucket a group holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    pub name: String,
+    pub created_ms: i64,
+    /// Set by a delete that found it empty: puts are refused from then on,
+    /// while the catalog group is removed.
+    pub deleting: bool,
+}
+
+/// One chunk of an object, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub size: u32,
+}
+
+/// Where an object's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// In the manifest itself (objects up to the inline limit).
+    Inline(#[serde(with = "crate::streams::queue::byte_string")] Vec<u8>),
+    Chunks(Vec<ChunkRef>),
+}
+
+/// An object's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub size: u64,
+    /// Quoted hex MD5 of the bytes (S3's single-part ETag).
+    pub etag: String,
+    pub content_type: String,
+    pub metadata: Vec<(String, String)>,
+    pub modified_ms: i64,
+    pub body: Body,
+}
+
+impl ObjectRecord {
+    pub fn chunks(&self) -> &[ChunkRef] {
+        match &self.body {
+            Body::Inline(_) => &[],
+            Body::Chunks(c) => c,
+        }
+    }
+}
+
+/// A chunk's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub size: u32,
+    /// Members holding a replica that was fsynced when it was written.
+    pub replicas: Vec<MemberId>,
+    /// References from committed objects (a chunk twice in one object counts twice).
+    pub refs: u64,
+    /// When `refs` last fell to zero.
+    pub unreferenced_since_ms: Option<i64>,
+}
+
+/// A chunk of a put, with the members its write reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedChunk {
+    pub id: ChunkId,
+    pub size: u32,
+    pub replicas: Vec<MemberId>,
+}
+
+/// A write to a bucket's metadata: one log entry's command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BlobCommand {
+    /// Makes the group's bucket exist (a new group's first command).
+    CreateBucket {
+        name: String,
+        now_ms: i64,
+    },
+    /// Marks an empty bucket deleting; refused while it holds an object.
+    DeleteBucket,
+    /// Commits an object's manifest under `key`, replacing any there.
+    Put {
+        key: String,
+        object: ObjectRecord,
+        /// Every distinct chunk of the object with the replicas written.
+        placed: Vec<PlacedChunk>,
+        /// When the put's first chunk write started (proposer's clock).
+        started_ms: i64,
+        now_ms: i64,
+    },
+    Delete {
+        key: String,
+        now_ms: i64,
+    },
+    /// Records the replicas a chunk has now (after a repair or a move).
+    SetReplicas {
+        id: ChunkId,
+        replicas: Vec<MemberId>,
+    },
+    /// Removes up to `max` chunk records unreferenced for the grace period.
+    Collect {
+        now_ms: i64,
+        max: usize,
+    },
+}
+
+/// Why a blob command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum BlobError {
+    #[error("The specified bucket does not exist")]
+    NoSuchBucket,
+    #[error("Your previous request to create the named bucket succeeded and you already own it.")]
+    BucketExists,
+    #[error("The bucket you tried to delete is not empty")]
+    BucketNotEmpty,
+    #[error("The specified key does not exist.")]
+    NoSuchKey,
+    #[error("the put took longer than {MAX_PUT_MS} ms from its first chunk to its commit; try again")]
+    PutTooSlow,
+    #[error("a chunk of the object has no replica")]
+    Unplaced,
+}
+
+/// The reply to a [`BlobCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobReply {
+    Bucket(BucketRecord),
+    Done,
+    Put(ObjectRecord),
+    /// Whether a delete found the object.
+    Deleted(bool),
+    /// The collected chunks and where their replicas were.
+    Collected(Vec<(ChunkId, Vec<MemberId>)>),
+    Refused(BlobError),
+}
+
+/// A stored row that does not decode: the state is damaged.
+#[derive(Debug, thiserror::Error)]
+#[error("blob metadata row {key:?} does not decode: {why}")]
+pub struct Corrupt {
+    pub key: Vec<u8>,
+    pub why: String,
+}
+
+impl From<Corrupt> for crate::streams::model::Corrupt {
+    fn from(c: Corrupt) -> Self {
+        crate::streams::model::Corrupt(c.to_string())
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("in-memory encoding cannot fail")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], b: &[u8]) -> Result<T, Corrupt> {
+    crate::consensus::decode_bounded(b).map(|(v, _)| v).map_err(|e| Corrupt { key: key.to_vec(), why: e.to_string() })
+}
+
+fn object_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(OBJECT);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn chunk_key(id: &ChunkId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(CHUNK);
+    k.extend_from_slice(id);
+    k
+}
+
+/// The least key greater than every key starting with `prefix` (`None`: no bound).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// One page of a listing.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub objects: Vec<(String, ObjectRecord)>,
+    pub common_prefixes: Vec<String>,
+    pub truncated: bool,
+    /// The last key or common prefix on the page (the next page starts after it).
+    pub last: Option<String>,
+}
+
+/// Reads of a bucket's metadata.
+pub struct BlobView<'a, T: Table + ?Sized> {
+    pub table: &'a T,
+}
+
+impl<T: Table + ?Sized> BlobView<'_, T> {
+    pub fn bucket(&self) -> Result<Option<BucketRecord>, Corrupt> {
+        self.table.get(BUCKET_ROW).map(|v| decode(BUCKET_ROW, &v)).transpose()
+    }
+
+    /// The bucket, if it exists and is not being deleted.
+    pub fn live_bucket(&self) -> Result<Option<BucketRecord>, Corrupt> {
+        Ok(self.bucket()?.filter(|b| !b.deleting))
+    }
+
+    pub fn object(&self, key: &str) -> Result<Option<ObjectRecord>, Corrupt> {
+        let k = object_key(key);
+        self.table.get(&k).map(|v| decode(&k, &v)).transpose()
+    }
+
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRecord>, Corrupt> {
+        let k = chunk_key(id);
+        self.table.get(&k).map(|v| decode(&k, &v)).transpose()
+    }
+
+    /// Whether the bucket holds any object.
+    pub fn has_objects(&self) -> bool {
+        !self.table.range(&[OBJECT], &[OBJECT + 1], false, 1).is_empty()
+    }
+
+    /// Up to `limit` chunk records with ids after `after`, in id order.
+    pub fn chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<(ChunkId, ChunkRecord)>, Corrupt> {
+        let from = match after {
+            Some(id) => {
+                let mut k = chunk_key(id);
+                k.push(0);
+                k
+            }
+            None => vec![CHUNK],
+        };
+        let mut out = Vec::new();
+        for (k, v) in self.table.range(&from, &[CHUNK + 1], false, limit) {
+            let id: ChunkId =
+                k[1..].try_into().map_err(|_| Corrupt { key: k.clone(), why: "a chunk id is not 32 bytes".into() })?;
+            out.push((id, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` objects with keys after `after`, in key order.
+    pub fn objects(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, ObjectRecord)>, Corrupt> {
+        let from = match after {
+            Some(a) => {
+                let mut k = object_key(a);
+                k.push(0);
+                k
+            }
+            None => vec![OBJECT],
+        };
+        let mut out = Vec::new();
+        for (k, v) in self.table.range(&from, &[OBJECT + 1], false, limit) {
+            out.push((self.key_of(&k)?, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    fn key_of(&self, row: &[u8]) -> Result<String, Corrupt> {
+        String::from_utf8(row[1..].to_vec()).map_err(|e| Corrupt { key: row.to_vec(), why: e.to_string() })
+    }
+
+    /// S3's ListObjectsV2 over the bucket: keys starting with `prefix` and after
+    /// `start_after`; with a `delimiter`, the keys that hold it past the prefix
+    /// are rolled into common prefixes (each counting once toward `max_keys`).
+    pub fn list(&self, prefix: &str, delimiter: &str, start_after: &str, max_keys: usize) -> Result<Listing, Corrupt> {
+        let mut listing = Listing::default();
+        let end = match prefix_end(&object_key(prefix)) {
+            Some(e) => e,
+            None => vec![OBJECT + 1],
+        };
+        let mut from = object_key(prefix);
+        if start_after.as_bytes() >= prefix.as_bytes() {
+            from = object_key(start_after);
+            from.push(0);
+        }
+        loop {
+            let rows = self.table.range(&from, &end, false, SCAN_ROWS);
+            let full = rows.len() == SCAN_ROWS;
+            let mut next = match rows.last() {
+                Some((last, _)) if full => [last.as_slice(), &[0]].concat(),
+                _ => end.clone(),
+            };
+            for (k, v) in &rows {
+                let key = self.key_of(k)?;
+                let common = match delimiter.is_empty() {
+                    true => None,
+                    false => key[prefix.len()..]
+                        .find(delimiter)
+                        .map(|at| key[..prefix.len() + at + delimiter.len()].to_string()),
+                };
+                // A common prefix the previous page ended on is not repeated.
+                let repeated = common.as_deref() == Some(start_after);
+                if !repeated && listing.objects.len() + listing.common_prefixes.len() >= max_keys {
+                    listing.truncated = true;
+                    return Ok(listing);
+                }
+                match common {
+                    Some(cp) => {
+                        // Every key under the common prefix is skipped.
+                        next = prefix_end(&object_key(&cp)).unwrap_or_else(|| end.clone());
+                        if !repeated {
+                            listing.last = Some(cp.clone());
+                            listing.common_prefixes.push(cp);
+                        }
+                        break;
+                    }
+                    None => {
+                        listing.last = Some(key.clone());
+                        listing.objects.push((key, decode(k, v)?));
+                    }
+                }
+            }
+            if next >= end {
+                return Ok(listing);
+            }
+            from = next;
+        }
+    }
+}
+
+/// Applies blob commands to a bucket's table.
+pub struct BlobApply<'a, T: Table + ?Sized> {
+    pub table: &'a mut T,
+}
+
+impl<T: Table + ?Sized> BlobApply<'_, T> {
+    fn view(&self) -> BlobView<'_, T> {
+        BlobView { table: &*self.table }
+    }
+
+    fn put_chunk(&mut self, id: &ChunkId, rec: &ChunkRecord) {
+        self.table.put(&chunk_key(id), &encode(rec));
+    }
+
+    pub fn apply(&mut self, cmd: BlobCommand) -> Result<BlobReply, Corrupt> {
+        let bucket = self.view().bucket()?;
+        let refused = |e| Ok(BlobReply::Refused(e));
+        match cmd {
+            BlobCommand::CreateBucket { name, now_ms } => {
+                if let Some(b) = bucket {
+                    return match b.deleting {
+                        true => refused(BlobError::NoSuchBucket),
+                        false => refused(BlobError::BucketExists),
+                    };
+                }
+                let b = BucketRecord { name, created_ms: now_ms, deleting: false };
+                self.table.put(BUCKET_ROW, &encode(&b));
+                Ok(BlobReply::Bucket(b))
+            }
+            BlobCommand::DeleteBucket => {
+                let Some(mut b) = bucket else { return refused(BlobError::NoSuchBucket) };
+                if self.view().has_objects() {
+                    return refused(BlobError::BucketNotEmpty);
+                }
+                b.deleting = true;
+                self.table.put(BUCKET_ROW, &encode(&b));
+                Ok(BlobReply::Done)
+            }
+            BlobCommand::Put { key, object, placed, started_ms, now_ms } => {
+                if bucket.is_none_or(|b| b.deleting) {
+                    return refused(BlobError::NoSuchBucket);
+                }
+                if now_ms.saturating_sub(started_ms) > MAX_PUT_MS {
+                    return refused(BlobError::PutTooSlow);
+                }
+                // Every chunk the manifest names is placed now or known already.
+                for c in object.chunks() {
+                    let here = placed.iter().any(|p| p.id == c.id && !p.replicas.is_empty());
+                    if !here && self.view().chunk(&c.id)?.is_none() {
+                        return refused(BlobError::Unplaced);
+                    }
+                }
+                for c in object.chunks() {
+                    let written = placed.iter().find(|p| p.id == c.id);
+                    let mut rec = match self.view().chunk(&c.id)? {
+                        Some(r) => r,
+                        None => {
+                            ChunkRecord { size: c.size, replicas: Vec::new(), refs: 0, unreferenced_since_ms: None }
+                        }
+                    };
+                    if let Some(p) = written {
+                        for m in &p.replicas {
+                            if !rec.replicas.contains(m) {
+                                rec.replicas.push(*m);
+                            }
+                        }
+                    }
+                    rec.refs += 1;
+                    rec.unreferenced_since_ms = None;
+                    self.put_chunk(&c.id, &rec);
+                }
+                let mut object = object;
+                object.modified_ms = now_ms;
+                if let Some(old) = self.view().object(&key)? {
+                    self.release(&old, now_ms)?;
+                }
+                self.table.put(&object_key(&key), &encode(&object));
+                Ok(BlobReply::Put(object))
+            }
+            BlobCommand::Delete { key, now_ms } => {
+                if bucket.is_none_or(|b| b.deleting) {
+                    return refused(BlobError::NoSuchBucket);
+                }
+                match self.view().object(&key)? {
+                    None => Ok(BlobReply::Deleted(false)),
+                    Some(old) => {
+                        self.release(&old, now_ms)?;
+                        self.table.delete(&object_key(&key));
+                        Ok(BlobReply::Deleted(true))
+                    }
+                }
+            }
+            BlobCommand::SetReplicas { id, replicas } => {
+                if let Some(mut rec) = self.view().chunk(&id)? {
+                    rec.replicas = replicas;
+                    self.put_chunk(&id, &rec);
+                }
+                Ok(BlobReply::Done)
+            }
+            BlobCommand::Collect { now_ms, max } => {
+                let mut collected = Vec::new();
+                let mut after = None;
+                'scan: loop {
+                    let page = self.view().chunks(after.as_ref(), SCAN_ROWS)?;
+                    let Some((last, _)) = page.last() else { break };
+                    after = Some(*last);
+                    for (id, rec) in page {
+                        let expired = rec.unreferenced_since_ms.is_some_and(|t| now_ms - t >= COLLECT_GRACE_MS);
+                        if rec.refs == 0 && expired {
+                            self.table.delete(&chunk_key(&id));
+                            collected.push((id, rec.replicas));
+                            if collected.len() >= max {
+                                break 'scan;
+                            }
+                        }
+                    }
+                }
+                Ok(BlobReply::Collected(collected))
+            }
+        }
+    }
+
+    /// Drops an object's references to its chunks.
+    fn release(&mut self, object: &ObjectRecord, now_ms: i64) -> Result<(), Corrupt> {
+        for c in object.chunks() {
+            if let Some(mut rec) = self.view().chunk(&c.id)? {
+                rec.refs = rec.refs.saturating_sub(1);
+                if rec.refs == 0 {
+                    rec.unreferenced_since_ms = Some(now_ms);
+                }
+                self.put_chunk(&c.id, &rec);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+type Rows = BTreeMap<Vec<u8>, Vec<u8>>;
+
+fn apply(t: &mut Rows, cmd: BlobCommand) -> BlobReply {
+    BlobApply { table: t }.apply(cmd).expect("apply")
+}
+
+fn id(n: u8) -> ChunkId {
+    [n; 32]
+}
+
+fn object(chunks: &[u8]) -> ObjectRecord {
+    ObjectRecord {
+        size: chunks.len() as u64 * 10,
+        etag: "\"e\"".into(),
+        content_type: String::new(),
+        metadata: Vec::new(),
+        modified_ms: 0,
+        body: Body::Chunks(chunks.iter().map(|n| ChunkRef { id: id(*n), size: 10 }).collect()),
+    }
+}
+
+fn put(t: &mut Rows, key: &str, chunks: &[u8], now_ms: i64) -> BlobReply {
+    let placed = chunks.iter().map(|n| PlacedChunk { id: id(*n), size: 10, replicas: vec![1, 2, 3] }).collect();
+    apply(t, BlobCommand::Put { key: key.into(), object: object(chunks), placed, started_ms: now_ms, now_ms })
+}
+
+fn refs(t: &Rows, n: u8) -> Option<u64> {
+    BlobView { table: t }.chunk(&id(n)).expect("chunk").map(|c| c.refs)
+}
+
+fn bucket() -> Rows {
+    let mut t = Rows::new();
+    let reply = apply(&mut t, BlobCommand::CreateBucket { name: "b".into(), now_ms: 1 });
+    assert!(matches!(reply, BlobReply::Bucket(_)));
+    t
+}
+
+#[test]
+fn buckets_are_created_once_and_deleted_only_empty() {
+    let mut t = bucket();
+    let again = apply(&mut t, BlobCommand::CreateBucket { name: "b".into(), now_ms: 2 });
+    assert_eq!(again, BlobReply::Refused(BlobError::BucketExists));
+    put(&mut t, "k", &[1], 3);
+    assert_eq!(apply(&mut t, BlobCommand::DeleteBucket), BlobReply::Refused(BlobError::BucketNotEmpty));
+    assert_eq!(apply(&mut t, BlobCommand::Delete { key: "k".into(), now_ms: 4 }), BlobReply::Deleted(true));
+    assert_eq!(apply(&mut t, BlobCommand::Delete { key: "k".into(), now_ms: 4 }), BlobReply::Deleted(false));
+    assert_eq!(apply(&mut t, BlobCommand::DeleteBucket), BlobReply::Done);
+    assert_eq!(put(&mut t, "k", &[1], 5), BlobReply::Refused(BlobError::NoSuchBucket));
+    let mut empty = Rows::new();
+    assert_eq!(put(&mut empty, "k", &[1], 5), BlobReply::Refused(BlobError::NoSuchBucket));
+}
+
+#[test]
+fn references_count_every_occurrence_and_replacement_releases() {
+    let mut t = bucket();
+    put(&mut t, "a", &[1, 2, 1], 10);
+    assert_eq!((refs(&t, 1), refs(&t, 2)), (Some(2), Some(1)));
+    put(&mut t, "b", &[2], 11);
+    assert_eq!(refs(&t, 2), Some(2));
+    // Replacing "a" by an object sharing chunk 2 keeps it referenced.
+    put(&mut t, "a", &[2, 3], 12);
+    assert_eq!((refs(&t, 1), refs(&t, 2), refs(&t, 3)), (Some(0), Some(2), Some(1)));
+    apply(&mut t, BlobCommand::Delete { key: "b".into(), now_ms: 13 });
+    assert_eq!(refs(&t, 2), Some(1));
+}
+
+#[test]
+fn collection_takes_only_chunks_unreferenced_for_the_grace_period() {
+    let mut t = bucket();
+    put(&mut t, "a", &[1, 2], 0);
+    apply(&mut t, BlobCommand::Delete { key: "a".into(), now_ms: 100 });
+    put(&mut t, "b", &[2], 200);
+    let early = apply(&mut t, BlobCommand::Collect { now_ms: 100 + COLLECT_GRACE_MS - 1, max: 10 });
+    assert_eq!(early, BlobReply::Collected(vec![]));
+    let due = apply(&mut t, BlobCommand::Collect { now_ms: 100 + COLLECT_GRACE_MS, max: 10 });
+    assert_eq!(due, BlobReply::Collected(vec![(id(1), vec![1, 2, 3])]));
+    assert_eq!((refs(&t, 1), refs(&t, 2)), (None, Some(1)));
+    // A put naming a collected chunk without writing it is refused.
+    let reuse = apply(
+        &mut t,
+        BlobCommand::Put { key: "c".into(), object: object(&[1]), placed: vec![], started_ms: 0, now_ms: 1 },
+    );
+    assert_eq!(reuse, BlobReply::Refused(BlobError::Unplaced));
+}
+
+#[test]
+fn a_slow_put_is_refused() {
+    let mut t = bucket();
+    let placed = vec![PlacedChunk { id: id(1), size: 10, replicas: vec![1] }];
+    let slow =
+        BlobCommand::Put { key: "k".into(), object: object(&[1]), placed, started_ms: 0, now_ms: MAX_PUT_MS + 1 };
+    assert_eq!(apply(&mut t, slow), BlobReply::Refused(BlobError::PutTooSlow));
+    assert_eq!(refs(&t, 1), None);
+}
+
+/// A model of S3's ListObjectsV2 over a key list, to check the table-driven one.
+fn model_list(keys: &[String], prefix: &str, delim: &str, after: &str, max: usize) -> (Vec<String>, Vec<String>, bool) {
+    let mut items: Vec<(String, bool)> = Vec::new();
+    for k in keys.iter().filter(|k| k.starts_with(prefix) && k.as_str() > after) {
+        let item = match delim.is_empty() {
+            true => None,
+            false => k[prefix.len()..].find(delim).map(|at| k[..prefix.len() + at + delim.len()].to_string()),
+        };
+        let (name, is_prefix) = match item {
+            Some(cp) => (cp, true),
+            None => (k.clone(), false),
+        };
+        if !(is_prefix && name == after) && !items.iter().any(|(n, _)| *n == name) {
+            items.push((name, is_prefix));
+        }
+    }
+    let truncated = items.len() > max;
+    let page: Vec<_> = items.into_iter().take(max).collect();
+    let objects = page.iter().filter(|(_, p)| !p).map(|(n, _)| n.clone()).collect();
+    let prefixes = page.iter().filter(|(_, p)| *p).map(|(n, _)| n.clone()).collect();
+    (objects, prefixes, truncated)
+}
+
+#[test]
+fn listing_matches_a_model_of_list_objects_v2() {
+    let mut t = bucket();
+    let mut keys: Vec<String> = Vec::new();
+    let parts = ["a", "b", "a/", "b/c", "/", "x"];
+    let mut seed = 7u64;
+    for _ in 0..400 {
+        let mut k = String::new();
+        for _ in 0..(seed % 4 + 1) {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            k.push_str(parts[(seed >> 33) as usize % parts.len()]);
+        }
+        if !keys.contains(&k) {
+            keys.push(k.clone());
+            put(&mut t, &k, &[1], 1);
+        }
+    }
+    keys.sort();
+    let view = BlobView { table: &t };
+    for prefix in ["", "a", "a/", "b/c", "zz"] {
+        for delim in ["", "/", "c"] {
+            for max in [1, 3, 1000] {
+                // Page through, checking each page against the model.
+                let mut after = String::new();
+                let mut pages = 0;
+                loop {
+                    let got = view.list(prefix, delim, &after, max).expect("list");
+                    let (objects, prefixes, truncated) = model_list(&keys, prefix, delim, &after, max);
+                    let names: Vec<String> = got.objects.iter().map(|(k, _)| k.clone()).collect();
+                    let ctx = format!("prefix {prefix:?} delim {delim:?} max {max} after {after:?}");
+                    assert_eq!(names, objects, "{ctx}");
+                    assert_eq!(got.common_prefixes, prefixes, "{ctx}");
+                    assert_eq!(got.truncated, truncated, "{ctx}");
+                    pages += 1;
+                    assert!(pages < 1000, "listing does not end: {ctx}");
+                    match (got.truncated, got.last) {
+                        (true, Some(last)) => after = last,
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+}
