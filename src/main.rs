@@ -11,6 +11,8 @@
 //! `concord bench-queue --workload ...` against concord's durable-queue API;
 //! `concord queue ...` manages durable-queue streams and consumers, publishes,
 //! fetches and acknowledges;
+//! `concord blob ...` makes and removes buckets, uploads, downloads, lists, copies,
+//! deletes and checks blob-store objects (`blob://BUCKET/KEY`);
 //! `concord group ...` and `concord register ...` manage the group catalog and
 //! the register service.
 
@@ -34,6 +36,7 @@ fn main() {
         Some("bench-streams") => std::process::exit(concord::cli::bench_streams::main(&args[2..])),
         Some("bench-queue") => std::process::exit(concord::cli::bench_queue::main(&args[2..])),
         Some("queue") => std::process::exit(concord::cli::queue::main(&args[2..])),
+        Some("blob") => std::process::exit(concord::cli::blob::main(&args[2..])),
         Some("nodes") => std::process::exit(concord::cli::nodes::main(&args[2..])),
         Some("group") => std::process::exit(concord::cli::group::group_main(&args[2..])),
         Some("register") => std::process::exit(concord::cli::group::register_main(&args[2..])),

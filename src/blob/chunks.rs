@@ -18,6 +18,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::meta::ChunkId;
@@ -54,8 +55,8 @@ pub fn parse_hex(s: &str) -> Option<ChunkId> {
 pub struct ChunkStore {
     /// `member/blobs`.
     dir: PathBuf,
-    /// Chunks found corrupt on read here since start.
-    corrupt_found: AtomicU64,
+    /// Chunks found corrupt on read here since start (shared with the metrics).
+    corrupt_found: Arc<AtomicU64>,
     /// Scratch file names are unique per write.
     next_scratch: AtomicU64,
 }
@@ -65,11 +66,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl ChunkStore {
-    /// Opens the store in `dir`, removing scratch files a crash left.
-    pub fn open(dir: &Path) -> io::Result<ChunkStore> {
+    /// Opens the store in `dir`, removing scratch files a crash left; corrupt
+    /// chunks found are counted in `corrupt_found`.
+    pub fn open(dir: &Path, corrupt_found: Arc<AtomicU64>) -> io::Result<ChunkStore> {
         fs::create_dir_all(dir)?;
-        let store =
-            ChunkStore { dir: dir.to_path_buf(), corrupt_found: AtomicU64::new(0), next_scratch: AtomicU64::new(0) };
+        let store = ChunkStore { dir: dir.to_path_buf(), corrupt_found, next_scratch: AtomicU64::new(0) };
         for bucket in store.buckets()? {
             for fan in fs::read_dir(store.bucket_dir(bucket))? {
                 for f in fs::read_dir(fan?.path())? {
@@ -209,7 +210,7 @@ mod tests {
     #[test]
     fn chunks_are_verified_on_write_and_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = ChunkStore::open(dir.path()).expect("open");
+        let store = ChunkStore::open(dir.path(), Arc::default()).expect("open");
         let data = b"hello chunk".to_vec();
         let id = *blake3::hash(&data).as_bytes();
         assert!(matches!(store.put(7, &id, b"other bytes"), Err(ChunkError::Mismatch(_))));
@@ -231,7 +232,7 @@ mod tests {
         // Scratch files a crash left are removed at open.
         let scratch = path.with_file_name(format!("{}.9{SCRATCH_SUFFIX}", hex(&id)));
         fs::write(&scratch, b"x").expect("scratch");
-        let store = ChunkStore::open(dir.path()).expect("reopen");
+        let store = ChunkStore::open(dir.path(), Arc::default()).expect("reopen");
         assert!(!scratch.exists());
         assert_eq!(store.buckets().expect("buckets"), vec![7]);
         store.remove_bucket(7).expect("remove");

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_log;
 pub mod bench_queue;
 pub mod bench_streams;
+pub mod blob;
 pub mod group;
 pub mod health;
 pub mod nodes;

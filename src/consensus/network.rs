@@ -142,8 +142,10 @@ enum AdminRequest {
     LearnerCaughtUp(MemberId),
     /// Answered at once: every member times these to each peer (see `Group::run_prober`).
     Probe,
-    /// A service's request for this member (see [`super::MemberCalls`]).
-    Service(Vec<u8>),
+    /// A service's request for this member (see [`super::MemberCalls`]); a
+    /// byte string (the `Vec<u8>` encoding, decoded in one copy: a blob chunk
+    /// is megabytes).
+    Service(#[serde(with = "super::byte_string")] Vec<u8>),
 }
 
 /// Most writes one forwarding RPC carries (the leader refuses larger batches).
@@ -478,9 +480,9 @@ impl PeerPool {
     /// Has member `node` answer a service's request (see [`super::MemberCalls`]).
     pub async fn member_call(&self, node: &PeerInfo, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
         let req = AdminRequest::Service(req);
-        let r: Result<Result<Vec<u8>, String>, _> =
+        let r: Result<Result<super::byte_string::ByteString, String>, _> =
             self.call(node, &req, timeout, |mut c, r| async move { c.admin(r).await }).await;
-        r.map_err(|e| format!("{e:?}"))?
+        r.map_err(|e| format!("{e:?}"))?.map(|b| b.0)
     }
 
     /// Asks the leader `node` whether learner `id` has caught up.
@@ -1659,7 +1661,10 @@ impl Peer for PeerService {
                 reply(&out)
             }
             AdminRequest::Probe => reply(&()),
-            AdminRequest::Service(req) => reply(&group.local_member_call(req).await.map_err(|e| e.to_string())),
+            AdminRequest::Service(req) => {
+                let answer = group.local_member_call(req).await.map(super::byte_string::ByteString);
+                reply(&answer.map_err(|e| e.to_string()))
+            }
         }
     }
 

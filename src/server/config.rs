@@ -179,6 +179,19 @@ pub struct Flags {
     /// Most messages one queue fetch leases.
     #[arg(long, env = "CONCORD_QUEUE_MAX_BATCH")]
     pub queue_max_batch: Option<u64>,
+    /// Size of a blob object's chunks, bytes (1 MiB to 64 MiB).
+    #[arg(long, env = "CONCORD_BLOB_CHUNK_BYTES")]
+    pub blob_chunk_bytes: Option<u64>,
+    /// Members holding each blob chunk.
+    #[arg(long, env = "CONCORD_BLOB_REPLICAS")]
+    pub blob_replicas: Option<u64>,
+    /// Largest blob object stored inline in its manifest (through Raft), bytes.
+    #[arg(long, env = "CONCORD_BLOB_INLINE_MAX_BYTES")]
+    pub blob_inline_max_bytes: Option<u64>,
+    /// Most chunk transfers (in and out) a member runs at once: its blob memory
+    /// is at most about this many chunks.
+    #[arg(long, env = "CONCORD_BLOB_MAX_TRANSFERS")]
+    pub blob_max_transfers: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -245,6 +258,14 @@ pub struct Config {
     pub queue_max_msg_bytes: u64,
     /// `--queue-max-batch`: most messages one fetch leases (default 256).
     pub queue_max_batch: u64,
+    /// `--blob-chunk-bytes`: size of a blob object's chunks (default 4 MiB).
+    pub blob_chunk_bytes: u64,
+    /// `--blob-replicas`: members holding each chunk (default 3).
+    pub blob_replicas: u64,
+    /// `--blob-inline-max-bytes`: largest object kept in its manifest (default 4 KiB).
+    pub blob_inline_max_bytes: u64,
+    /// `--blob-max-transfers`: chunk transfers a member runs at once (default 16).
+    pub blob_max_transfers: u64,
 }
 
 /// Most worker threads `--worker-threads` may ask for.
@@ -285,7 +306,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 46] = [
+const KNOWN_KEYS: [&str; 50] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -332,6 +353,10 @@ const KNOWN_KEYS: [&str; 46] = [
     "redis-max-clients",
     "queue-max-msg-bytes",
     "queue-max-batch",
+    "blob-chunk-bytes",
+    "blob-replicas",
+    "blob-inline-max-bytes",
+    "blob-max-transfers",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -662,6 +687,22 @@ impl Config {
         if !(1..=100_000).contains(&queue_max_batch) {
             return Err("--queue-max-batch must be between 1 and 100000".into());
         }
+        let blob_chunk_bytes = parse_u64(raw, "blob-chunk-bytes", 4 << 20)?;
+        if !((1 << 20)..=(64 << 20)).contains(&blob_chunk_bytes) {
+            return Err("--blob-chunk-bytes must be between 1 MiB and 64 MiB".into());
+        }
+        let blob_replicas = parse_u64(raw, "blob-replicas", 3)?;
+        if !(1..=7).contains(&blob_replicas) {
+            return Err("--blob-replicas must be between 1 and 7".into());
+        }
+        let blob_inline_max_bytes = parse_u64(raw, "blob-inline-max-bytes", 4096)?;
+        if blob_inline_max_bytes > (64 << 10) {
+            return Err("--blob-inline-max-bytes must be at most 64 KiB".into());
+        }
+        let blob_max_transfers = parse_u64(raw, "blob-max-transfers", 16)?;
+        if !(1..=1024).contains(&blob_max_transfers) {
+            return Err("--blob-max-transfers must be between 1 and 1024".into());
+        }
         let zone = raw.get("zone").unwrap_or_default().to_string();
         if zone.len() > MAX_ZONE_BYTES {
             return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
@@ -714,6 +755,10 @@ impl Config {
             redis_max_clients,
             queue_max_msg_bytes,
             queue_max_batch,
+            blob_chunk_bytes,
+            blob_replicas,
+            blob_inline_max_bytes,
+            blob_max_transfers,
             weight,
         };
         config.check_self_in_cluster()?;
@@ -795,6 +840,10 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("redis-max-clients", f.redis_max_clients);
     raw.set("queue-max-msg-bytes", f.queue_max_msg_bytes);
     raw.set("queue-max-batch", f.queue_max_batch);
+    raw.set("blob-chunk-bytes", f.blob_chunk_bytes);
+    raw.set("blob-replicas", f.blob_replicas);
+    raw.set("blob-inline-max-bytes", f.blob_inline_max_bytes);
+    raw.set("blob-max-transfers", f.blob_max_transfers);
     raw
 }
 

@@ -83,6 +83,8 @@ pub struct ServerStats {
     pub request_latency: Histogram,
     history: Mutex<VecDeque<Sample>>,
     events: Mutex<VecDeque<Event>>,
+    /// The blob service's counters.
+    pub blob: super::blob::BlobStats,
 }
 
 impl Default for ServerStats {
@@ -97,6 +99,7 @@ impl Default for ServerStats {
             grpc_methods: RwLock::default(),
             grpc_untracked: Arc::new(MethodStats::new("(untracked)", "(untracked)")),
             request_latency: Histogram::new(&REQUEST_BUCKETS_S),
+            blob: Default::default(),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SAMPLES)),
             events: Mutex::new(VecDeque::with_capacity(EVENT_HISTORY)),
         }
@@ -463,6 +466,7 @@ pub fn render(node: &Node) -> String {
     }
     render_streams(node, &mut out);
     render_queues(node, &mut out);
+    render_blobs(node, &mut out);
     let group = &node.group.stats;
     for (name, help, h) in [
         ("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", &group.wal_fsync),
@@ -568,6 +572,36 @@ pub fn hosted_queues(node: &Node) -> Vec<HostedQueue> {
         }
     }
     rows
+}
+
+/// The blob service's counters on this member.
+fn render_blobs(node: &Node, out: &mut String) {
+    let b = &node.stats.blob;
+    for (name, help, value) in [
+        (
+            "concord_blob_chunks_corrupt_total",
+            "Chunk replicas found corrupt on this member (and removed).",
+            &*b.corrupt_found,
+        ),
+        ("concord_blob_chunks_repaired_total", "Chunk replicas this member rewrote from a good copy.", &b.repaired),
+        (
+            "concord_blob_chunk_repairs_failed_total",
+            "Chunk repairs this member attempted that failed.",
+            &b.repair_failed,
+        ),
+        (
+            "concord_blob_chunks_collected_total",
+            "Unreferenced chunks collected by buckets this member leads.",
+            &b.collected,
+        ),
+        (
+            "concord_blob_orphans_removed_total",
+            "Chunk files no object named, removed from this member.",
+            &b.orphans_removed,
+        ),
+    ] {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed));
+    }
 }
 
 /// The durable queues whose groups this member hosts (each replica reports its

@@ -13,6 +13,7 @@
 //!    a member must never keep answering from a dead group.
 
 pub mod auth;
+pub mod blob;
 pub mod cluster;
 pub mod cluster_view;
 pub mod compactor;
@@ -46,6 +47,7 @@ use crate::consensus::{GroupConfig, GroupRegistry, MemberId, PeerInfo, FIRST_GRO
 use crate::etcd_store::members::{cluster_id, member_id, MemberChange};
 use crate::etcd_store::mvcc::ReadView;
 use crate::etcd_store::{Command, CommandResult, EtcdStore};
+use crate::proto::blob::blob_server::BlobServer;
 use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
@@ -541,6 +543,19 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let event_cache = watch::EventCache::start(node.clone(), &supervisor);
     let max_recv = (config.max_request_bytes + GRPC_OVERHEAD_BYTES) as usize;
     let queues = Arc::new(queue::QueueService::new(node.clone(), host.clone()));
+    let chunk_store =
+        crate::blob::chunks::ChunkStore::open(&member_dir.join("blobs"), node.stats.blob.corrupt_found.clone())?;
+    let blobs = Arc::new(blob::BlobService::new(
+        node.clone(),
+        host.clone(),
+        Arc::new(chunk_store),
+        blob::BlobSettings {
+            chunk_bytes: config.blob_chunk_bytes as usize,
+            replicas: config.blob_replicas as usize,
+            inline_max_bytes: config.blob_inline_max_bytes as usize,
+        },
+        config.blob_max_transfers as usize,
+    ));
     for (url, l) in client_listeners {
         let kv = KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max_recv);
         let watch = WatchServer::new(watch::WatchService {
@@ -575,6 +590,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             .add_service(catalog)
             .add_service(registers)
             .add_service(QueueServer::new(queues.clone()).max_decoding_message_size(max_recv))
+            .add_service(BlobServer::new(blob::BlobApi(blobs.clone())).max_decoding_message_size(max_recv))
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(node.clone(), http::grpc_stats))
             .merge(http::routes(node.clone()))
@@ -608,8 +624,10 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     node.group.serve_node_calls(Arc::new(stream_place::StreamCalls {
         redis: Arc::new(redis::ForwardedCalls(Arc::downgrade(&gateway))),
         queue: Arc::new(queue::ForwardedQueueCalls(Arc::downgrade(&queues))),
+        blob: Arc::new(blob::ForwardedBlobCalls(Arc::downgrade(&blobs))),
     }));
     supervisor.spawn("queue-keeper", queue::run_keeper(queues.clone()));
+    supervisor.spawn("blob-keeper", blob::run_keeper(blobs.clone()));
     for l in redis_listeners {
         let gateway = gateway.clone();
         let limits = crate::resp::Limits {

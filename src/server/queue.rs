@@ -234,7 +234,7 @@ impl QueueService {
     }
 
     fn placement(&self) -> StreamPlacement<'_> {
-        StreamPlacement { node: &self.node, host: &self.host }
+        StreamPlacement { node: &self.node, host: &self.host, service: ServiceKind::Stream }
     }
 
     /// Runs `call` where stream `name` is; `create` makes the stream's group

@@ -55,6 +55,8 @@ fn stream_group_id(key: &[u8], n: u64) -> GroupId {
 pub struct StreamPlacement<'a> {
     pub node: &'a Arc<Node>,
     pub host: &'a Arc<GroupHost>,
+    /// The catalog namespace: `Stream` (Redis streams and queues) or `Blob` (buckets).
+    pub service: ServiceKind,
 }
 
 impl StreamPlacement<'_> {
@@ -70,7 +72,7 @@ impl StreamPlacement<'_> {
         let failed = |e: String| PlaceError::Failed(e);
         let local = {
             let txn = self.node.group.backend.begin_read().map_err(|e| failed(e.to_string()))?;
-            catalog::named(&txn, ServiceKind::Stream, key).map_err(|e| failed(e.to_string()))?
+            catalog::named(&txn, self.service, key).map_err(|e| failed(e.to_string()))?
         };
         let id = match local {
             Some(id) => Some(id),
@@ -78,7 +80,7 @@ impl StreamPlacement<'_> {
             None => {
                 let txn =
                     self.node.linearizable_txn().await.map_err(|s| PlaceError::Unavailable(s.message().to_string()))?;
-                catalog::named(&txn, ServiceKind::Stream, key).map_err(|e| failed(e.to_string()))?
+                catalog::named(&txn, self.service, key).map_err(|e| failed(e.to_string()))?
             }
         };
         let id = match (id, create) {
@@ -92,13 +94,19 @@ impl StreamPlacement<'_> {
     async fn create(&self, key: &[u8]) -> Result<GroupId, PlaceError> {
         let unavailable = |e: String| PlaceError::Unavailable(e);
         let timeout = self.node.config.request_timeout();
+        // A bucket deleted and created again gets a new group: its chunk files
+        // are kept apart from the old one's, which are being removed.
+        let salt = match self.service {
+            ServiceKind::Blob => rand::random::<u64>(),
+            _ => 0,
+        };
         for n in 0..CREATE_ATTEMPTS {
-            let id = stream_group_id(key, n);
+            let id = stream_group_id(key, salt.wrapping_add(n));
             let txn = self.node.linearizable_txn().await.map_err(|s| unavailable(s.message().to_string()))?;
             let replicas =
                 place_new_group(&txn, id, DEFAULT_GROUP_REPLICAS).map_err(|e| PlaceError::Failed(e.to_string()))?;
             drop(txn);
-            let spec = GroupSpec { service: ServiceKind::Stream, replicas };
+            let spec = GroupSpec { service: self.service, replicas };
             let change = CatalogChange::CreateNamed { id, name: key.to_vec(), spec };
             match self.node.group.propose(Command::Catalog(change), timeout).await {
                 Ok(CommandResult::Ok(bytes)) => {
@@ -168,9 +176,12 @@ impl StreamPlacement<'_> {
 
 /// A node call for the stream services: which service answers it, and its body.
 #[derive(serde::Serialize, serde::Deserialize)]
+/// Bodies are byte strings: the same encoding as a `Vec<u8>`, decoded in one copy.
 pub enum NodeCall {
-    Redis(Vec<u8>),
-    Queue(Vec<u8>),
+    Redis(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
+    Queue(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
+    /// Appended last, so the others keep their encoding.
+    Blob(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
 }
 
 /// Encodes `body` as a node call for the service `kind` makes.
@@ -186,6 +197,7 @@ pub fn node_call<T: serde::Serialize>(
 pub struct StreamCalls {
     pub redis: Arc<dyn crate::consensus::MemberCalls>,
     pub queue: Arc<dyn crate::consensus::MemberCalls>,
+    pub blob: Arc<dyn crate::consensus::MemberCalls>,
 }
 
 impl crate::consensus::MemberCalls for StreamCalls {
@@ -193,6 +205,7 @@ impl crate::consensus::MemberCalls for StreamCalls {
         match crate::consensus::decode_bounded::<NodeCall>(&req) {
             Ok((NodeCall::Redis(body), _)) => self.redis.call(body),
             Ok((NodeCall::Queue(body), _)) => self.queue.call(body),
+            Ok((NodeCall::Blob(body), _)) => self.blob.call(body),
             Err(e) => {
                 let e = e.to_string();
                 Box::pin(async move { Err(e) })

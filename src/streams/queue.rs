@@ -106,42 +106,8 @@ pub struct QueueMeta {
 pub struct Msg {
     pub ts_ms: u64,
     pub headers: Vec<(String, String)>,
-    #[serde(with = "byte_string")]
+    #[serde(with = "crate::consensus::byte_string")]
     pub payload: Vec<u8>,
-}
-
-/// A `Vec<u8>` as one byte string rather than a sequence of `u8`s: the same
-/// bincode encoding (a length, then the bytes), but decoded in one copy. The
-/// sequence decoded a byte at a time and built (and dropped) an error value per
-/// byte: 1-2% of a member's CPU in windowed 256 B publishes (a `perf` profile).
-pub(crate) mod byte_string {
-    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Bytes;
-        impl<'de> serde::de::Visitor<'de> for Bytes {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(Bytes)
-    }
 }
 
 impl Msg {

@@ -109,7 +109,9 @@ fn model_list(keys: &[String], prefix: &str, delim: &str, after: &str, max: usiz
             Some(cp) => (cp, true),
             None => (k.clone(), false),
         };
-        if !(is_prefix && name == after) && !items.iter().any(|(n, _)| *n == name) {
+        let repeated = is_prefix && name == after;
+        let seen = items.iter().any(|(n, _)| *n == name);
+        if !repeated && !seen {
             items.push((name, is_prefix));
         }
     }

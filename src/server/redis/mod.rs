@@ -27,6 +27,7 @@ use super::groups::GroupHost;
 use super::stream_place::{Place, PlaceError, StreamPlacement};
 use super::Node;
 use crate::consensus::MemberId;
+use crate::etcd_store::catalog::ServiceKind;
 use crate::resp::{Protocol, Reply, Session};
 use crate::streams::model::{Corrupt, GroupRead, StreamCommand, Streams, Table, Value, View};
 use crate::streams::{StreamError, StreamGroup};
@@ -118,7 +119,7 @@ impl RedisGateway {
     }
 
     fn placement(&self) -> StreamPlacement<'_> {
-        StreamPlacement { node: &self.node, host: &self.host }
+        StreamPlacement { node: &self.node, host: &self.host, service: ServiceKind::Stream }
     }
 
     /// Where stream `key` is (see [`StreamPlacement::place`]), created when `create`.
