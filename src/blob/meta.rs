@@ -7,6 +7,12 @@
 //! - `o` ‖ key → an object's manifest ([`ObjectRecord`]): its size, ETag,
 //!   content type, user metadata, and its bytes inline (small objects) or as the
 //!   list of its chunks.
+//! - `u` ‖ upload id → a multipart upload in progress ([`UploadRecord`]); `p` ‖
+//!   upload id ‖ 0 ‖ part number (4 bytes, big-endian) → an uploaded part
+//!   ([`PartRecord`]), whose chunks count as referenced until the upload is
+//!   completed (the object takes them over) or aborted.
+//! - `K` ‖ access key id → an S3 access key ([`KeyRecord`]), only in the
+//!   [`KEYS_GROUP`] group.
 //! - `c` ‖ BLAKE3 hash → a chunk ([`ChunkRecord`]): its size, the members
 //!   holding a replica, and how many chunk references of committed objects
 //!   name it. A chunk whose count reaches zero is kept for the collector's grace
@@ -44,6 +50,18 @@ pub const MAX_PUT_MS: i64 = COLLECT_GRACE_MS / 2;
 const BUCKET_ROW: &[u8] = b"B";
 const OBJECT: u8 = b'o';
 const CHUNK: u8 = b'c';
+const KEY: u8 = b'K';
+const UPLOAD: u8 = b'u';
+const PART: u8 = b'p';
+
+/// The group holding the S3 access keys: a catalog name no bucket can have.
+pub const KEYS_GROUP: &str = "_s3keys";
+
+/// Least size of a multipart upload's parts but the last (S3's limit).
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+
+/// Most parts in a multipart upload (S3's limit).
+pub const MAX_PARTS: u32 = 10_000;
 
 /// Rows read per scan of a listing.
 const SCAN_ROWS: usize = 1000;
@@ -92,6 +110,38 @@ impl ObjectRecord {
             Body::Chunks(c) => c,
         }
     }
+}
+
+/// A multipart upload in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub key: String,
+    pub content_type: String,
+    pub metadata: Vec<(String, String)>,
+    pub created_ms: i64,
+}
+
+/// An uploaded part of a multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub size: u64,
+    /// The part's MD5 (its ETag is the hex of it, quoted).
+    pub md5: [u8; 16],
+    pub chunks: Vec<ChunkRef>,
+    pub modified_ms: i64,
+}
+
+impl PartRecord {
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.md5.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+}
+
+/// An S3 access key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub secret: String,
+    pub created_ms: i64,
 }
 
 /// A chunk's record.
@@ -148,6 +198,36 @@ pub enum BlobCommand {
         now_ms: i64,
         max: usize,
     },
+    CreateUpload {
+        upload_id: String,
+        upload: UploadRecord,
+    },
+    /// Records part `number` of an upload (replacing one uploaded before).
+    PutPart {
+        upload_id: String,
+        number: u32,
+        part: PartRecord,
+        placed: Vec<PlacedChunk>,
+        started_ms: i64,
+        now_ms: i64,
+    },
+    /// Makes the object from the listed parts (number and ETag, ascending).
+    CompleteUpload {
+        upload_id: String,
+        parts: Vec<(u32, String)>,
+        now_ms: i64,
+    },
+    AbortUpload {
+        upload_id: String,
+        now_ms: i64,
+    },
+    CreateKey {
+        access_key_id: String,
+        key: KeyRecord,
+    },
+    DeleteKey {
+        access_key_id: String,
+    },
 }
 
 /// Why a blob command changed nothing.
@@ -165,6 +245,18 @@ pub enum BlobError {
     PutTooSlow,
     #[error("a chunk of the object has no replica")]
     Unplaced,
+    #[error("The specified multipart upload does not exist. The upload ID might be invalid, or the multipart upload might have been aborted or completed.")]
+    NoSuchUpload,
+    #[error("One or more of the specified parts could not be found. The part might not have been uploaded, or the specified entity tag might not have matched the part's entity tag.")]
+    InvalidPart,
+    #[error("The list of parts was not in ascending order. Parts list must be specified in order by part number.")]
+    InvalidPartOrder,
+    #[error("Your proposed upload is smaller than the minimum allowed object size.")]
+    EntityTooSmall,
+    #[error("the access key exists")]
+    KeyExists,
+    #[error("The AWS access key Id you provided does not exist in our records.")]
+    NoSuchAccessKey,
 }
 
 /// The reply to a [`BlobCommand`].
@@ -207,6 +299,23 @@ fn object_key(key: &str) -> Vec<u8> {
     k.push(OBJECT);
     k.extend_from_slice(key.as_bytes());
     k
+}
+
+fn upload_key(upload_id: &str) -> Vec<u8> {
+    [&[UPLOAD], upload_id.as_bytes()].concat()
+}
+
+fn part_key(upload_id: &str, number: u32) -> Vec<u8> {
+    [&[PART], upload_id.as_bytes(), &[0], &number.to_be_bytes()].concat()
+}
+
+/// The end of an upload's part rows (upload ids hold no 0 byte).
+fn part_prefix_end(upload_id: &str) -> Vec<u8> {
+    [&[PART], upload_id.as_bytes(), &[1]].concat()
+}
+
+fn key_row(access_key_id: &str) -> Vec<u8> {
+    [&[KEY], access_key_id.as_bytes()].concat()
 }
 
 fn chunk_key(id: &ChunkId) -> Vec<u8> {
@@ -263,9 +372,45 @@ impl<T: Table + ?Sized> BlobView<'_, T> {
         self.table.get(&k).map(|v| decode(&k, &v)).transpose()
     }
 
-    /// Whether the bucket holds any object.
+    /// Whether the bucket holds any object or upload in progress.
     pub fn has_objects(&self) -> bool {
         !self.table.range(&[OBJECT], &[OBJECT + 1], false, 1).is_empty()
+            || !self.table.range(&[UPLOAD], &[UPLOAD + 1], false, 1).is_empty()
+    }
+
+    pub fn upload(&self, upload_id: &str) -> Result<Option<UploadRecord>, Corrupt> {
+        let k = upload_key(upload_id);
+        self.table.get(&k).map(|v| decode(&k, &v)).transpose()
+    }
+
+    /// Up to `limit` parts of an upload numbered above `after`, in order.
+    pub fn parts(&self, upload_id: &str, after: u32, limit: usize) -> Result<Vec<(u32, PartRecord)>, Corrupt> {
+        let from = part_key(upload_id, after.saturating_add(1));
+        let end = part_prefix_end(upload_id);
+        let mut out = Vec::new();
+        if after == u32::MAX {
+            return Ok(out);
+        }
+        for (k, v) in self.table.range(&from, &end, false, limit) {
+            let n = k.len().checked_sub(4).and_then(|at| k[at..].try_into().ok()).map(u32::from_be_bytes);
+            let n = n.ok_or_else(|| Corrupt { key: k.clone(), why: "a part key without a number".into() })?;
+            out.push((n, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn key(&self, access_key_id: &str) -> Result<Option<KeyRecord>, Corrupt> {
+        let k = key_row(access_key_id);
+        self.table.get(&k).map(|v| decode(&k, &v)).transpose()
+    }
+
+    /// Every access key, by id.
+    pub fn keys(&self) -> Result<Vec<(String, KeyRecord)>, Corrupt> {
+        let mut out = Vec::new();
+        for (k, v) in self.table.range(&[KEY], &[KEY + 1], false, usize::MAX) {
+            out.push((self.key_of(&k)?, decode(&k, &v)?));
+        }
+        Ok(out)
     }
 
     /// Up to `limit` chunk records with ids after `after`, in id order.
@@ -412,31 +557,8 @@ impl<T: Table + ?Sized> BlobApply<'_, T> {
                 if now_ms.saturating_sub(started_ms) > MAX_PUT_MS {
                     return refused(BlobError::PutTooSlow);
                 }
-                // Every chunk the manifest names is placed now or known already.
-                for c in object.chunks() {
-                    let here = placed.iter().any(|p| p.id == c.id && !p.replicas.is_empty());
-                    if !here && self.view().chunk(&c.id)?.is_none() {
-                        return refused(BlobError::Unplaced);
-                    }
-                }
-                for c in object.chunks() {
-                    let written = placed.iter().find(|p| p.id == c.id);
-                    let mut rec = match self.view().chunk(&c.id)? {
-                        Some(r) => r,
-                        None => {
-                            ChunkRecord { size: c.size, replicas: Vec::new(), refs: 0, unreferenced_since_ms: None }
-                        }
-                    };
-                    if let Some(p) = written {
-                        for m in &p.replicas {
-                            if !rec.replicas.contains(m) {
-                                rec.replicas.push(*m);
-                            }
-                        }
-                    }
-                    rec.refs += 1;
-                    rec.unreferenced_since_ms = None;
-                    self.put_chunk(&c.id, &rec);
+                if !self.acquire(object.chunks(), &placed)? {
+                    return refused(BlobError::Unplaced);
                 }
                 let mut object = object;
                 object.modified_ms = now_ms;
@@ -486,12 +608,154 @@ impl<T: Table + ?Sized> BlobApply<'_, T> {
                 }
                 Ok(BlobReply::Collected(collected))
             }
+            BlobCommand::CreateUpload { upload_id, upload } => {
+                if bucket.is_none_or(|b| b.deleting) {
+                    return refused(BlobError::NoSuchBucket);
+                }
+                self.table.put(&upload_key(&upload_id), &encode(&upload));
+                Ok(BlobReply::Done)
+            }
+            BlobCommand::PutPart { upload_id, number, part, placed, started_ms, now_ms } => {
+                if bucket.is_none_or(|b| b.deleting) {
+                    return refused(BlobError::NoSuchBucket);
+                }
+                if self.view().upload(&upload_id)?.is_none() {
+                    return refused(BlobError::NoSuchUpload);
+                }
+                if now_ms.saturating_sub(started_ms) > MAX_PUT_MS {
+                    return refused(BlobError::PutTooSlow);
+                }
+                if !self.acquire(&part.chunks, &placed)? {
+                    return refused(BlobError::Unplaced);
+                }
+                let k = part_key(&upload_id, number);
+                if let Some(old) = self.table.get(&k) {
+                    let old: PartRecord = decode(&k, &old)?;
+                    self.release_chunks(&old.chunks, now_ms)?;
+                }
+                let mut part = part;
+                part.modified_ms = now_ms;
+                self.table.put(&k, &encode(&part));
+                Ok(BlobReply::Done)
+            }
+            BlobCommand::CompleteUpload { upload_id, parts, now_ms } => {
+                if bucket.is_none_or(|b| b.deleting) {
+                    return refused(BlobError::NoSuchBucket);
+                }
+                let Some(upload) = self.view().upload(&upload_id)? else { return refused(BlobError::NoSuchUpload) };
+                if parts.is_empty() {
+                    return refused(BlobError::InvalidPart);
+                }
+                if parts.windows(2).any(|w| w[0].0 >= w[1].0) {
+                    return refused(BlobError::InvalidPartOrder);
+                }
+                let stored: std::collections::BTreeMap<u32, PartRecord> =
+                    self.view().parts(&upload_id, 0, usize::MAX)?.into_iter().collect();
+                let mut chosen = Vec::with_capacity(parts.len());
+                for (i, (n, etag)) in parts.iter().enumerate() {
+                    let Some(p) = stored.get(n) else { return refused(BlobError::InvalidPart) };
+                    if p.etag().trim_matches('"') != etag.trim_matches('"') {
+                        return refused(BlobError::InvalidPart);
+                    }
+                    if i + 1 < parts.len() && p.size < MIN_PART_BYTES {
+                        return refused(BlobError::EntityTooSmall);
+                    }
+                    chosen.push(p);
+                }
+                let mut md5s = Vec::with_capacity(16 * chosen.len());
+                for p in &chosen {
+                    md5s.extend_from_slice(&p.md5);
+                }
+                use md5::Digest;
+                let digest: String = md5::Md5::digest(&md5s).iter().map(|b| format!("{b:02x}")).collect();
+                let object = ObjectRecord {
+                    size: chosen.iter().map(|p| p.size).sum(),
+                    etag: format!("\"{digest}-{}\"", chosen.len()),
+                    content_type: upload.content_type,
+                    metadata: upload.metadata,
+                    modified_ms: now_ms,
+                    body: Body::Chunks(chosen.iter().flat_map(|p| p.chunks.iter().copied()).collect()),
+                };
+                // The object takes over the chosen parts' references; the others go.
+                let chosen_numbers: std::collections::BTreeSet<u32> = parts.iter().map(|(n, _)| *n).collect();
+                for (n, p) in &stored {
+                    if !chosen_numbers.contains(n) {
+                        self.release_chunks(&p.chunks, now_ms)?;
+                    }
+                    self.table.delete(&part_key(&upload_id, *n));
+                }
+                self.table.delete(&upload_key(&upload_id));
+                if let Some(old) = self.view().object(&upload.key)? {
+                    self.release(&old, now_ms)?;
+                }
+                self.table.put(&object_key(&upload.key), &encode(&object));
+                Ok(BlobReply::Put(object))
+            }
+            BlobCommand::AbortUpload { upload_id, now_ms } => {
+                if self.view().upload(&upload_id)?.is_none() {
+                    return refused(BlobError::NoSuchUpload);
+                }
+                for (n, p) in self.view().parts(&upload_id, 0, usize::MAX)? {
+                    self.release_chunks(&p.chunks, now_ms)?;
+                    self.table.delete(&part_key(&upload_id, n));
+                }
+                self.table.delete(&upload_key(&upload_id));
+                Ok(BlobReply::Done)
+            }
+            BlobCommand::CreateKey { access_key_id, key } => {
+                if self.view().key(&access_key_id)?.is_some() {
+                    return refused(BlobError::KeyExists);
+                }
+                self.table.put(&key_row(&access_key_id), &encode(&key));
+                Ok(BlobReply::Done)
+            }
+            BlobCommand::DeleteKey { access_key_id } => {
+                if self.view().key(&access_key_id)?.is_none() {
+                    return refused(BlobError::NoSuchAccessKey);
+                }
+                self.table.delete(&key_row(&access_key_id));
+                Ok(BlobReply::Done)
+            }
         }
+    }
+
+    /// Adds a reference to each of `chunks`, recording the replicas `placed`
+    /// names; false (and nothing changed) when a chunk is neither placed now
+    /// nor known already.
+    fn acquire(&mut self, chunks: &[ChunkRef], placed: &[PlacedChunk]) -> Result<bool, Corrupt> {
+        for c in chunks {
+            let here = placed.iter().any(|p| p.id == c.id && !p.replicas.is_empty());
+            if !here && self.view().chunk(&c.id)?.is_none() {
+                return Ok(false);
+            }
+        }
+        for c in chunks {
+            let written = placed.iter().find(|p| p.id == c.id);
+            let mut rec = match self.view().chunk(&c.id)? {
+                Some(r) => r,
+                None => ChunkRecord { size: c.size, replicas: Vec::new(), refs: 0, unreferenced_since_ms: None },
+            };
+            if let Some(p) = written {
+                for m in &p.replicas {
+                    if !rec.replicas.contains(m) {
+                        rec.replicas.push(*m);
+                    }
+                }
+            }
+            rec.refs += 1;
+            rec.unreferenced_since_ms = None;
+            self.put_chunk(&c.id, &rec);
+        }
+        Ok(true)
     }
 
     /// Drops an object's references to its chunks.
     fn release(&mut self, object: &ObjectRecord, now_ms: i64) -> Result<(), Corrupt> {
-        for c in object.chunks() {
+        self.release_chunks(object.chunks(), now_ms)
+    }
+
+    fn release_chunks(&mut self, chunks: &[ChunkRef], now_ms: i64) -> Result<(), Corrupt> {
+        for c in chunks {
             if let Some(mut rec) = self.view().chunk(&c.id)? {
                 rec.refs = rec.refs.saturating_sub(1);
                 if rec.refs == 0 {

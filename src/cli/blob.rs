@@ -1,6 +1,7 @@
 //! `concord blob ...`: the blob store (`concord.blob.v1`, buckets of objects in
 //! S3's model) from the command line — make and remove buckets, list, upload,
-//! download, inspect, copy and delete objects, and check every stored chunk.
+//! download, inspect, copy and delete objects, check every stored chunk, and
+//! create, list and delete the access keys of the S3 gateway (`keys`).
 //!
 //! Objects are named `blob://BUCKET/KEY` (the key is taken literally, `/`
 //! included; no percent-decoding), and `-` is stdin or stdout. Any member
@@ -28,8 +29,9 @@ use super::group::{connect, runtime};
 use crate::proto::blob::blob_client::BlobClient;
 use crate::proto::blob::put_request::Part;
 use crate::proto::blob::{
-    Bucket, CopyRequest, CreateBucketRequest, DeleteBucketRequest, DeleteRequest, FsckRequest, FsckResponse,
-    GetRequest, HeadRequest, ListBucketsRequest, ListRequest, ObjectInfo, PutHeader, PutRequest,
+    Bucket, CopyRequest, CreateBucketRequest, CreateKeyRequest, CreateKeyResponse, DeleteBucketRequest,
+    DeleteKeyRequest, DeleteRequest, FsckRequest, FsckResponse, GetRequest, HeadRequest, KeyInfo, ListBucketsRequest,
+    ListKeysRequest, ListRequest, ObjectInfo, PutHeader, PutRequest,
 };
 use crate::server::cluster_view::human_size;
 
@@ -50,8 +52,8 @@ struct BlobArgs {
     #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',', global = true)]
     endpoints: Vec<String>,
     /// Timeout in milliseconds for connecting and for each call of mb, rb, ls,
-    /// stat and rm. put and get give up after 60s without progress; cp and fsck
-    /// wait as long as the server works.
+    /// stat, rm and keys. put and get give up after 60s without progress; cp and
+    /// fsck wait as long as the server works.
     #[arg(long, default_value_t = 5000, global = true)]
     timeout_ms: u64,
     /// Output format: table or json.
@@ -109,6 +111,21 @@ enum Command {
     /// Checks every chunk of every object (of blob://BUCKET, or of all buckets)
     /// on each of its replicas; exits 1 when it finds a problem.
     Fsck { bucket: Option<String> },
+    /// Creates, lists and deletes access keys (for the S3 gateway).
+    Keys {
+        #[command(subcommand)]
+        verb: KeysCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Creates an access key; its secret is shown this once only.
+    Create,
+    /// Lists the access keys (id and creation time, never the secret).
+    Ls,
+    /// Deletes access key ACCESS_KEY_ID.
+    Rm { access_key_id: String },
 }
 
 /// Why a command failed: a bad argument (exit 2), the server's answer or a
@@ -319,6 +336,26 @@ fn fsck_text(r: &FsckResponse) -> String {
     out
 }
 
+/// `keys create`'s answer: the only place the secret is ever shown.
+fn created_key_json(k: &CreateKeyResponse) -> serde_json::Value {
+    json!({ "access_key_id": k.access_key_id, "secret_access_key": k.secret_access_key, "created_ms": k.created_ms })
+}
+
+fn created_key_text(k: &CreateKeyResponse) -> String {
+    format!(
+        "access_key_id: {}\nsecret_access_key: {}\nThe secret access key is shown only once: store it now.\n",
+        k.access_key_id, k.secret_access_key
+    )
+}
+
+fn keys_json(keys: &[KeyInfo]) -> serde_json::Value {
+    keys.iter().map(|k| json!({ "access_key_id": k.access_key_id, "created_ms": k.created_ms })).collect()
+}
+
+fn keys_text(keys: &[KeyInfo]) -> String {
+    keys.iter().map(|k| format!("{} {}\n", utc(k.created_ms), k.access_key_id)).collect()
+}
+
 /// Writes to stdout, a failed write (a closed pipe) being an error rather than
 /// `println!`'s panic (`ls` and `fsck` can print many lines).
 fn emit(text: &str) -> Result<(), Failure> {
@@ -513,6 +550,31 @@ async fn run(args: BlobArgs) -> Result<i32, Failure> {
                 false => emit(&fsck_text(&r))?,
             }
             return Ok(if r.problems.is_empty() { 0 } else { 1 });
+        }
+        Command::Keys { verb: KeysCommand::Create } => {
+            let k = conn.timed().await?.create_key(CreateKeyRequest {}).await?.into_inner();
+            match json {
+                true => emit(&format!("{}\n", created_key_json(&k)))?,
+                false => emit(&created_key_text(&k))?,
+            }
+        }
+        Command::Keys { verb: KeysCommand::Ls } => {
+            let keys = conn.timed().await?.list_keys(ListKeysRequest {}).await?.into_inner().keys;
+            match json {
+                true => emit(&format!("{}\n", keys_json(&keys)))?,
+                false => emit(&keys_text(&keys))?,
+            }
+        }
+        Command::Keys { verb: KeysCommand::Rm { access_key_id } } => {
+            if access_key_id.is_empty() {
+                return Err(usage("keys rm: give the access key id"));
+            }
+            let request = DeleteKeyRequest { access_key_id: access_key_id.clone() };
+            conn.timed().await?.delete_key(request).await?;
+            match json {
+                true => println!("{}", json!({ "deleted_key": access_key_id })),
+                false => println!("delete key: {access_key_id}"),
+            }
         }
     }
     Ok(0)
@@ -855,6 +917,46 @@ mod tests {
         assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
         assert!(matches!(metadata(&["a=b=c".into()]), Ok(m) if m.get("a").map(String::as_str) == Some("b=c")));
         assert!(metadata(&["=x".into()]).is_err());
+    }
+
+    #[test]
+    fn keys_verbs_and_output() {
+        let parse = |a: &[&str]| BlobArgs::try_parse_from(std::iter::once("concord blob").chain(a.iter().copied()));
+        assert!(matches!(
+            parse(&["keys", "create"]).map(|a| a.command),
+            Ok(Command::Keys { verb: KeysCommand::Create })
+        ));
+        let a = parse(&["keys", "ls", "-w", "json"]).ok();
+        assert!(
+            matches!(&a, Some(a) if a.write_out == "json" && matches!(a.command, Command::Keys { verb: KeysCommand::Ls }))
+        );
+        assert!(matches!(
+            parse(&["-w", "json", "keys", "rm", "AKID1"]).map(|a| a.command),
+            Ok(Command::Keys { verb: KeysCommand::Rm { access_key_id } }) if access_key_id == "AKID1"
+        ));
+        assert!(parse(&["keys", "rm"]).is_err());
+        assert!(parse(&["keys", "create", "x"]).is_err());
+        assert!(parse(&["keys"]).is_err());
+
+        let k = CreateKeyResponse { access_key_id: "AK1".into(), secret_access_key: "s/e+c".into(), created_ms: 5 };
+        let v = created_key_json(&k);
+        assert_eq!(v, json!({ "access_key_id": "AK1", "secret_access_key": "s/e+c", "created_ms": 5 }));
+        assert_eq!(v.as_object().map(|o| o.len()), Some(3));
+        let t = created_key_text(&k);
+        assert!(t.starts_with("access_key_id: AK1\nsecret_access_key: s/e+c\n") && t.contains("only once"));
+
+        let keys = [
+            KeyInfo { access_key_id: "AK1".into(), created_ms: 0 },
+            KeyInfo { access_key_id: "AK2".into(), created_ms: 951_782_400_000 },
+        ];
+        assert_eq!(keys_text(&keys), "1970-01-01 00:00:00 AK1\n2000-02-29 00:00:00 AK2\n");
+        assert_eq!(keys_text(&[]), "");
+        let j = keys_json(&keys);
+        assert_eq!(
+            j,
+            json!([{ "access_key_id": "AK1", "created_ms": 0 }, { "access_key_id": "AK2", "created_ms": 951_782_400_000_i64 }])
+        );
+        assert_eq!(keys_json(&[]).to_string(), "[]");
     }
 
     /// A reader that fails.

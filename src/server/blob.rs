@@ -40,8 +40,8 @@ use super::stream_place::{NodeCall, Place, PlaceError, StreamPlacement};
 use super::Node;
 use crate::blob::chunks::{hex, ChunkError, ChunkStore};
 use crate::blob::meta::{
-    BlobCommand, BlobError, BlobReply, Body, BucketRecord, ChunkId, ChunkRecord, ChunkRef, ObjectRecord, PlacedChunk,
-    COLLECT_GRACE_MS,
+    BlobCommand, BlobError, BlobReply, Body, BucketRecord, ChunkId, ChunkRecord, ChunkRef, KeyRecord, ObjectRecord,
+    PartRecord, PlacedChunk, UploadRecord, COLLECT_GRACE_MS, KEYS_GROUP, MAX_PARTS,
 };
 use crate::consensus::byte_string::ByteString;
 use crate::consensus::{GroupId, MemberId};
@@ -80,6 +80,8 @@ pub enum Failure {
     Invalid(String),
     /// A byte range outside the object.
     InvalidRange(String),
+    /// The bytes do not match the checksum the client sent.
+    BadDigest(String),
     Unavailable(String),
     Internal(String),
 }
@@ -88,13 +90,20 @@ impl From<Failure> for Status {
     fn from(f: Failure) -> Status {
         match f {
             Failure::Refused(e) => match e {
-                BlobError::NoSuchBucket | BlobError::NoSuchKey => Status::not_found(e.to_string()),
-                BlobError::BucketExists => Status::already_exists(e.to_string()),
+                BlobError::NoSuchBucket
+                | BlobError::NoSuchKey
+                | BlobError::NoSuchUpload
+                | BlobError::NoSuchAccessKey => Status::not_found(e.to_string()),
+                BlobError::BucketExists | BlobError::KeyExists => Status::already_exists(e.to_string()),
                 BlobError::BucketNotEmpty => Status::failed_precondition(e.to_string()),
+                BlobError::InvalidPart | BlobError::InvalidPartOrder | BlobError::EntityTooSmall => {
+                    Status::invalid_argument(e.to_string())
+                }
                 BlobError::PutTooSlow | BlobError::Unplaced => Status::unavailable(e.to_string()),
             },
             Failure::Invalid(m) => Status::invalid_argument(m),
             Failure::InvalidRange(m) => Status::out_of_range(m),
+            Failure::BadDigest(m) => Status::invalid_argument(m),
             Failure::Unavailable(m) => Status::unavailable(m),
             Failure::Internal(m) => Status::internal(m),
         }
@@ -154,6 +163,14 @@ pub enum MetaRead {
     },
     /// Which of these chunks have a record.
     Known(Vec<ChunkId>),
+    Upload(String),
+    Parts {
+        upload_id: String,
+        after: u32,
+        limit: usize,
+    },
+    Keys,
+    Key(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +181,10 @@ pub enum MetaAnswer {
     List { objects: Vec<(String, ObjectRecord)>, common_prefixes: Vec<String>, truncated: bool, last: Option<String> },
     Objects(Vec<(String, ObjectRecord)>),
     Known(Vec<bool>),
+    Upload(Option<UploadRecord>),
+    Parts(Option<(UploadRecord, Vec<(u32, PartRecord)>)>),
+    Keys(Vec<(String, KeyRecord)>),
+    Key(Option<KeyRecord>),
 }
 
 /// What one replica found when asked to check a chunk.
@@ -248,7 +269,24 @@ pub struct BlobService {
     serving: Arc<tokio::sync::Semaphore>,
 }
 
-type Source<'a> = Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, Failure>> + Send + 'a>>;
+/// An object's bytes as they arrive.
+pub type Source<'a> = Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, Failure>> + Send + 'a>>;
+
+/// Run once the bytes are in, before the commit (a client's checksum).
+pub type Check<'a> = Box<dyn FnOnce() -> Result<(), Failure> + Send + 'a>;
+
+/// An object's or part's bytes, written to their replicas, not yet committed.
+struct Stored {
+    size: u64,
+    md5: [u8; 16],
+    body: Body,
+    placed: Vec<PlacedChunk>,
+    started_ms: i64,
+}
+
+fn quoted_hex(md5: &[u8; 16]) -> String {
+    format!("\"{}\"", md5.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
 
 impl BlobService {
     pub fn new(
@@ -504,22 +542,55 @@ impl BlobService {
     }
 
     /// Stores an object from `source` (the put pipeline): chunks written as they
-    /// fill, the manifest committed at the end.
+    /// fill, then `check` (a client's checksum), then the manifest committed.
     pub async fn put_object(
         &self,
         bucket: &str,
         key: &str,
         content_type: String,
         metadata: Vec<(String, String)>,
-        mut source: Source<'_>,
+        source: Source<'_>,
+        check: Check<'_>,
     ) -> Result<ObjectRecord, Failure> {
-        check_bucket_name(bucket)?;
         check_key(key)?;
+        let group = self.live_bucket(bucket).await?;
+        let stored = self.store(group, source, self.settings.inline_max_bytes).await?;
+        check()?;
+        let object = ObjectRecord {
+            size: stored.size,
+            etag: quoted_hex(&stored.md5),
+            content_type,
+            metadata,
+            modified_ms: 0,
+            body: stored.body,
+        };
+        let cmd = BlobCommand::Put {
+            key: key.to_string(),
+            object,
+            placed: stored.placed,
+            started_ms: stored.started_ms,
+            now_ms: now_ms(),
+        };
+        match self.meta_write(bucket, cmd, false).await? {
+            BlobReply::Put(o) => Ok(o),
+            BlobReply::Refused(e) => Err(Failure::Refused(e)),
+            other => Err(Failure::Internal(format!("a put answered {other:?}"))),
+        }
+    }
+
+    /// The group of bucket `bucket`, which must exist and not be being deleted.
+    async fn live_bucket(&self, bucket: &str) -> Result<GroupId, Failure> {
+        check_bucket_name(bucket)?;
         let group = self.bucket_group(bucket).await?.ok_or(Failure::Refused(BlobError::NoSuchBucket))?;
         match self.meta_read(bucket, MetaRead::Bucket).await? {
-            MetaAnswer::Bucket(Some(b)) if !b.deleting => {}
-            _ => return Err(Failure::Refused(BlobError::NoSuchBucket)),
+            MetaAnswer::Bucket(Some(b)) if !b.deleting => Ok(group),
+            _ => Err(Failure::Refused(BlobError::NoSuchBucket)),
         }
+    }
+
+    /// Cuts `source` into chunks and writes each to its replicas as it fills
+    /// ([`PUT_PIPELINE`] at a time); bytes up to `inline_max` stay inline.
+    async fn store(&self, group: GroupId, mut source: Source<'_>, inline_max: usize) -> Result<Stored, Failure> {
         let started_ms = now_ms();
         let chunk_bytes = self.settings.chunk_bytes;
         let mut md5 = md5::Md5::new();
@@ -544,7 +615,7 @@ impl BlobService {
                 buf.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 let full = buf.len() == chunk_bytes;
-                let tail = done && !buf.is_empty() && (!refs.is_empty() || buf.len() > self.settings.inline_max_bytes);
+                let tail = done && !buf.is_empty() && (!refs.is_empty() || buf.len() > inline_max);
                 if !full && !tail {
                     break;
                 }
@@ -581,19 +652,161 @@ impl BlobService {
             }
             false => Body::Chunks(refs),
         };
-        let etag = format!("\"{}\"", md5.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>());
-        let object = ObjectRecord { size, etag, content_type, metadata, modified_ms: 0, body };
-        let cmd = BlobCommand::Put {
-            key: key.to_string(),
-            object,
-            placed: placed.into_values().collect(),
-            started_ms,
+        Ok(Stored { size, md5: md5.finalize().into(), body, placed: placed.into_values().collect(), started_ms })
+    }
+
+    /// Starts a multipart upload of `key`; its id.
+    pub async fn create_upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        content_type: String,
+        metadata: Vec<(String, String)>,
+    ) -> Result<String, Failure> {
+        check_key(key)?;
+        self.live_bucket(bucket).await?;
+        let upload_id: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() % 16)).collect();
+        let upload = UploadRecord { key: key.to_string(), content_type, metadata, created_ms: now_ms() };
+        match self.meta_write(bucket, BlobCommand::CreateUpload { upload_id: upload_id.clone(), upload }, false).await?
+        {
+            BlobReply::Done => Ok(upload_id),
+            BlobReply::Refused(e) => Err(Failure::Refused(e)),
+            other => Err(Failure::Internal(format!("an upload create answered {other:?}"))),
+        }
+    }
+
+    /// Stores part `number` of an upload; its record.
+    pub async fn upload_part(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+        number: u32,
+        source: Source<'_>,
+        check: Check<'_>,
+    ) -> Result<PartRecord, Failure> {
+        if !(1..=MAX_PARTS).contains(&number) {
+            return Err(Failure::Invalid(format!(
+                "Part number must be an integer between 1 and {MAX_PARTS}, inclusive"
+            )));
+        }
+        let group = self.live_bucket(bucket).await?;
+        match self.meta_read(bucket, MetaRead::Upload(upload_id.to_string())).await? {
+            MetaAnswer::Upload(Some(_)) => {}
+            _ => return Err(Failure::Refused(BlobError::NoSuchUpload)),
+        }
+        let stored = self.store(group, source, 0).await?;
+        check()?;
+        let chunks = match stored.body {
+            Body::Chunks(c) => c,
+            Body::Inline(_) => Vec::new(),
+        };
+        let part = PartRecord { size: stored.size, md5: stored.md5, chunks, modified_ms: 0 };
+        let cmd = BlobCommand::PutPart {
+            upload_id: upload_id.to_string(),
+            number,
+            part: part.clone(),
+            placed: stored.placed,
+            started_ms: stored.started_ms,
             now_ms: now_ms(),
         };
         match self.meta_write(bucket, cmd, false).await? {
-            BlobReply::Put(o) => Ok(o),
+            BlobReply::Done => Ok(part),
             BlobReply::Refused(e) => Err(Failure::Refused(e)),
-            other => Err(Failure::Internal(format!("a put answered {other:?}"))),
+            other => Err(Failure::Internal(format!("a part answered {other:?}"))),
+        }
+    }
+
+    /// Completes an upload from the listed (number, ETag) parts; the object and its key.
+    pub async fn complete_upload(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+        parts: Vec<(u32, String)>,
+    ) -> Result<(String, ObjectRecord), Failure> {
+        check_bucket_name(bucket)?;
+        let key = match self.meta_read(bucket, MetaRead::Upload(upload_id.to_string())).await? {
+            MetaAnswer::Upload(Some(u)) => u.key,
+            _ => return Err(Failure::Refused(BlobError::NoSuchUpload)),
+        };
+        let cmd = BlobCommand::CompleteUpload { upload_id: upload_id.to_string(), parts, now_ms: now_ms() };
+        match self.meta_write(bucket, cmd, false).await? {
+            BlobReply::Put(o) => Ok((key, o)),
+            BlobReply::Refused(e) => Err(Failure::Refused(e)),
+            other => Err(Failure::Internal(format!("an upload completion answered {other:?}"))),
+        }
+    }
+
+    pub async fn abort_upload(&self, bucket: &str, upload_id: &str) -> Result<(), Failure> {
+        check_bucket_name(bucket)?;
+        let cmd = BlobCommand::AbortUpload { upload_id: upload_id.to_string(), now_ms: now_ms() };
+        match self.meta_write(bucket, cmd, false).await? {
+            BlobReply::Done => Ok(()),
+            BlobReply::Refused(e) => Err(Failure::Refused(e)),
+            other => Err(Failure::Internal(format!("an upload abort answered {other:?}"))),
+        }
+    }
+
+    /// An upload's key and up to `limit` parts numbered above `after`.
+    pub async fn list_parts(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+        after: u32,
+        limit: usize,
+    ) -> Result<(UploadRecord, Vec<(u32, PartRecord)>), Failure> {
+        check_bucket_name(bucket)?;
+        let read = MetaRead::Parts { upload_id: upload_id.to_string(), after, limit };
+        match self.meta_read(bucket, read).await? {
+            MetaAnswer::Parts(Some((u, parts))) => Ok((u, parts)),
+            MetaAnswer::Parts(None) => Err(Failure::Refused(BlobError::NoSuchUpload)),
+            other => Err(Failure::Internal(format!("a read answered {other:?}"))),
+        }
+    }
+
+    /// A new S3 access key pair.
+    pub async fn create_key(&self) -> Result<(String, KeyRecord), Failure> {
+        const ID_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        const SECRET_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let pick = |set: &[u8], n: usize| -> String {
+            (0..n).map(|_| set[rand::random_range(0..set.len())] as char).collect()
+        };
+        let id = format!("CK{}", pick(ID_CHARS, 18));
+        let key = KeyRecord { secret: pick(SECRET_CHARS, 40), created_ms: now_ms() };
+        let cmd = BlobCommand::CreateKey { access_key_id: id.clone(), key: key.clone() };
+        match self.meta_write(KEYS_GROUP, cmd, true).await? {
+            BlobReply::Done => Ok((id, key)),
+            BlobReply::Refused(e) => Err(Failure::Refused(e)),
+            other => Err(Failure::Internal(format!("a key create answered {other:?}"))),
+        }
+    }
+
+    /// Every S3 access key.
+    pub async fn list_keys(&self) -> Result<Vec<(String, KeyRecord)>, Failure> {
+        match self.meta_read(KEYS_GROUP, MetaRead::Keys).await {
+            Ok(MetaAnswer::Keys(k)) => Ok(k),
+            Err(Failure::Refused(BlobError::NoSuchBucket)) => Ok(Vec::new()),
+            Ok(other) => Err(Failure::Internal(format!("a read answered {other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The secret of access key `id`.
+    pub async fn key_secret(&self, id: &str) -> Result<Option<String>, Failure> {
+        match self.meta_read(KEYS_GROUP, MetaRead::Key(id.to_string())).await {
+            Ok(MetaAnswer::Key(k)) => Ok(k.map(|k| k.secret)),
+            Err(Failure::Refused(BlobError::NoSuchBucket)) => Ok(None),
+            Ok(other) => Err(Failure::Internal(format!("a read answered {other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn delete_key(&self, id: &str) -> Result<(), Failure> {
+        match self.meta_write(KEYS_GROUP, BlobCommand::DeleteKey { access_key_id: id.to_string() }, false).await {
+            Ok(BlobReply::Done) => Ok(()),
+            Ok(BlobReply::Refused(e)) => Err(Failure::Refused(e)),
+            Err(Failure::Refused(BlobError::NoSuchBucket)) => Err(Failure::Refused(BlobError::NoSuchAccessKey)),
+            Ok(other) => Err(Failure::Internal(format!("a key delete answered {other:?}"))),
+            Err(e) => Err(e),
         }
     }
 
@@ -700,6 +913,9 @@ impl BlobService {
         let mut out = Vec::new();
         for (name, _) in names {
             let name = String::from_utf8_lossy(&name).into_owned();
+            if name == KEYS_GROUP {
+                continue;
+            }
             match self.meta_read(&name, MetaRead::Bucket).await {
                 Ok(MetaAnswer::Bucket(Some(b))) if !b.deleting => out.push(b),
                 Ok(_) | Err(Failure::Refused(BlobError::NoSuchBucket)) => {}
@@ -836,7 +1052,8 @@ impl BlobService {
                 async move { self.fetch_chunk(src_group, c.id, &replicas).await }
             })),
         };
-        self.put_object(bucket, key, object.content_type.clone(), object.metadata.clone(), source).await
+        let (content_type, metadata) = (object.content_type.clone(), object.metadata.clone());
+        self.put_object(bucket, key, content_type, metadata, source, Box::new(|| Ok(()))).await
     }
 
     /// Checks every chunk of every object of `bucket` (or of all buckets) on each
@@ -1035,6 +1252,16 @@ async fn read_here(g: &StreamGroup, read: MetaRead, timeout: Duration) -> Result
                 }
                 MetaAnswer::Known(known)
             }
+            MetaRead::Upload(id) => MetaAnswer::Upload(v.live_bucket()?.and(v.upload(&id)?)),
+            MetaRead::Parts { upload_id, after, limit } => {
+                let found = match v.live_bucket()?.and(v.upload(&upload_id)?) {
+                    None => None,
+                    Some(u) => Some((u, v.parts(&upload_id, after, limit)?)),
+                };
+                MetaAnswer::Parts(found)
+            }
+            MetaRead::Keys => MetaAnswer::Keys(v.keys()?),
+            MetaRead::Key(id) => MetaAnswer::Key(v.key(&id)?),
         })
     })
     .await
@@ -1131,7 +1358,10 @@ impl Blob for BlobApi {
             Err(s) => Err(Failure::Invalid(format!("the put's stream failed: {}", s.message()))),
         }));
         let metadata = header.metadata.into_iter().collect();
-        let o = self.0.put_object(&header.bucket, &header.key, header.content_type, metadata, source).await?;
+        let o = self
+            .0
+            .put_object(&header.bucket, &header.key, header.content_type, metadata, source, Box::new(|| Ok(())))
+            .await?;
         Ok(Response::new(pb::PutResponse { object: Some(info(&header.bucket, &header.key, &o)) }))
     }
 
@@ -1185,6 +1415,30 @@ impl Blob for BlobApi {
         let r = req.get_ref();
         self.0.delete(&r.bucket, &r.key).await?;
         Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn create_key(&self, req: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        self.0.authorize(&req)?;
+        let (access_key_id, key) = self.0.create_key().await?;
+        Ok(Response::new(pb::CreateKeyResponse {
+            access_key_id,
+            secret_access_key: key.secret,
+            created_ms: key.created_ms,
+        }))
+    }
+
+    async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        self.0.authorize(&req)?;
+        let keys = self.0.list_keys().await?;
+        let keys =
+            keys.into_iter().map(|(id, k)| pb::KeyInfo { access_key_id: id, created_ms: k.created_ms }).collect();
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn delete_key(&self, req: Request<pb::DeleteKeyRequest>) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        self.0.authorize(&req)?;
+        self.0.delete_key(&req.get_ref().access_key_id).await?;
+        Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 
     async fn fsck(&self, req: Request<pb::FsckRequest>) -> Result<Response<pb::FsckResponse>, Status> {

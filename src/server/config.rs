@@ -169,6 +169,13 @@ pub struct Flags {
     /// separated; off when empty).
     #[arg(long, env = "CONCORD_LISTEN_REDIS_URLS")]
     pub listen_redis_urls: Option<String>,
+    /// Where to serve the S3 API (`http://host:port`, comma separated; off
+    /// when empty).
+    #[arg(long, env = "CONCORD_LISTEN_S3_URLS")]
+    pub listen_s3_urls: Option<String>,
+    /// Most S3 connections served at once (more wait to be accepted).
+    #[arg(long, env = "CONCORD_S3_MAX_CONNECTIONS")]
+    pub s3_max_connections: Option<u64>,
     /// Most Redis connections served at once (Redis's `maxclients`).
     #[arg(long, env = "CONCORD_REDIS_MAX_CLIENTS")]
     pub redis_max_clients: Option<u64>,
@@ -258,6 +265,10 @@ pub struct Config {
     pub queue_max_msg_bytes: u64,
     /// `--queue-max-batch`: most messages one fetch leases (default 256).
     pub queue_max_batch: u64,
+    /// `--listen-s3-urls`: where the S3 API listens (none: off).
+    pub listen_s3_urls: Vec<String>,
+    /// `--s3-max-connections`: S3 connections served at once (default 1024).
+    pub s3_max_connections: usize,
     /// `--blob-chunk-bytes`: size of a blob object's chunks (default 4 MiB).
     pub blob_chunk_bytes: u64,
     /// `--blob-replicas`: members holding each chunk (default 3).
@@ -306,7 +317,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 50] = [
+const KNOWN_KEYS: [&str; 52] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -353,6 +364,8 @@ const KNOWN_KEYS: [&str; 50] = [
     "redis-max-clients",
     "queue-max-msg-bytes",
     "queue-max-batch",
+    "listen-s3-urls",
+    "s3-max-connections",
     "blob-chunk-bytes",
     "blob-replicas",
     "blob-inline-max-bytes",
@@ -522,6 +535,18 @@ pub fn redis_addr(u: &str) -> Result<String, String> {
     Ok(hostport.to_string())
 }
 
+/// The `host:port` of an `http://host:port` S3 URL.
+pub fn s3_addr(u: &str) -> Result<String, String> {
+    let hostport = u
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--listen-s3-urls: URL {u:?} must start with http:// (https is not served yet)"))?
+        .trim_end_matches('/');
+    if !hostport.contains(':') || !valid_host_port(hostport) {
+        return Err(format!("--listen-s3-urls: invalid URL {u:?} (want http://host:port)"));
+    }
+    Ok(hostport.to_string())
+}
+
 fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>, String> {
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -687,6 +712,14 @@ impl Config {
         if !(1..=100_000).contains(&queue_max_batch) {
             return Err("--queue-max-batch must be between 1 and 100000".into());
         }
+        let listen_s3_urls = split_urls(raw.get("listen-s3-urls").unwrap_or(""));
+        for u in &listen_s3_urls {
+            s3_addr(u)?;
+        }
+        let s3_max_connections = usize::try_from(parse_u64(raw, "s3-max-connections", 1024)?)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or("--s3-max-connections must be positive")?;
         let blob_chunk_bytes = parse_u64(raw, "blob-chunk-bytes", 4 << 20)?;
         if !((1 << 20)..=(64 << 20)).contains(&blob_chunk_bytes) {
             return Err("--blob-chunk-bytes must be between 1 MiB and 64 MiB".into());
@@ -755,6 +788,8 @@ impl Config {
             redis_max_clients,
             queue_max_msg_bytes,
             queue_max_batch,
+            listen_s3_urls,
+            s3_max_connections,
             blob_chunk_bytes,
             blob_replicas,
             blob_inline_max_bytes,
@@ -840,6 +875,8 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("redis-max-clients", f.redis_max_clients);
     raw.set("queue-max-msg-bytes", f.queue_max_msg_bytes);
     raw.set("queue-max-batch", f.queue_max_batch);
+    raw.set("listen-s3-urls", f.listen_s3_urls);
+    raw.set("s3-max-connections", f.s3_max_connections);
     raw.set("blob-chunk-bytes", f.blob_chunk_bytes);
     raw.set("blob-replicas", f.blob_replicas);
     raw.set("blob-inline-max-bytes", f.blob_inline_max_bytes);

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod queue;
 pub mod recipes;
 pub mod redis;
+pub mod s3;
 pub mod stream_place;
 pub mod tls;
 pub mod watch;
@@ -434,6 +435,11 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         let addr = bind_addr(u).await?;
         metrics_listeners.push(TcpListener::bind(addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
     }
+    let mut s3_listeners = Vec::new();
+    for u in &config.listen_s3_urls {
+        let addr = config::s3_addr(u)?;
+        s3_listeners.push(TcpListener::bind(&addr).await.map_err(|e| format!("listen on {u}: {e}"))?);
+    }
     let mut redis_listeners = Vec::new();
     for u in &config.listen_redis_urls {
         let addr = config::redis_addr(u)?;
@@ -628,6 +634,14 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     }));
     supervisor.spawn("queue-keeper", queue::run_keeper(queues.clone()));
     supervisor.spawn("blob-keeper", blob::run_keeper(blobs.clone()));
+    for l in s3_listeners {
+        let (blobs, max) = (blobs.clone(), config.s3_max_connections);
+        supervisor.spawn("s3-listener", async move {
+            if let Err(e) = s3::serve(l, blobs, max).await {
+                tracing::error!("S3 API: {e}");
+            }
+        });
+    }
     for l in redis_listeners {
         let gateway = gateway.clone();
         let limits = crate::resp::Limits {
