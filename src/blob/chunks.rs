@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::meta::ChunkId;
 use crate::consensus::GroupId;
+use crate::streams::bucket::ChunkId;
 
 /// Suffix of a chunk being written (never read as a chunk).
 const SCRATCH_SUFFIX: &str = ".partial";

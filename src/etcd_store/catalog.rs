@@ -35,7 +35,7 @@ pub enum ServiceKind {
     /// A Redis stream (`crate::streams`), found by its name (see
     /// [`CatalogChange::CreateNamed`]).
     Stream,
-    /// A blob bucket's metadata (`crate::blob::meta`, on the stream service's
+    /// A blob bucket's metadata (`crate::streams::bucket`, on the stream service's
     /// ordered table), found by the bucket's name. Appended last.
     Blob,
 }

@@ -3,7 +3,7 @@
 //! nothing references.
 //!
 //! A bucket is a catalog group of kind `blob` named by the bucket (placed by
-//! the ring like a stream); its metadata is [`crate::blob::meta`]. An object's
+//! the ring like a stream); its metadata is [`crate::streams::bucket`]. An object's
 //! bytes are cut into chunks of `--blob-chunk-bytes`; each chunk goes to the
 //! `--blob-replicas` members the ring gives its hash (zones first).
 //!
@@ -39,16 +39,16 @@ use super::groups::GroupHost;
 use super::stream_place::{NodeCall, Place, PlaceError, StreamPlacement};
 use super::Node;
 use crate::blob::chunks::{hex, ChunkError, ChunkStore};
-use crate::blob::meta::{
-    BlobCommand, BlobError, BlobReply, Body, BucketRecord, ChunkId, ChunkRecord, ChunkRef, KeyRecord, ObjectRecord,
-    PartRecord, PlacedChunk, UploadRecord, COLLECT_GRACE_MS, KEYS_GROUP, MAX_PARTS,
-};
 use crate::consensus::byte_string::ByteString;
 use crate::consensus::{GroupId, MemberId};
 use crate::etcd_store::catalog::{self, CatalogChange, ServiceKind};
 use crate::etcd_store::{members, Command, CommandResult};
 use crate::proto::blob as pb;
 use crate::proto::blob::blob_server::Blob;
+use crate::streams::bucket::{
+    BlobCommand, BlobError, BlobReply, Body, BucketRecord, ChunkId, ChunkRecord, ChunkRef, KeyRecord, ObjectRecord,
+    PartRecord, PlacedChunk, UploadRecord, COLLECT_GRACE_MS, KEYS_GROUP, MAX_PARTS,
+};
 use crate::streams::StreamGroup;
 
 /// Chunks a put has in flight to their replicas at once.

@@ -25,7 +25,7 @@ use s3s::dto::*;
 use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 
 use super::blob::{BlobService, Check, Failure, MetaAnswer, Source};
-use crate::blob::meta::{BlobError, ObjectRecord};
+use crate::streams::bucket::{BlobError, ObjectRecord};
 
 /// Most keys one listing returns (S3's limit).
 const MAX_LIST_KEYS: usize = 1000;

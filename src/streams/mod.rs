@@ -1,5 +1,7 @@
 //! Durable streams with Redis Streams semantics: a Raft service, and the
-//! handle the Redis gateway (`crate::server::redis`) uses.
+//! handle the Redis gateway (`crate::server::redis`) uses. The same ordered-table
+//! service runs two more models: durable queues ([`queue`]) and blob buckets'
+//! metadata ([`bucket`], in groups of catalog kind `blob`).
 //!
 //! Each stream is a catalog group of its own (service kind `stream`), created on
 //! the first write that makes the stream exist; [`model`] holds the semantics.
@@ -20,6 +22,7 @@
 //! snapshot build makes the file durable before the log is purged). A snapshot
 //! is every row, streamed a row at a time into the runtime's snapshot file.
 
+pub mod bucket;
 pub mod model;
 pub mod queue;
 
@@ -68,7 +71,7 @@ pub enum StreamReply {
     /// A queue command's reply.
     Queue(queue::QueueReply),
     /// A blob metadata command's reply.
-    Blob(crate::blob::meta::BlobReply),
+    Blob(crate::streams::bucket::BlobReply),
 }
 
 /// The model's table (infallible) over a redb table: the first storage error
@@ -298,7 +301,7 @@ impl Service for StreamService {
                         Ok(StreamCommand::Blob(cmd)) => {
                             let mut table = Rows::new(&mut rows);
                             let reply =
-                                crate::blob::meta::BlobApply { table: &mut table }.apply(cmd).map_err(io_err)?;
+                                crate::streams::bucket::BlobApply { table: &mut table }.apply(cmd).map_err(io_err)?;
                             table.checked()?;
                             StreamReply::Blob(reply)
                         }
@@ -450,9 +453,9 @@ impl StreamGroup {
     /// Replicates a blob metadata write; its reply.
     pub async fn blob_write(
         &self,
-        cmd: crate::blob::meta::BlobCommand,
+        cmd: crate::streams::bucket::BlobCommand,
         timeout: Duration,
-    ) -> Result<crate::blob::meta::BlobReply, StreamError> {
+    ) -> Result<crate::streams::bucket::BlobReply, StreamError> {
         let body = encode(&StreamCommand::Blob(cmd)).map_err(|e| StreamError::Storage(e.to_string()))?;
         let reply = self.group.propose(body, false, timeout).await?;
         match decode::<StreamReply>(&reply).map_err(|e| StreamError::Storage(e.to_string()))? {
@@ -467,13 +470,15 @@ impl StreamGroup {
         &self,
         timeout: Duration,
         barrier: bool,
-        f: impl FnOnce(&crate::blob::meta::BlobView<'_, dyn model::Table>) -> Result<T, crate::blob::meta::Corrupt>,
+        f: impl FnOnce(
+            &crate::streams::bucket::BlobView<'_, dyn model::Table>,
+        ) -> Result<T, crate::streams::bucket::Corrupt>,
     ) -> Result<T, StreamError> {
         if barrier {
             self.group.read_barrier(timeout).await?;
         }
         self.with_rows(|table| {
-            f(&crate::blob::meta::BlobView { table: table as &dyn model::Table }).map_err(model::Corrupt::from)
+            f(&crate::streams::bucket::BlobView { table: table as &dyn model::Table }).map_err(model::Corrupt::from)
         })
     }
 

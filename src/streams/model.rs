@@ -269,9 +269,9 @@ pub enum StreamCommand {
     /// A durable-queue command (see [`super::queue`]): the same service and
     /// table, its own rows; appended last so earlier commands keep their encoding.
     Queue(super::queue::QueueCommand),
-    /// A blob bucket's metadata command (see [`crate::blob::meta`]): a bucket's
+    /// A blob bucket's metadata command (see [`crate::streams::bucket`]): a bucket's
     /// group runs this service with only these commands; appended last.
-    Blob(crate::blob::meta::BlobCommand),
+    Blob(crate::streams::bucket::BlobCommand),
 }
 
 impl StreamCommand {

@@ -166,3 +166,53 @@ fn listing_matches_a_model_of_list_objects_v2() {
         }
     }
 }
+
+fn part(t: &mut Rows, upload: &str, number: u32, chunk: u8, size: u64) -> BlobReply {
+    let part =
+        PartRecord { size, md5: [chunk; 16], chunks: vec![ChunkRef { id: id(chunk), size: 10 }], modified_ms: 0 };
+    let placed = vec![PlacedChunk { id: id(chunk), size: 10, replicas: vec![1] }];
+    apply(t, BlobCommand::PutPart { upload_id: upload.into(), number, part, placed, started_ms: 1, now_ms: 1 })
+}
+
+fn etag_of(chunk: u8) -> String {
+    PartRecord { size: 0, md5: [chunk; 16], chunks: vec![], modified_ms: 0 }.etag()
+}
+
+#[test]
+fn multipart_uploads_hold_their_parts_until_completed_or_aborted() {
+    let mut t = bucket();
+    let upload = UploadRecord { key: "big".into(), content_type: "t".into(), metadata: vec![], created_ms: 1 };
+    assert_eq!(part(&mut t, "u1", 1, 1, MIN_PART_BYTES), BlobReply::Refused(BlobError::NoSuchUpload));
+    apply(&mut t, BlobCommand::CreateUpload { upload_id: "u1".into(), upload: upload.clone() });
+    part(&mut t, "u1", 1, 1, MIN_PART_BYTES);
+    part(&mut t, "u1", 2, 2, 7);
+    part(&mut t, "u1", 3, 3, 7);
+    // Part 3 uploaded again with other bytes: the first one's chunk is released.
+    part(&mut t, "u1", 3, 4, 7);
+    assert_eq!((refs(&t, 3), refs(&t, 4)), (Some(0), Some(1)));
+    assert_eq!(apply(&mut t, BlobCommand::DeleteBucket), BlobReply::Refused(BlobError::BucketNotEmpty));
+    let complete = |parts: Vec<(u32, String)>| BlobCommand::CompleteUpload { upload_id: "u1".into(), parts, now_ms: 5 };
+    let wrong_tag = apply(&mut t, complete(vec![(1, etag_of(1)), (2, etag_of(9))]));
+    assert_eq!(wrong_tag, BlobReply::Refused(BlobError::InvalidPart));
+    let order = apply(&mut t, complete(vec![(2, etag_of(2)), (1, etag_of(1))]));
+    assert_eq!(order, BlobReply::Refused(BlobError::InvalidPartOrder));
+    let small = apply(&mut t, complete(vec![(2, etag_of(2)), (3, etag_of(4))]));
+    assert_eq!(small, BlobReply::Refused(BlobError::EntityTooSmall));
+    // Parts 1 and 2 make the object; part 3 (not listed) is released.
+    let BlobReply::Put(object) = apply(&mut t, complete(vec![(1, etag_of(1)), (2, etag_of(2))])) else {
+        panic!("completion refused")
+    };
+    assert_eq!(object.size, MIN_PART_BYTES + 7);
+    assert!(object.etag.ends_with("-2\""), "{}", object.etag);
+    assert_eq!(object.chunks().len(), 2);
+    assert_eq!((refs(&t, 1), refs(&t, 2), refs(&t, 4)), (Some(1), Some(1), Some(0)));
+    assert_eq!(BlobView { table: &t }.upload("u1").expect("upload"), None);
+    // Abort releases every part.
+    apply(&mut t, BlobCommand::CreateUpload { upload_id: "u2".into(), upload });
+    part(&mut t, "u2", 1, 5, 7);
+    assert_eq!(refs(&t, 5), Some(1));
+    assert_eq!(apply(&mut t, BlobCommand::AbortUpload { upload_id: "u2".into(), now_ms: 6 }), BlobReply::Done);
+    assert_eq!(refs(&t, 5), Some(0));
+    let again = apply(&mut t, BlobCommand::AbortUpload { upload_id: "u2".into(), now_ms: 6 });
+    assert_eq!(again, BlobReply::Refused(BlobError::NoSuchUpload));
+}
