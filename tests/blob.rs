@@ -350,3 +350,73 @@ fn md5_hex(data: &[u8]) -> String {
     use md5::Digest;
     md5::Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Kill one of four members for good: every chunk is back on three live
+/// members within the repair delay and a few repair rounds, fsck finds nothing
+/// wrong, and every object reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunks_of_a_member_lost_for_good_are_copied_back_to_three() {
+    let options = ClusterOptions {
+        extra_args: vec![
+            "--blob-chunk-bytes".into(),
+            CHUNK.to_string(),
+            "--blob-repair-delay-ms".into(),
+            "3000".into(),
+        ],
+        ..ClusterOptions::default()
+    };
+    let mut cluster = ProcessCluster::start(Path::new(BIN), 4, options);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut c = client(&cluster.endpoints()[0]).await;
+    retry("create bucket", || {
+        let mut c = c.clone();
+        async move { c.create_bucket(pb::CreateBucketRequest { bucket: "keep".into() }).await }
+    })
+    .await;
+    let mut rng = SeededRng::new(concord_testkit::workload::seed_from_env());
+    let mut objects = Vec::new();
+    for i in 0..20 {
+        let data = bytes(&mut rng, CHUNK * 5 / 2);
+        let key = format!("o{i}");
+        retry("put", || {
+            let (mut c, key, data) = (c.clone(), key.clone(), &data);
+            async move { put(&mut c, "keep", &key, data).await }
+        })
+        .await;
+        objects.push((key, blake3::hash(&data)));
+    }
+    // The member to lose: one holding chunks, and not the one we ask.
+    let lost = 3;
+    let before = chunk_files(&cluster.members[lost].data_dir).len();
+    assert!(before > 0, "member {lost} holds no chunk");
+    cluster.kill(lost);
+    let healthy = concord_testkit::eventually(Duration::from_secs(90), || {
+        let mut c = c.clone();
+        async move {
+            let report = c.fsck(pb::FsckRequest { bucket: "keep".into() }).await.ok()?.into_inner();
+            report.problems.is_empty().then_some(report)
+        }
+    })
+    .await;
+    let report = healthy.expect("chunks were not copied back to three replicas");
+    assert_eq!(report.objects, 20);
+    let mut holders: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for m in (0..4).filter(|m| *m != lost) {
+        for (id, _) in chunk_files(&cluster.members[m].data_dir) {
+            *holders.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(holders.len() as u64, report.chunks);
+    for (id, n) in &holders {
+        assert_eq!(*n, 3, "chunk {id:?} on {n} live members");
+    }
+    let copied: u64 = (0..4)
+        .filter(|m| *m != lost)
+        .map(|m| metric(cluster.members[m].client_port, "concord_blob_chunks_rereplicated_total"))
+        .sum();
+    assert_eq!(copied as usize, before, "copies made for the lost member's chunks");
+    for (key, hash) in &objects {
+        let back = get(&mut c, "keep", key, 0, None).await.expect("get");
+        assert_eq!(blake3::hash(&back), *hash, "{key}");
+    }
+}

@@ -18,6 +18,10 @@
 //! - Memory: a put holds at most [`PUT_PIPELINE`] chunks, a get one chunk, and
 //!   the member at most `--blob-max-transfers` chunk writes of its own puts and
 //!   as many chunk transfers it serves, at once.
+//! - Repair (the repairer, every [`REPAIR_INTERVAL`]): a bucket's leader copies
+//!   each referenced chunk with a replica on a member gone (removed, or
+//!   unreachable for `--blob-repair-delay-ms`) from a live replica to other
+//!   members, up to the replica count, and records where the replicas are now.
 //! - Collection (the keeper, every [`KEEP_INTERVAL`]): a bucket's leader drops
 //!   the records of chunks unreferenced for the grace period and removes their
 //!   files; every member removes chunk files older than the grace period that
@@ -59,6 +63,12 @@ const GET_FRAME_BYTES: usize = 1 << 20;
 
 /// Pause between the keeper's rounds.
 const KEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Pause between the repairer's rounds.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Chunk records the repairer reads at a time.
+const REPAIR_PAGE: usize = 500;
 
 /// Chunk records one collection round drops per bucket.
 const COLLECT_MAX: usize = 1000;
@@ -241,6 +251,9 @@ pub struct BlobSettings {
     pub chunk_bytes: usize,
     pub replicas: usize,
     pub inline_max_bytes: usize,
+    /// How long a member must be unreachable before its chunks are copied
+    /// elsewhere (a restart within it causes no copying).
+    pub repair_delay: Duration,
 }
 
 /// Counters since start, for the metrics.
@@ -248,6 +261,8 @@ pub struct BlobSettings {
 pub struct BlobStats {
     /// Chunks found corrupt on this member (their files removed).
     pub corrupt_found: Arc<AtomicU64>,
+    /// Chunk replicas this member copied to other members after one was lost.
+    pub rereplicated: AtomicU64,
     /// Replicas rewritten from a good copy by this member.
     pub repaired: AtomicU64,
     pub repair_failed: AtomicU64,
@@ -267,6 +282,8 @@ pub struct BlobService {
     /// Apart from `sending`: a put holding a sending permit waits on serving
     /// permits here and on other members, so one pool would deadlock.
     serving: Arc<tokio::sync::Semaphore>,
+    /// Members found unreachable, and since when (see [`BlobService::gone`]).
+    down_since: std::sync::Mutex<BTreeMap<MemberId, std::time::Instant>>,
 }
 
 /// An object's bytes as they arrive.
@@ -303,6 +320,7 @@ impl BlobService {
             settings,
             sending: Arc::new(tokio::sync::Semaphore::new(max_transfers)),
             serving: Arc::new(tokio::sync::Semaphore::new(max_transfers)),
+            down_since: std::sync::Mutex::default(),
         }
     }
 
@@ -1122,6 +1140,96 @@ impl BlobService {
         Ok(out)
     }
 
+    /// Whether member `m` is gone for the chunks it holds: no longer a voter,
+    /// or unreachable for the repair delay.
+    fn gone(&self, m: MemberId, voters: &BTreeSet<MemberId>) -> bool {
+        if m == self.node.member_id {
+            return false;
+        }
+        if !voters.contains(&m) {
+            return true;
+        }
+        let mut down = self.down_since.lock().expect("down members poisoned");
+        if self.node.registry.liveness().alive(m) {
+            down.remove(&m);
+            return false;
+        }
+        down.entry(m).or_insert_with(std::time::Instant::now).elapsed() >= self.settings.repair_delay
+    }
+
+    fn voter_set(&self) -> BTreeSet<MemberId> {
+        let Ok(txn) = self.node.group.backend.begin_read() else { return BTreeSet::new() };
+        members::records(&txn)
+            .map_or_else(|_| BTreeSet::new(), |r| r.into_iter().filter(|(_, r)| !r.learner).map(|(m, _)| m).collect())
+    }
+
+    /// One round of the repairer: for each bucket this member leads, every
+    /// referenced chunk with a replica on a gone member is copied to live
+    /// members up to the replica count, and its record updated.
+    async fn repair_round(&self) -> Result<(), Failure> {
+        let groups: Vec<GroupId> = {
+            let txn = self.node.group.backend.begin_read().map_err(|e| Failure::Internal(e.to_string()))?;
+            let names = catalog::names(&txn, ServiceKind::Blob).map_err(|e| Failure::Internal(e.to_string()))?;
+            names.into_iter().map(|(_, g)| g).collect()
+        };
+        let voters = self.voter_set();
+        for g in groups {
+            let Some(sg) = self.host.stream(g) else { continue };
+            if !sg.group.is_leader() {
+                continue;
+            }
+            let mut after: Option<ChunkId> = None;
+            loop {
+                let page = sg
+                    .blob_read(self.timeout(), false, |v| v.chunks(after.as_ref(), REPAIR_PAGE))
+                    .await
+                    .map_err(stream_failure)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(*last);
+                let alive_voters = voters.iter().filter(|m| !self.gone(**m, &voters)).count();
+                let want = self.settings.replicas.min(alive_voters);
+                for (id, rec) in page {
+                    if rec.refs == 0 {
+                        continue;
+                    }
+                    let mut live: Vec<MemberId> =
+                        rec.replicas.iter().copied().filter(|m| !self.gone(*m, &voters)).collect();
+                    if live.len() == rec.replicas.len() {
+                        continue;
+                    }
+                    if live.len() < want {
+                        let data = match self.fetch_chunk(g, id, &live).await {
+                            Ok(d) => d,
+                            Err(e) => {
+                                tracing::warn!(chunk = %hex(&id), "no live replica to repair from: {e:?}");
+                                continue;
+                            }
+                        };
+                        let mut candidates = self.chunk_targets(&id)?;
+                        candidates.extend(voters.iter().copied());
+                        let mut tried = BTreeSet::new();
+                        for c in candidates {
+                            if live.len() >= want {
+                                break;
+                            }
+                            if live.contains(&c) || self.gone(c, &voters) || !tried.insert(c) {
+                                continue;
+                            }
+                            let call = BlobCall::PutChunk { bucket: g, id, data: data.clone() };
+                            if self.chunk_call(c, call).await.is_ok() {
+                                live.push(c);
+                                self.node.stats.blob.rereplicated.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    let cmd = BlobCommand::SetReplicas { id, replicas: live };
+                    sg.blob_write(cmd, self.timeout()).await.map_err(stream_failure)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn voters(&self) -> usize {
         let Ok(txn) = self.node.group.backend.begin_read() else { return 0 };
         members::records(&txn).map_or(0, |r| r.into_iter().filter(|(_, r)| !r.learner).count())
@@ -1276,6 +1384,18 @@ pub async fn run_keeper(service: Arc<BlobService>) {
         tick.tick().await;
         if let Err(e) = service.keep().await {
             tracing::debug!("blob keeper round: {e:?}");
+        }
+    }
+}
+
+/// Runs the repairer for the member's lifetime.
+pub async fn run_repairer(service: Arc<BlobService>) {
+    let mut tick = tokio::time::interval(REPAIR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = service.repair_round().await {
+            tracing::debug!("blob repair round: {e:?}");
         }
     }
 }

@@ -199,6 +199,10 @@ pub struct Flags {
     /// is at most about this many chunks.
     #[arg(long, env = "CONCORD_BLOB_MAX_TRANSFERS")]
     pub blob_max_transfers: Option<u64>,
+    /// How long a member must be unreachable before its blob chunks are copied
+    /// to other members, milliseconds.
+    #[arg(long, env = "CONCORD_BLOB_REPAIR_DELAY_MS")]
+    pub blob_repair_delay_ms: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -277,6 +281,9 @@ pub struct Config {
     pub blob_inline_max_bytes: u64,
     /// `--blob-max-transfers`: chunk transfers a member runs at once (default 16).
     pub blob_max_transfers: u64,
+    /// `--blob-repair-delay-ms`: how long a member is unreachable before its
+    /// chunks are copied elsewhere (default 60 s).
+    pub blob_repair_delay_ms: u64,
 }
 
 /// Most worker threads `--worker-threads` may ask for.
@@ -317,7 +324,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 52] = [
+const KNOWN_KEYS: [&str; 53] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -370,6 +377,7 @@ const KNOWN_KEYS: [&str; 52] = [
     "blob-replicas",
     "blob-inline-max-bytes",
     "blob-max-transfers",
+    "blob-repair-delay-ms",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -736,6 +744,7 @@ impl Config {
         if !(1..=1024).contains(&blob_max_transfers) {
             return Err("--blob-max-transfers must be between 1 and 1024".into());
         }
+        let blob_repair_delay_ms = parse_u64(raw, "blob-repair-delay-ms", 60_000)?;
         let zone = raw.get("zone").unwrap_or_default().to_string();
         if zone.len() > MAX_ZONE_BYTES {
             return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
@@ -794,6 +803,7 @@ impl Config {
             blob_replicas,
             blob_inline_max_bytes,
             blob_max_transfers,
+            blob_repair_delay_ms,
             weight,
         };
         config.check_self_in_cluster()?;
@@ -881,6 +891,7 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("blob-replicas", f.blob_replicas);
     raw.set("blob-inline-max-bytes", f.blob_inline_max_bytes);
     raw.set("blob-max-transfers", f.blob_max_transfers);
+    raw.set("blob-repair-delay-ms", f.blob_repair_delay_ms);
     raw
 }
 

@@ -585,6 +585,11 @@ fn render_blobs(node: &Node, out: &mut String) {
         ),
         ("concord_blob_chunks_repaired_total", "Chunk replicas this member rewrote from a good copy.", &b.repaired),
         (
+            "concord_blob_chunks_rereplicated_total",
+            "Chunk replicas this member copied to others after a member was lost.",
+            &b.rereplicated,
+        ),
+        (
             "concord_blob_chunk_repairs_failed_total",
             "Chunk repairs this member attempted that failed.",
             &b.repair_failed,
