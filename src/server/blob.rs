@@ -596,6 +596,11 @@ impl BlobService {
         }
     }
 
+    /// Whether bucket `bucket` exists and is not being deleted.
+    pub async fn check_live_bucket(&self, bucket: &str) -> Result<(), Failure> {
+        self.live_bucket(bucket).await.map(drop)
+    }
+
     /// The group of bucket `bucket`, which must exist and not be being deleted.
     async fn live_bucket(&self, bucket: &str) -> Result<GroupId, Failure> {
         check_bucket_name(bucket)?;

@@ -30,6 +30,11 @@ use crate::streams::bucket::{BlobError, ObjectRecord};
 /// Most keys one listing returns (S3's limit).
 const MAX_LIST_KEYS: usize = 1000;
 
+/// Most bytes of a refused upload's body read and dropped before the error
+/// is answered: a client reuses its connection only when the body it sent was
+/// read (larger ones are cut off with the connection).
+const MAX_DRAIN_BYTES: u64 = 64 << 20;
+
 /// Most parts one ListParts returns (S3's limit).
 const MAX_LIST_PARTS: usize = 1000;
 
@@ -204,6 +209,18 @@ impl s3s::auth::S3Auth for KeyStore {
 /// The S3 operations over the blob service.
 pub struct S3Api(pub Arc<BlobService>);
 
+/// Reads and drops up to [`MAX_DRAIN_BYTES`] of `body` (see there).
+async fn drain(body: Option<StreamingBlob>) {
+    let Some(mut body) = body else { return };
+    let mut read = 0u64;
+    while let Some(Ok(piece)) = body.next().await {
+        read += piece.len() as u64;
+        if read > MAX_DRAIN_BYTES {
+            return;
+        }
+    }
+}
+
 impl S3Api {
     fn object_list(&self, objects: &[(String, ObjectRecord)]) -> Vec<Object> {
         objects
@@ -299,6 +316,10 @@ impl S3 for S3Api {
             &req.headers,
             req.trailing_headers,
         )?;
+        if let Err(e) = self.0.check_live_bucket(&input.bucket).await {
+            drain(input.body).await;
+            return Err(s3_err(e));
+        }
         let source = sums.source(input.body);
         let content_type = input.content_type.unwrap_or_default();
         let metadata = metadata_of(input.metadata);
@@ -489,6 +510,16 @@ impl S3 for S3Api {
             req.trailing_headers,
         )?;
         let number = u32::try_from(input.part_number).map_err(|_| s3_error!(InvalidArgument, "bad part number"))?;
+        let upload = self.0.meta_read(&input.bucket, super::blob::MetaRead::Upload(input.upload_id.clone())).await;
+        let refused = match upload {
+            Ok(MetaAnswer::Upload(Some(_))) => None,
+            Ok(_) => Some(Failure::Refused(BlobError::NoSuchUpload)),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = refused {
+            drain(input.body).await;
+            return Err(s3_err(e));
+        }
         let source = sums.source(input.body);
         let part =
             self.0.upload_part(&input.bucket, &input.upload_id, number, source, sums.check()).await.map_err(s3_err)?;
