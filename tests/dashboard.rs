@@ -146,6 +146,7 @@ async fn probes_metrics_status_cli_and_dashboard() {
     }
     assert!(dom.contains("class=\"pill leader\""), "the leader is marked");
     assert!(dom.contains("data-queue=\"orders\""), "the queue is missing from the dashboard");
+    assert!(dom.contains("data-blob=\"counters\""), "the blob store's counters are missing from the dashboard");
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let status = Command::new("chromium")

@@ -263,6 +263,9 @@ pub struct BlobStats {
     pub corrupt_found: Arc<AtomicU64>,
     /// Chunk replicas this member copied to other members after one was lost.
     pub rereplicated: AtomicU64,
+    /// Chunks of the buckets this member leads with fewer live replicas than
+    /// wanted, after the repairer's last round (a gauge).
+    pub under_replicated: AtomicU64,
     /// Replicas rewritten from a good copy by this member.
     pub repaired: AtomicU64,
     pub repair_failed: AtomicU64,
@@ -1178,6 +1181,7 @@ impl BlobService {
             names.into_iter().map(|(_, g)| g).collect()
         };
         let voters = self.voter_set();
+        let mut under = 0u64;
         for g in groups {
             let Some(sg) = self.host.stream(g) else { continue };
             if !sg.group.is_leader() {
@@ -1227,11 +1231,15 @@ impl BlobService {
                             }
                         }
                     }
+                    if live.len() < want {
+                        under += 1;
+                    }
                     let cmd = BlobCommand::SetReplicas { id, replicas: live };
                     sg.blob_write(cmd, self.timeout()).await.map_err(stream_failure)?;
                 }
             }
         }
+        self.node.stats.blob.under_replicated.store(under, Ordering::Relaxed);
         Ok(())
     }
 

@@ -107,8 +107,17 @@ async fn dashboard_state(State(node): State<Arc<Node>>) -> impl IntoResponse {
             })
         })
         .collect();
+    let mut blob: serde_json::Map<String, serde_json::Value> = super::metrics::blob_counters(&node)
+        .into_iter()
+        .map(|(name, _, value)| (name.trim_start_matches("concord_blob_").to_string(), value.into()))
+        .collect();
+    blob.insert(
+        "chunks_under_replicated".into(),
+        node.stats.blob.under_replicated.load(std::sync::atomic::Ordering::Relaxed).into(),
+    );
     let body = serde_json::json!({
         "queues": queues,
+        "blob": blob,
         "member_id": format!("{:x}", node.member_id),
         "member_name": node.config.name,
         "quota_bytes": node.config.quota_backend_bytes,

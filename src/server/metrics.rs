@@ -574,39 +574,51 @@ pub fn hosted_queues(node: &Node) -> Vec<HostedQueue> {
     rows
 }
 
-/// The blob service's counters on this member.
+/// The blob service's counters on this member, and the under-replicated gauge.
 fn render_blobs(node: &Node, out: &mut String) {
+    for (name, help, value) in blob_counters(node) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
+    }
+    let name = "concord_blob_chunks_under_replicated";
+    let _ = write!(
+        out,
+        "# HELP {name} Chunks of buckets this member leads with fewer live replicas than wanted (after the last repair round).\n# TYPE {name} gauge\n{name} {}\n",
+        node.stats.blob.under_replicated.load(Ordering::Relaxed)
+    );
+}
+
+/// The blob service's counters: (metric name, help, value).
+pub fn blob_counters(node: &Node) -> [(&'static str, &'static str, u64); 6] {
     let b = &node.stats.blob;
-    for (name, help, value) in [
+    let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    [
         (
             "concord_blob_chunks_corrupt_total",
             "Chunk replicas found corrupt on this member (and removed).",
-            &*b.corrupt_found,
+            v(&b.corrupt_found),
         ),
-        ("concord_blob_chunks_repaired_total", "Chunk replicas this member rewrote from a good copy.", &b.repaired),
+        ("concord_blob_chunks_repaired_total", "Chunk replicas this member rewrote from a good copy.", v(&b.repaired)),
         (
             "concord_blob_chunks_rereplicated_total",
             "Chunk replicas this member copied to others after a member was lost.",
-            &b.rereplicated,
+            v(&b.rereplicated),
         ),
         (
             "concord_blob_chunk_repairs_failed_total",
             "Chunk repairs this member attempted that failed.",
-            &b.repair_failed,
+            v(&b.repair_failed),
         ),
         (
             "concord_blob_chunks_collected_total",
             "Unreferenced chunks collected by buckets this member leads.",
-            &b.collected,
+            v(&b.collected),
         ),
         (
             "concord_blob_orphans_removed_total",
             "Chunk files no object named, removed from this member.",
-            &b.orphans_removed,
+            v(&b.orphans_removed),
         ),
-    ] {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed));
-    }
+    ]
 }
 
 /// The durable queues whose groups this member hosts (each replica reports its
