@@ -125,8 +125,9 @@ fn metric(port: u16, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn objects_round_trip_with_chunks_on_three_members_and_corruption_repaired() {
+    // No scrubbing: the corrupt chunk below is to be found by a read.
     let options = ClusterOptions {
-        extra_args: vec!["--blob-chunk-bytes".into(), CHUNK.to_string()],
+        extra_args: vec!["--blob-chunk-bytes".into(), CHUNK.to_string(), "--blob-scrub-bytes-per-s".into(), "0".into()],
         ..ClusterOptions::default()
     };
     let cluster = ProcessCluster::start(Path::new(BIN), 4, options);
@@ -351,17 +352,20 @@ fn md5_hex(data: &[u8]) -> String {
     md5::Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A corrupt chunk no client reads is found and rewritten by the scrubber.
 /// Kill one of four members for good: every chunk is back on three live
 /// members within the repair delay and a few repair rounds, fsck finds nothing
 /// wrong, and every object reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chunks_of_a_member_lost_for_good_are_copied_back_to_three() {
+async fn scrubbed_corruption_is_rewritten_and_a_lost_members_chunks_are_copied_back() {
     let options = ClusterOptions {
         extra_args: vec![
             "--blob-chunk-bytes".into(),
             CHUNK.to_string(),
             "--blob-repair-delay-ms".into(),
             "3000".into(),
+            "--blob-scrub-bytes-per-s".into(),
+            (1u64 << 30).to_string(),
         ],
         ..ClusterOptions::default()
     };
@@ -385,6 +389,21 @@ async fn chunks_of_a_member_lost_for_good_are_copied_back_to_three() {
         .await;
         objects.push((key, blake3::hash(&data)));
     }
+    // A flipped byte in a chunk on member 1, never read by a client: the
+    // scrubber finds it and rewrites it from another replica.
+    let (_, path) = chunk_files(&cluster.members[1].data_dir).into_iter().next().expect("a chunk on member 1");
+    let good = std::fs::read(&path).expect("chunk");
+    let mut flipped = good.clone();
+    flipped[777] ^= 1;
+    std::fs::write(&path, &flipped).expect("flip");
+    let healed = concord_testkit::eventually(Duration::from_secs(60), || {
+        let (path, good) = (path.clone(), good.clone());
+        async move { (std::fs::read(&path).ok()? == good).then_some(()) }
+    })
+    .await;
+    assert!(healed.is_some(), "the scrubber did not rewrite the corrupt chunk");
+    assert!(metric(cluster.members[1].client_port, "concord_blob_chunks_corrupt_total") >= 1);
+
     // The member to lose: one holding chunks, and not the one we ask.
     let lost = 3;
     let before = chunk_files(&cluster.members[lost].data_dir).len();

@@ -22,6 +22,9 @@
 //!   each referenced chunk with a replica on a member gone (removed, or
 //!   unreachable for `--blob-repair-delay-ms`) from a live replica to other
 //!   members, up to the replica count, and records where the replicas are now.
+//! - Scrubbing (the scrubber, continuously at `--blob-scrub-bytes-per-s`): every
+//!   chunk file here is read back and verified; a corrupt one is rewritten from
+//!   another replica.
 //! - Collection (the keeper, every [`KEEP_INTERVAL`]): a bucket's leader drops
 //!   the records of chunks unreferenced for the grace period and removes their
 //!   files; every member removes chunk files older than the grace period that
@@ -69,6 +72,9 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Chunk records the repairer reads at a time.
 const REPAIR_PAGE: usize = 500;
+
+/// Pause after the scrubber has read every chunk file here once.
+const SCRUB_PASS_PAUSE: Duration = Duration::from_secs(10);
 
 /// Chunk records one collection round drops per bucket.
 const COLLECT_MAX: usize = 1000;
@@ -173,6 +179,7 @@ pub enum MetaRead {
     },
     /// Which of these chunks have a record.
     Known(Vec<ChunkId>),
+    Chunk(ChunkId),
     Upload(String),
     Parts {
         upload_id: String,
@@ -191,6 +198,7 @@ pub enum MetaAnswer {
     List { objects: Vec<(String, ObjectRecord)>, common_prefixes: Vec<String>, truncated: bool, last: Option<String> },
     Objects(Vec<(String, ObjectRecord)>),
     Known(Vec<bool>),
+    Chunk(Option<ChunkRecord>),
     Upload(Option<UploadRecord>),
     Parts(Option<(UploadRecord, Vec<(u32, PartRecord)>)>),
     Keys(Vec<(String, KeyRecord)>),
@@ -254,6 +262,8 @@ pub struct BlobSettings {
     /// How long a member must be unreachable before its chunks are copied
     /// elsewhere (a restart within it causes no copying).
     pub repair_delay: Duration,
+    /// Bytes per second the scrubber reads back (0: no scrubbing).
+    pub scrub_bytes_per_s: u64,
 }
 
 /// Counters since start, for the metrics.
@@ -1243,6 +1253,66 @@ impl BlobService {
         Ok(())
     }
 
+    /// One pass of the scrubber over this member's chunk files, at most
+    /// `--blob-scrub-bytes-per-s`: each is read and verified; a corrupt one
+    /// (removed by the read) is fetched from another replica and rewritten.
+    async fn scrub_pass(&self) -> Result<(), Failure> {
+        let rate = self.settings.scrub_bytes_per_s.max(1);
+        let internal = |e: std::io::Error| Failure::Internal(e.to_string());
+        let chunks = self.chunks.clone();
+        let buckets = tokio::task::spawn_blocking(move || chunks.buckets())
+            .await
+            .map_err(|e| Failure::Internal(e.to_string()))?
+            .map_err(internal)?;
+        for bucket in buckets {
+            let chunks = self.chunks.clone();
+            let files = tokio::task::spawn_blocking(move || chunks.list(bucket))
+                .await
+                .map_err(|e| Failure::Internal(e.to_string()))?
+                .map_err(internal)?;
+            for (id, _) in files {
+                let chunks = self.chunks.clone();
+                let read = tokio::task::spawn_blocking(move || chunks.get(bucket, &id))
+                    .await
+                    .map_err(|e| Failure::Internal(e.to_string()))?;
+                let bytes = match read {
+                    Ok(data) => data.map_or(0, |d| d.len() as u64),
+                    Err(ChunkError::Corrupt(_)) => {
+                        if let Err(e) = self.heal(bucket, id).await {
+                            self.node.stats.blob.repair_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(chunk = %hex(&id), "scrub: corrupt chunk not repaired: {e:?}");
+                        }
+                        self.settings.chunk_bytes as u64
+                    }
+                    Err(e) => return Err(Failure::Internal(e.to_string())),
+                };
+                tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / rate as f64)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites this member's copy of a chunk from another replica.
+    async fn heal(&self, bucket: GroupId, id: ChunkId) -> Result<(), Failure> {
+        let Some(name) = self.bucket_name(bucket).await? else { return Ok(()) };
+        let record = match self.meta_read(&name, MetaRead::Chunk(id)).await? {
+            MetaAnswer::Chunk(Some(r)) => r,
+            // Collected meanwhile: nothing to heal.
+            MetaAnswer::Chunk(None) => return Ok(()),
+            other => return Err(Failure::Internal(format!("a read answered {other:?}"))),
+        };
+        let others: Vec<MemberId> = record.replicas.iter().copied().filter(|m| *m != self.node.member_id).collect();
+        let data = self.fetch_chunk(bucket, id, &others).await?;
+        let chunks = self.chunks.clone();
+        tokio::task::spawn_blocking(move || chunks.put(bucket, &id, &data))
+            .await
+            .map_err(|e| Failure::Internal(e.to_string()))?
+            .map_err(|e| Failure::Internal(e.to_string()))?;
+        self.node.stats.blob.repaired.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(chunk = %hex(&id), "scrub: rewrote a corrupt chunk from another replica");
+        Ok(())
+    }
+
     fn voters(&self) -> usize {
         let Ok(txn) = self.node.group.backend.begin_read() else { return 0 };
         members::records(&txn).map_or(0, |r| r.into_iter().filter(|(_, r)| !r.learner).count())
@@ -1381,6 +1451,7 @@ async fn read_here(g: &StreamGroup, read: MetaRead, timeout: Duration) -> Result
                 };
                 MetaAnswer::Parts(found)
             }
+            MetaRead::Chunk(id) => MetaAnswer::Chunk(v.chunk(&id)?),
             MetaRead::Keys => MetaAnswer::Keys(v.keys()?),
             MetaRead::Key(id) => MetaAnswer::Key(v.key(&id)?),
         })
@@ -1398,6 +1469,19 @@ pub async fn run_keeper(service: Arc<BlobService>) {
         if let Err(e) = service.keep().await {
             tracing::debug!("blob keeper round: {e:?}");
         }
+    }
+}
+
+/// Runs the scrubber for the member's lifetime (when a scrub rate is set).
+pub async fn run_scrubber(service: Arc<BlobService>) {
+    if service.settings.scrub_bytes_per_s == 0 {
+        return std::future::pending().await;
+    }
+    loop {
+        if let Err(e) = service.scrub_pass().await {
+            tracing::debug!("blob scrub pass: {e:?}");
+        }
+        tokio::time::sleep(SCRUB_PASS_PAUSE).await;
     }
 }
 

@@ -203,6 +203,9 @@ pub struct Flags {
     /// to other members, milliseconds.
     #[arg(long, env = "CONCORD_BLOB_REPAIR_DELAY_MS")]
     pub blob_repair_delay_ms: Option<u64>,
+    /// Bytes per second the blob scrubber reads back and verifies (0: off).
+    #[arg(long, env = "CONCORD_BLOB_SCRUB_BYTES_PER_S")]
+    pub blob_scrub_bytes_per_s: Option<u64>,
 }
 
 /// Whether a fresh data dir bootstraps a new cluster or joins an existing one.
@@ -284,6 +287,8 @@ pub struct Config {
     /// `--blob-repair-delay-ms`: how long a member is unreachable before its
     /// chunks are copied elsewhere (default 60 s).
     pub blob_repair_delay_ms: u64,
+    /// `--blob-scrub-bytes-per-s`: the scrubber's read rate (default 8 MiB/s; 0: off).
+    pub blob_scrub_bytes_per_s: u64,
 }
 
 /// Most worker threads `--worker-threads` may ask for.
@@ -324,7 +329,7 @@ impl Raw {
     }
 }
 
-const KNOWN_KEYS: [&str; 53] = [
+const KNOWN_KEYS: [&str; 54] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -378,6 +383,7 @@ const KNOWN_KEYS: [&str; 53] = [
     "blob-inline-max-bytes",
     "blob-max-transfers",
     "blob-repair-delay-ms",
+    "blob-scrub-bytes-per-s",
 ];
 
 /// Rewrites Go-style `-flag` into `--flag` so etcd command lines work unchanged.
@@ -745,6 +751,7 @@ impl Config {
             return Err("--blob-max-transfers must be between 1 and 1024".into());
         }
         let blob_repair_delay_ms = parse_u64(raw, "blob-repair-delay-ms", 60_000)?;
+        let blob_scrub_bytes_per_s = parse_u64(raw, "blob-scrub-bytes-per-s", 8 << 20)?;
         let zone = raw.get("zone").unwrap_or_default().to_string();
         if zone.len() > MAX_ZONE_BYTES {
             return Err(format!("--zone must be at most {MAX_ZONE_BYTES} bytes"));
@@ -804,6 +811,7 @@ impl Config {
             blob_inline_max_bytes,
             blob_max_transfers,
             blob_repair_delay_ms,
+            blob_scrub_bytes_per_s,
             weight,
         };
         config.check_self_in_cluster()?;
@@ -892,6 +900,7 @@ fn raw_from_flags(f: Flags) -> Raw {
     raw.set("blob-inline-max-bytes", f.blob_inline_max_bytes);
     raw.set("blob-max-transfers", f.blob_max_transfers);
     raw.set("blob-repair-delay-ms", f.blob_repair_delay_ms);
+    raw.set("blob-scrub-bytes-per-s", f.blob_scrub_bytes_per_s);
     raw
 }
 

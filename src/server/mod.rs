@@ -560,6 +560,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
             replicas: config.blob_replicas as usize,
             inline_max_bytes: config.blob_inline_max_bytes as usize,
             repair_delay: Duration::from_millis(config.blob_repair_delay_ms),
+            scrub_bytes_per_s: config.blob_scrub_bytes_per_s,
         },
         config.blob_max_transfers as usize,
     ));
@@ -636,6 +637,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     supervisor.spawn("queue-keeper", queue::run_keeper(queues.clone()));
     supervisor.spawn("blob-keeper", blob::run_keeper(blobs.clone()));
     supervisor.spawn("blob-repairer", blob::run_repairer(blobs.clone()));
+    supervisor.spawn("blob-scrubber", blob::run_scrubber(blobs.clone()));
     for l in s3_listeners {
         let (blobs, max) = (blobs.clone(), config.s3_max_connections);
         supervisor.spawn("s3-listener", async move {
