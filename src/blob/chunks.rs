@@ -12,13 +12,16 @@
 //!   counted in [`ChunkStore::corrupt_found`].
 //! - Writing a chunk that is already here (content addressing makes retries
 //!   and shared chunks the same bytes) verifies the file and renews its
-//!   modification time, which the sweeper reads as "recently wanted".
+//!   modification time, which the collector and the sweeper read as "recently
+//!   wanted": they remove a file only through [`ChunkStore::remove_if_stale`],
+//!   which checks the time and removes under the same lock a write holds, so a
+//!   put that found its chunk here never has it removed behind its back.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::consensus::GroupId;
@@ -59,7 +62,13 @@ pub struct ChunkStore {
     corrupt_found: Arc<AtomicU64>,
     /// Scratch file names are unique per write.
     next_scratch: AtomicU64,
+    /// Locks by a chunk id's first byte: a write (or touch) and a removal of
+    /// the same chunk never interleave.
+    stripes: Vec<Mutex<()>>,
 }
+
+/// Lock stripes of a chunk store.
+const STRIPES: usize = 64;
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -70,7 +79,12 @@ impl ChunkStore {
     /// chunks found are counted in `corrupt_found`.
     pub fn open(dir: &Path, corrupt_found: Arc<AtomicU64>) -> io::Result<ChunkStore> {
         fs::create_dir_all(dir)?;
-        let store = ChunkStore { dir: dir.to_path_buf(), corrupt_found, next_scratch: AtomicU64::new(0) };
+        let store = ChunkStore {
+            dir: dir.to_path_buf(),
+            corrupt_found,
+            next_scratch: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        };
         for bucket in store.buckets()? {
             for fan in fs::read_dir(store.bucket_dir(bucket))? {
                 for f in fs::read_dir(fan?.path())? {
@@ -104,6 +118,7 @@ impl ChunkStore {
             return Err(ChunkError::Mismatch(hex(id)));
         }
         let path = self.path(bucket, id);
+        let _stripe = self.stripe(id);
         match self.read_verified(&path, id) {
             Ok(Some(_)) => {
                 File::options().write(true).open(&path)?.set_modified(SystemTime::now())?;
@@ -154,11 +169,26 @@ impl ChunkStore {
         Ok(Some(data))
     }
 
-    /// Removes chunk `id` of `bucket` (absent is fine).
-    pub fn remove(&self, bucket: GroupId, id: &ChunkId) -> io::Result<()> {
-        match fs::remove_file(self.path(bucket, id)) {
+    fn stripe(&self, id: &ChunkId) -> std::sync::MutexGuard<'_, ()> {
+        self.stripes[usize::from(id[0]) % STRIPES].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes chunk `id` of `bucket` unless it was written (or found here by a
+    /// write) within `age`; whether it is gone.
+    pub fn remove_if_stale(&self, bucket: GroupId, id: &ChunkId, age: std::time::Duration) -> io::Result<bool> {
+        let path = self.path(bucket, id);
+        let _stripe = self.stripe(id);
+        let modified = match fs::metadata(&path) {
+            Ok(m) => m.modified()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        if modified.elapsed().map_or(true, |a| a < age) {
+            return Ok(false);
+        }
+        match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            _ => Ok(true),
         }
     }
 
@@ -235,6 +265,10 @@ mod tests {
         let store = ChunkStore::open(dir.path(), Arc::default()).expect("reopen");
         assert!(!scratch.exists());
         assert_eq!(store.buckets().expect("buckets"), vec![7]);
+        assert!(!store.remove_if_stale(7, &id, std::time::Duration::from_secs(60)).expect("fresh"));
+        assert!(store.get(7, &id).expect("get").is_some(), "a fresh chunk was removed");
+        assert!(store.remove_if_stale(7, &id, std::time::Duration::ZERO).expect("stale"));
+        assert_eq!(store.get(7, &id).expect("get"), None);
         store.remove_bucket(7).expect("remove");
         assert!(store.buckets().expect("buckets").is_empty());
     }

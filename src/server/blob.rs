@@ -477,9 +477,12 @@ impl BlobService {
                 .await
             }
             BlobCall::RemoveChunks { bucket, ids } => {
+                // A file a put wrote or found within the grace period stays: that
+                // put's commit will name it again (or the sweeper takes it later).
+                let grace = Duration::from_millis(COLLECT_GRACE_MS as u64);
                 blocking(Box::new(move || {
                     for id in &ids {
-                        chunks.remove(bucket, id).map_err(|e| Failure::Internal(e.to_string()))?;
+                        chunks.remove_if_stale(bucket, id, grace).map_err(|e| Failure::Internal(e.to_string()))?;
                     }
                     Ok(CallAnswer::Done)
                 }))
@@ -1393,8 +1396,9 @@ impl BlobService {
                     other => return Err(Failure::Internal(format!("a read answered {other:?}"))),
                 };
                 for (id, known) in batch.iter().zip(known) {
-                    if !known {
-                        self.chunks.remove(g, id).map_err(|e| Failure::Internal(e.to_string()))?;
+                    if !known
+                        && self.chunks.remove_if_stale(g, id, grace).map_err(|e| Failure::Internal(e.to_string()))?
+                    {
                         self.node.stats.blob.orphans_removed.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -216,3 +216,86 @@ fn multipart_uploads_hold_their_parts_until_completed_or_aborted() {
     let again = apply(&mut t, BlobCommand::AbortUpload { upload_id: "u2".into(), now_ms: 6 });
     assert_eq!(again, BlobReply::Refused(BlobError::NoSuchUpload));
 }
+
+/// A small seeded generator for the property test (no clock, no OS randomness).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// No chunk a committed object references ever loses its file, with puts,
+/// deletes, the collector and the orphan sweeper interleaved at random and
+/// time moving in jumps of up to four minutes. Files follow the chunk store's
+/// rules: a put writes its chunks (or renews their time) before it commits; the
+/// collector drops records unreferenced for the grace period and then removes
+/// their files if stale; the sweeper removes stale files no record names.
+#[test]
+fn a_referenced_chunk_never_loses_its_file() {
+    for seed in 0..200u64 {
+        let mut rng = Lcg(seed);
+        let mut t = bucket();
+        let mut files: BTreeMap<u8, i64> = BTreeMap::new();
+        let mut pending: Vec<(String, Vec<u8>, i64)> = Vec::new();
+        let mut now: i64 = 10;
+        let stale =
+            |files: &BTreeMap<u8, i64>, c: u8, now: i64| files.get(&c).is_some_and(|m| now - m >= COLLECT_GRACE_MS);
+        for step in 0..400 {
+            match rng.below(7) {
+                0 | 1 => {
+                    let chunks: Vec<u8> = (0..1 + rng.below(3)).map(|_| rng.below(200) as u8).collect();
+                    for c in &chunks {
+                        files.insert(*c, now);
+                    }
+                    pending.push((format!("k{}", rng.below(4)), chunks, now));
+                }
+                2 if !pending.is_empty() => {
+                    let (key, chunks, started_ms) = pending.remove(rng.below(pending.len() as u64) as usize);
+                    let placed =
+                        chunks.iter().map(|c| PlacedChunk { id: id(*c), size: 10, replicas: vec![1] }).collect();
+                    apply(&mut t, BlobCommand::Put { key, object: object(&chunks), placed, started_ms, now_ms: now });
+                }
+                3 => {
+                    let key = format!("k{}", rng.below(4));
+                    apply(&mut t, BlobCommand::Delete { key, now_ms: now });
+                }
+                4 => {
+                    if let BlobReply::Collected(gone) = apply(&mut t, BlobCommand::Collect { now_ms: now, max: 100 }) {
+                        for (cid, _) in gone {
+                            if stale(&files, cid[0], now) {
+                                files.remove(&cid[0]);
+                            }
+                        }
+                    }
+                }
+                5 => {
+                    let view = BlobView { table: &t };
+                    let orphans: Vec<u8> = files
+                        .keys()
+                        .copied()
+                        .filter(|c| view.chunk(&id(*c)).expect("chunk").is_none() && stale(&files, *c, now))
+                        .collect();
+                    for c in orphans {
+                        files.remove(&c);
+                    }
+                }
+                _ => now += rng.below(4 * 60 * 1000) as i64,
+            }
+            let view = BlobView { table: &t };
+            for (key, o) in view.objects(None, 100).expect("objects") {
+                for c in o.chunks() {
+                    assert!(
+                        files.contains_key(&c.id[0]),
+                        "seed {seed} step {step}: {key} names chunk {} with no file",
+                        c.id[0]
+                    );
+                    let rec = view.chunk(&c.id).expect("chunk").expect("a referenced chunk has a record");
+                    assert!(rec.refs >= 1, "seed {seed} step {step}: a referenced chunk at zero references");
+                }
+            }
+        }
+    }
+}
