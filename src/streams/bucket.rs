@@ -13,6 +13,8 @@
 //!   completed (the object takes them over) or aborted.
 //! - `K` ‖ access key id → an S3 access key ([`KeyRecord`]), only in the
 //!   [`KEYS_GROUP`] group.
+//! - `z` ‖ time ‖ BLAKE3 hash → nothing: the index of chunks at zero references
+//!   since that time, which collection walks oldest first.
 //! - `c` ‖ BLAKE3 hash → a chunk ([`ChunkRecord`]): its size, the members
 //!   holding a replica, and how many chunk references of committed objects
 //!   name it. A chunk whose count reaches zero is kept for the collector's grace
@@ -53,6 +55,7 @@ const CHUNK: u8 = b'c';
 const KEY: u8 = b'K';
 const UPLOAD: u8 = b'u';
 const PART: u8 = b'p';
+const UNREFERENCED: u8 = b'z';
 
 /// The group holding the S3 access keys: a catalog name no bucket can have.
 pub const KEYS_GROUP: &str = "_s3keys";
@@ -312,6 +315,11 @@ fn part_key(upload_id: &str, number: u32) -> Vec<u8> {
 /// The end of an upload's part rows (upload ids hold no 0 byte).
 fn part_prefix_end(upload_id: &str) -> Vec<u8> {
     [&[PART], upload_id.as_bytes(), &[1]].concat()
+}
+
+/// The index of unreferenced chunks: `z` ‖ since (ms, 8 bytes big-endian) ‖ id.
+fn unreferenced_key(since_ms: i64, id: &ChunkId) -> Vec<u8> {
+    [&[UNREFERENCED], &(since_ms.max(0) as u64).to_be_bytes()[..], id].concat()
 }
 
 fn key_row(access_key_id: &str) -> Vec<u8> {
@@ -589,21 +597,19 @@ impl<T: Table + ?Sized> BlobApply<'_, T> {
                 Ok(BlobReply::Done)
             }
             BlobCommand::Collect { now_ms, max } => {
+                // The index of unreferenced chunks, oldest first, up to those
+                // unreferenced for the grace period: no scan of every chunk.
+                let due = unreferenced_key(now_ms.saturating_sub(COLLECT_GRACE_MS).saturating_add(1), &[0; 32]);
                 let mut collected = Vec::new();
-                let mut after = None;
-                'scan: loop {
-                    let page = self.view().chunks(after.as_ref(), SCAN_ROWS)?;
-                    let Some((last, _)) = page.last() else { break };
-                    after = Some(*last);
-                    for (id, rec) in page {
-                        let expired = rec.unreferenced_since_ms.is_some_and(|t| now_ms - t >= COLLECT_GRACE_MS);
-                        if rec.refs == 0 && expired {
-                            self.table.delete(&chunk_key(&id));
-                            collected.push((id, rec.replicas));
-                            if collected.len() >= max {
-                                break 'scan;
-                            }
-                        }
+                for (k, _) in self.table.range(&[UNREFERENCED], &due, false, max) {
+                    self.table.delete(&k);
+                    let id: ChunkId = k[9..].try_into().map_err(|_| Corrupt {
+                        key: k.clone(),
+                        why: "an unreferenced-index key without a chunk id".into(),
+                    })?;
+                    if let Some(rec) = self.view().chunk(&id)?.filter(|r| r.refs == 0) {
+                        self.table.delete(&chunk_key(&id));
+                        collected.push((id, rec.replicas));
                     }
                 }
                 Ok(BlobReply::Collected(collected))
@@ -742,8 +748,10 @@ impl<T: Table + ?Sized> BlobApply<'_, T> {
                     }
                 }
             }
+            if let Some(since) = rec.unreferenced_since_ms.take() {
+                self.table.delete(&unreferenced_key(since, &c.id));
+            }
             rec.refs += 1;
-            rec.unreferenced_since_ms = None;
             self.put_chunk(&c.id, &rec);
         }
         Ok(true)
@@ -757,9 +765,13 @@ impl<T: Table + ?Sized> BlobApply<'_, T> {
     fn release_chunks(&mut self, chunks: &[ChunkRef], now_ms: i64) -> Result<(), Corrupt> {
         for c in chunks {
             if let Some(mut rec) = self.view().chunk(&c.id)? {
-                rec.refs = rec.refs.saturating_sub(1);
+                if rec.refs == 0 {
+                    continue;
+                }
+                rec.refs -= 1;
                 if rec.refs == 0 {
                     rec.unreferenced_since_ms = Some(now_ms);
+                    self.table.put(&unreferenced_key(now_ms, &c.id), &[]);
                 }
                 self.put_chunk(&c.id, &rec);
             }
