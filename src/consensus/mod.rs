@@ -439,11 +439,14 @@ impl Group {
     {
         loop {
             let leader = self.wait_leader(deadline).await?;
-            let attempt = if leader == self.id {
-                local().await
-            } else {
-                let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
-                remote(node, deadline.saturating_duration_since(tokio::time::Instant::now())).await
+            // A member of a just-created group may know its leader before the
+            // membership naming the leader's address: not submitted, so retried.
+            let attempt = match (leader == self.id, self.node_of(leader)) {
+                (true, _) => local().await,
+                (false, Some(node)) => {
+                    remote(node, deadline.saturating_duration_since(tokio::time::Instant::now())).await
+                }
+                (false, None) => Err(ConsensusError::NoLeader),
             };
             match attempt {
                 Err(ConsensusError::NotLeader | ConsensusError::NoLeader) => {
@@ -516,12 +519,14 @@ impl Group {
         let deadline = tokio::time::Instant::now() + timeout;
         let index = loop {
             let leader = self.wait_leader(deadline).await?;
-            let attempt = if leader == self.id {
-                self.local_read_index().await
-            } else {
-                let node = self.node_of(leader).ok_or(ConsensusError::NoLeader)?;
-                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.peers.read_index(&node, remaining).await
+            let attempt = match (leader == self.id, self.node_of(leader)) {
+                (true, _) => self.local_read_index().await,
+                (false, Some(node)) => {
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    self.peers.read_index(&node, remaining).await
+                }
+                // The leader's address is not known here yet (a just-created group).
+                (false, None) => Err(ConsensusError::NoLeader),
             };
             match attempt {
                 Ok(i) => break i,

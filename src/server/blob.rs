@@ -19,9 +19,10 @@
 //!   the member at most `--blob-max-transfers` chunk writes of its own puts and
 //!   as many chunk transfers it serves, at once.
 //! - Repair (the repairer, every [`REPAIR_INTERVAL`]): a bucket's leader copies
-//!   each referenced chunk with a replica on a member gone (removed, or
-//!   unreachable for `--blob-repair-delay-ms`) from a live replica to other
-//!   members, up to the replica count, and records where the replicas are now.
+//!   each referenced chunk with fewer live replicas than wanted (a replica on a
+//!   member gone: removed, or unreachable for `--blob-repair-delay-ms`; or a put
+//!   that reached only a quorum) from a live replica to other members, up to the
+//!   replica count, and records where the replicas are now.
 //! - Scrubbing (the scrubber, continuously at `--blob-scrub-bytes-per-s`): every
 //!   chunk file here is read back and verified; a corrupt one is rewritten from
 //!   another replica.
@@ -1185,7 +1186,7 @@ impl BlobService {
     }
 
     /// One round of the repairer: for each bucket this member leads, every
-    /// referenced chunk with a replica on a gone member is copied to live
+    /// referenced chunk with fewer live replicas than wanted is copied to live
     /// members up to the replica count, and its record updated.
     async fn repair_round(&self) -> Result<(), Failure> {
         let groups: Vec<GroupId> = {
@@ -1216,7 +1217,7 @@ impl BlobService {
                     }
                     let mut live: Vec<MemberId> =
                         rec.replicas.iter().copied().filter(|m| !self.gone(*m, &voters)).collect();
-                    if live.len() == rec.replicas.len() {
+                    if live.len() == rec.replicas.len() && live.len() >= want {
                         continue;
                     }
                     if live.len() < want {
@@ -1247,8 +1248,11 @@ impl BlobService {
                     if live.len() < want {
                         under += 1;
                     }
-                    let cmd = BlobCommand::SetReplicas { id, replicas: live };
-                    sg.blob_write(cmd, self.timeout()).await.map_err(stream_failure)?;
+                    // Unchanged (no copy could be made yet): no write.
+                    if live != rec.replicas {
+                        let cmd = BlobCommand::SetReplicas { id, replicas: live };
+                        sg.blob_write(cmd, self.timeout()).await.map_err(stream_failure)?;
+                    }
                 }
             }
         }
