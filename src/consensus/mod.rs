@@ -121,6 +121,11 @@ pub mod raw_bytes {
         }
         d.deserialize_byte_buf(Bytes)
     }
+
+    /// A `Vec<u8>` that (de)serializes as a byte string: for a byte string that
+    /// is a whole message or a `Result`'s value (same encoding as the `Vec<u8>`).
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    pub struct ByteString(#[serde(with = "self")] pub Vec<u8>);
 }
 
 /// Tokio, with openraft's randomness (election timeouts, tick jitter) drawn from a
@@ -702,43 +707,4 @@ mod tests {
             assert_eq!(c.raft_config().expect("valid").max_payload_entries, c.max_payload_entries());
         }
     }
-}
-
-/// A `Vec<u8>` as one byte string rather than a sequence of `u8`s: the same
-/// bincode encoding (a length, then the bytes), but decoded in one copy. The
-/// sequence decoded a byte at a time and built (and dropped) an error value per
-/// byte: 1-2% of a member's CPU in windowed 256 B publishes (a `perf` profile).
-pub mod byte_string {
-    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Bytes;
-        impl<'de> serde::de::Visitor<'de> for Bytes {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(Bytes)
-    }
-
-    /// A `Vec<u8>` that (de)serializes as a byte string: for a byte string that
-    /// is a whole message or a `Result`'s value (same encoding as the `Vec<u8>`).
-    #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-    pub struct ByteString(#[serde(with = "self")] pub Vec<u8>);
 }

@@ -145,7 +145,7 @@ enum AdminRequest {
     /// A service's request for this member (see [`super::MemberCalls`]); a
     /// byte string (the `Vec<u8>` encoding, decoded in one copy: a blob chunk
     /// is megabytes).
-    Service(#[serde(with = "super::byte_string")] Vec<u8>),
+    Service(#[serde(with = "super::raw_bytes")] Vec<u8>),
 }
 
 /// Most writes one forwarding RPC carries (the leader refuses larger batches).
@@ -480,7 +480,7 @@ impl PeerPool {
     /// Has member `node` answer a service's request (see [`super::MemberCalls`]).
     pub async fn member_call(&self, node: &PeerInfo, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
         let req = AdminRequest::Service(req);
-        let r: Result<Result<super::byte_string::ByteString, String>, _> =
+        let r: Result<Result<super::raw_bytes::ByteString, String>, _> =
             self.call(node, &req, timeout, |mut c, r| async move { c.admin(r).await }).await;
         r.map_err(|e| format!("{e:?}"))?.map(|b| b.0)
     }
@@ -1662,7 +1662,7 @@ impl Peer for PeerService {
             }
             AdminRequest::Probe => reply(&()),
             AdminRequest::Service(req) => {
-                let answer = group.local_member_call(req).await.map(super::byte_string::ByteString);
+                let answer = group.local_member_call(req).await.map(super::raw_bytes::ByteString);
                 reply(&answer.map_err(|e| e.to_string()))
             }
         }

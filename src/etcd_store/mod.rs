@@ -80,7 +80,7 @@ enum StoreCall {
     /// A request for the member's other services (see [`EtcdStore::serve_node_calls`]);
     /// appended last, so earlier calls keep their encoding. A byte string: the
     /// same encoding as a `Vec<u8>`, decoded in one copy (a chunk is 4 MiB).
-    Node(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
+    Node(#[serde(with = "crate::consensus::raw_bytes")] Vec<u8>),
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {

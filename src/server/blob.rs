@@ -47,7 +47,7 @@ use super::groups::GroupHost;
 use super::stream_place::{NodeCall, Place, PlaceError, StreamPlacement};
 use super::Node;
 use crate::blob::chunks::{hex, ChunkError, ChunkStore};
-use crate::consensus::byte_string::ByteString;
+use crate::consensus::raw_bytes::ByteString;
 use crate::consensus::{GroupId, MemberId};
 use crate::etcd_store::catalog::{self, CatalogChange, ServiceKind};
 use crate::etcd_store::{members, Command, CommandResult};
@@ -220,7 +220,7 @@ enum BlobCall {
     PutChunk {
         bucket: GroupId,
         id: ChunkId,
-        #[serde(with = "crate::consensus::byte_string")]
+        #[serde(with = "crate::consensus::raw_bytes")]
         data: Vec<u8>,
     },
     GetChunk {

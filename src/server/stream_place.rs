@@ -178,10 +178,10 @@ impl StreamPlacement<'_> {
 #[derive(serde::Serialize, serde::Deserialize)]
 /// Bodies are byte strings: the same encoding as a `Vec<u8>`, decoded in one copy.
 pub enum NodeCall {
-    Redis(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
-    Queue(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
+    Redis(#[serde(with = "crate::consensus::raw_bytes")] Vec<u8>),
+    Queue(#[serde(with = "crate::consensus::raw_bytes")] Vec<u8>),
     /// Appended last, so the others keep their encoding.
-    Blob(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
+    Blob(#[serde(with = "crate::consensus::raw_bytes")] Vec<u8>),
 }
 
 /// Encodes `body` as a node call for the service `kind` makes.

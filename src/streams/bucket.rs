@@ -90,7 +90,7 @@ pub struct ChunkRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
     /// In the manifest itself (objects up to the inline limit).
-    Inline(#[serde(with = "crate::consensus::byte_string")] Vec<u8>),
+    Inline(#[serde(with = "crate::consensus::raw_bytes")] Vec<u8>),
     Chunks(Vec<ChunkRef>),
 }
 

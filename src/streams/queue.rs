@@ -106,7 +106,7 @@ pub struct QueueMeta {
 pub struct Msg {
     pub ts_ms: u64,
     pub headers: Vec<(String, String)>,
-    #[serde(with = "crate::consensus::byte_string")]
+    #[serde(with = "crate::consensus::raw_bytes")]
     pub payload: Vec<u8>,
 }
 
